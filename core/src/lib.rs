@@ -1,0 +1,21 @@
+//! Pieces every palaver service needs and none of them owns.
+//!
+//! - [`projects`]: the projects file (system prompts, history limits, rate
+//!   limits, sampling defaults per project);
+//! - [`shutdown`]: one cancellation token tripped by SIGINT/SIGTERM;
+//! - [`telemetry`]: logging setup and the Prometheus `/metrics` endpoint.
+
+pub mod projects;
+pub mod shutdown;
+pub mod telemetry;
+
+/// gRPC metadata key naming why a call failed, beyond its status code.
+///
+/// The gateway needs to tell a rate limit from a full queue (both are
+/// RESOURCE_EXHAUSTED) because old clients know a distinct reply string for
+/// each. Values are the `ERROR_KIND_*` constants.
+pub const ERROR_KIND_HEADER: &str = "palaver-error-kind";
+/// The session sent too many requests in its window.
+pub const ERROR_KIND_RATE_LIMITED: &str = "rate_limited";
+/// Every inference slot is busy and the queue is full (or the wait timed out).
+pub const ERROR_KIND_OVERLOADED: &str = "overloaded";

@@ -1,0 +1,63 @@
+//! Logs and metrics.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::{extract::State, http::header, response::IntoResponse, routing::get, Router};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`). Safe to call twice.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Serves `GET /metrics` (Prometheus text format) from `registry` until `shutdown`.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(render))
+        .with_state(registry);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+/// Binds `addr` and serves metrics in the background; returns the bound address.
+pub async fn spawn_metrics(
+    addr: SocketAddr,
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = serve_metrics(listener, registry, shutdown).await {
+            tracing::warn!(error = %e, "metrics endpoint stopped");
+        }
+    });
+    Ok(local)
+}
+
+async fn render(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
+    let mut body = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut body, &registry) {
+        tracing::warn!(error = %e, "cannot encode metrics");
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+}

@@ -1,0 +1,92 @@
+//! session-svc's command line and environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use palaver_core::projects::Projects;
+
+use crate::turn::LockConfig;
+
+/// Flags of session-svc (each also read from the environment variable shown
+/// in `--help`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct SessionArgs {
+    /// Where dialogs live, e.g. redis://127.0.0.1:6379/0. Without it dialogs
+    /// are kept in this process's memory (one replica only, lost on restart).
+    #[arg(long, env = "PALAVER_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// inference-svc's gRPC address.
+    #[arg(
+        long,
+        env = "PALAVER_INFERENCE_URL",
+        default_value = "http://127.0.0.1:50052"
+    )]
+    pub inference_url: String,
+
+    /// The projects file (TOML). Without it the built-in projects are used.
+    #[arg(long, env = "PALAVER_PROJECTS_FILE")]
+    pub projects_file: Option<PathBuf>,
+
+    /// How long a session lock lives if its holder dies, in milliseconds.
+    #[arg(long, env = "PALAVER_LOCK_TTL_MS", default_value_t = 5000)]
+    pub lock_ttl_ms: u64,
+
+    /// How long a turn waits for a busy session lock before failing with
+    /// ABORTED, in milliseconds.
+    #[arg(long, env = "PALAVER_LOCK_WAIT_MS", default_value_t = 3000)]
+    pub lock_wait_ms: u64,
+
+    /// Prefix of every Redis key, to share one Redis between deployments.
+    #[arg(long, env = "PALAVER_KEY_PREFIX", default_value = "palaver")]
+    pub key_prefix: String,
+}
+
+impl SessionArgs {
+    /// Loads the projects file and builds the service configuration.
+    pub fn config(&self) -> Result<Config, palaver_core::projects::ProjectsError> {
+        Ok(Config {
+            projects: Projects::load(self.projects_file.as_deref())?,
+            inference_url: self.inference_url.clone(),
+            lock: LockConfig {
+                ttl: Duration::from_millis(self.lock_ttl_ms.max(1)),
+                wait: Duration::from_millis(self.lock_wait_ms),
+            },
+        })
+    }
+}
+
+/// What a session-svc instance needs besides its store.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Prompts, limits and sampling defaults per project.
+    pub projects: Projects,
+    /// inference-svc's gRPC address, e.g. `http://127.0.0.1:50052`.
+    pub inference_url: String,
+    /// Lock TTL and wait.
+    pub lock: LockConfig,
+}
+
+impl Config {
+    /// The built-in projects and default lock timing, talking to `inference_url`.
+    pub fn new(inference_url: impl Into<String>) -> Self {
+        Self {
+            projects: Projects::builtin(),
+            inference_url: inference_url.into(),
+            lock: LockConfig::default(),
+        }
+    }
+}
+
+/// Where the binary listens.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ListenArgs {
+    /// gRPC listen address.
+    #[arg(long, env = "PALAVER_SESSION_LISTEN", default_value = "0.0.0.0:50051")]
+    pub listen: SocketAddr,
+
+    /// Prometheus /metrics listen address (off when not given).
+    #[arg(long, env = "PALAVER_SESSION_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+}

@@ -1,0 +1,553 @@
+//! The gRPC `Sessions` service: validation, then the turn engine, then
+//! inference-svc between the two locked phases.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use palaver_proto::inference::v1 as inf;
+use palaver_proto::inference::v1::inference_client::InferenceClient;
+use palaver_proto::session::v1 as pb;
+use palaver_proto::session::v1::sessions_server::Sessions;
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::dialog::Role;
+use crate::error::SessionError;
+use crate::metrics::{KindLabel, OutcomeLabel};
+use crate::store::{SessionId, Store};
+use crate::turn::{AbandonOnDrop, NewTurn, Prepared, Turns};
+
+/// Longest accepted session id, request id and system prompt.
+const MAX_ID_BYTES: usize = 256;
+const MAX_SYSTEM_PROMPT_CHARS: usize = 32_000;
+/// Hard ceiling for a client's `max_tokens`; the model's context is the real
+/// limit and vLLM reports it.
+const MAX_TOKENS_CEILING: u32 = 32_768;
+
+/// The `Sessions` gRPC service over a store.
+pub struct SessionService<S: Store> {
+    turns: Arc<Turns<S>>,
+    inference: InferenceClient<Channel>,
+}
+
+impl<S: Store> Clone for SessionService<S> {
+    fn clone(&self) -> Self {
+        Self {
+            turns: self.turns.clone(),
+            inference: self.inference.clone(),
+        }
+    }
+}
+
+impl<S: Store> SessionService<S> {
+    pub fn new(turns: Arc<Turns<S>>, inference: InferenceClient<Channel>) -> Self {
+        Self { turns, inference }
+    }
+
+    fn count_error(&self, e: &SessionError) {
+        self.turns
+            .metrics()
+            .errors
+            .get_or_create(&KindLabel { kind: e.kind() })
+            .inc();
+    }
+
+    fn count_turn(&self, outcome: &'static str) {
+        self.turns
+            .metrics()
+            .turns
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
+    }
+
+    /// Phase 1 plus the inference request to make, or a replayed reply.
+    async fn start(&self, req: &pb::ChatRequest) -> Result<Started, SessionError> {
+        let settings = self.turns.project(&req.project)?;
+        validate_chat(req, settings.max_message_chars)?;
+        let prepared = self
+            .turns
+            .prepare(&NewTurn {
+                project: &req.project,
+                session_id: &req.session_id,
+                message: &req.message,
+                request_id: non_empty(&req.request_id),
+                system_prompt: req.system_prompt.as_deref(),
+            })
+            .await?;
+        Ok(match prepared {
+            Prepared::Replay(text) => Started::Replay(text),
+            Prepared::Generate { seq, messages } => {
+                let request = inf::GenerateRequest {
+                    messages: messages
+                        .into_iter()
+                        .map(|(role, content)| inf::ChatMessage {
+                            role: role.as_str().to_owned(),
+                            content,
+                        })
+                        .collect(),
+                    sampling: Some(inf::Sampling {
+                        temperature: req.temperature.unwrap_or(settings.temperature),
+                        top_p: req.top_p.unwrap_or(settings.top_p),
+                        max_tokens: req.max_tokens.unwrap_or(settings.max_tokens),
+                    }),
+                    // Unique per attempt: vLLM refuses duplicate ids in flight,
+                    // and a client's retry may overlap its first attempt.
+                    request_id: format!("palaver-{:016x}", rand::rng().random::<u64>()),
+                    affinity_key: req.session_id.clone(),
+                };
+                Started::Generate { seq, request }
+            }
+        })
+    }
+
+    /// Phase 3, or taking the turn back when generation failed.
+    async fn finish(
+        &self,
+        req: &pb::ChatRequest,
+        seq: u64,
+        outcome: Result<String, Status>,
+    ) -> Result<String, SessionError> {
+        match outcome {
+            Ok(text) => {
+                if let Err(e) = self
+                    .turns
+                    .store_reply(&req.project, &req.session_id, seq, &text)
+                    .await
+                {
+                    // The reply exists; the user gets it even if saving failed.
+                    self.count_error(&e);
+                    tracing::error!(error = %e, project = %req.project, "reply not stored");
+                }
+                self.count_turn("ok");
+                Ok(text)
+            }
+            Err(status) => {
+                if let Err(e) = self.turns.abandon(&req.project, &req.session_id, seq).await {
+                    tracing::warn!(error = %e, "could not take back a failed turn");
+                }
+                Err(SessionError::Inference(status))
+            }
+        }
+    }
+
+    fn fail(&self, e: SessionError) -> Status {
+        self.count_error(&e);
+        self.count_turn("error");
+        if matches!(e, SessionError::Store(_)) {
+            tracing::error!(error = %e, "store failure");
+        }
+        e.into()
+    }
+
+    async fn chat_inner(&self, req: pb::ChatRequest) -> Result<pb::ChatReply, SessionError> {
+        let (seq, request) = match self.start(&req).await? {
+            Started::Replay(text) => {
+                self.count_turn("replay");
+                return Ok(reply(&req, text, "stop", None));
+            }
+            Started::Generate { seq, request } => (seq, request),
+        };
+        let guard = AbandonOnDrop::new(self.turns.clone(), &req.project, &req.session_id, seq);
+        let generated = Instant::now();
+        let result = self.inference.clone().generate(request).await;
+        self.turns.observe_phase("generate", generated);
+        guard.disarm();
+        let (result, meta) = match result {
+            Ok(r) => {
+                let r = r.into_inner();
+                let meta = (r.finish_reason, r.usage);
+                (Ok(r.text), Some(meta))
+            }
+            Err(s) => (Err(s), None),
+        };
+        let text = self.finish(&req, seq, result).await?;
+        let (finish, usage) = meta.unwrap_or_default();
+        Ok(reply(&req, text, &finish, usage))
+    }
+
+    async fn stream_inner(
+        &self,
+        req: pb::ChatRequest,
+        tx: &mpsc::Sender<Result<pb::ChatEvent, Status>>,
+    ) -> Result<(), SessionError> {
+        let (seq, request) = match self.start(&req).await? {
+            Started::Replay(text) => {
+                self.count_turn("replay");
+                let done = reply(&req, text, "stop", None);
+                let _ = tx.send(Ok(event_done(done))).await;
+                return Ok(());
+            }
+            Started::Generate { seq, request } => (seq, request),
+        };
+        let guard = AbandonOnDrop::new(self.turns.clone(), &req.project, &req.session_id, seq);
+        let generated = Instant::now();
+        let mut text = String::new();
+        let mut finish = String::new();
+        let mut usage = None;
+        let outcome: Result<(), Status> = async {
+            let mut stream = self
+                .inference
+                .clone()
+                .generate_stream(request)
+                .await?
+                .into_inner();
+            while let Some(chunk) = stream.message().await? {
+                if !chunk.delta.is_empty() {
+                    text.push_str(&chunk.delta);
+                    let ev = pb::ChatEvent {
+                        event: Some(pb::chat_event::Event::Delta(chunk.delta)),
+                    };
+                    if tx.send(Ok(ev)).await.is_err() {
+                        // The caller left: dropping `stream` cancels the
+                        // generation, and the guard takes the turn back.
+                        return Err(Status::cancelled("caller went away"));
+                    }
+                }
+                if !chunk.finish_reason.is_empty() {
+                    finish = chunk.finish_reason;
+                }
+                if chunk.usage.is_some() {
+                    usage = chunk.usage;
+                }
+            }
+            Ok(())
+        }
+        .await;
+        self.turns.observe_phase("generate", generated);
+        if matches!(&outcome, Err(s) if s.code() == tonic::Code::Cancelled) {
+            return Ok(()); // guard is still armed: the turn is taken back
+        }
+        guard.disarm();
+        let text = self.finish(&req, seq, outcome.map(|()| text)).await?;
+        let _ = tx
+            .send(Ok(event_done(reply(&req, text, &finish, usage))))
+            .await;
+        Ok(())
+    }
+}
+
+enum Started {
+    Replay(String),
+    Generate {
+        seq: u64,
+        request: inf::GenerateRequest,
+    },
+}
+
+fn reply(
+    req: &pb::ChatRequest,
+    text: String,
+    finish: &str,
+    usage: Option<inf::Usage>,
+) -> pb::ChatReply {
+    let usage = usage.unwrap_or_default();
+    pb::ChatReply {
+        text,
+        session_id: req.session_id.clone(),
+        finish_reason: finish.to_owned(),
+        prompt_tokens: usage.prompt_tokens,
+        completion_tokens: usage.completion_tokens,
+    }
+}
+
+fn event_done(r: pb::ChatReply) -> pb::ChatEvent {
+    pb::ChatEvent {
+        event: Some(pb::chat_event::Event::Done(r)),
+    }
+}
+
+fn non_empty(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
+fn invalid(msg: impl Into<String>) -> SessionError {
+    SessionError::InvalidArgument(msg.into())
+}
+
+fn validate_session_id(id: &str) -> Result<(), SessionError> {
+    if id.trim().is_empty() {
+        return Err(invalid("session id is empty"));
+    }
+    if id.len() > MAX_ID_BYTES {
+        return Err(invalid(format!(
+            "session id is too long (at most {MAX_ID_BYTES} bytes)"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a chat request against the project's limits.
+fn validate_chat(req: &pb::ChatRequest, max_chars: usize) -> Result<(), SessionError> {
+    validate_session_id(&req.session_id)?;
+    if req.message.trim().is_empty() {
+        return Err(invalid("message is empty"));
+    }
+    if req.message.chars().count() > max_chars {
+        return Err(invalid(format!(
+            "message is too long (at most {max_chars} characters)"
+        )));
+    }
+    if req.request_id.len() > MAX_ID_BYTES {
+        return Err(invalid(format!(
+            "request id is too long (at most {MAX_ID_BYTES} bytes)"
+        )));
+    }
+    if let Some(p) = &req.system_prompt {
+        if p.chars().count() > MAX_SYSTEM_PROMPT_CHARS {
+            return Err(invalid(format!(
+                "system prompt is too long (at most {MAX_SYSTEM_PROMPT_CHARS} characters)"
+            )));
+        }
+    }
+    if let Some(t) = req.temperature {
+        if !(t.is_finite() && (0.0..=2.0).contains(&t)) {
+            return Err(invalid("temperature must be a number between 0 and 2"));
+        }
+    }
+    if let Some(p) = req.top_p {
+        if !(p.is_finite() && p > 0.0 && p <= 1.0) {
+            return Err(invalid("top_p must be greater than 0 and at most 1"));
+        }
+    }
+    if let Some(m) = req.max_tokens {
+        if m == 0 || m > MAX_TOKENS_CEILING {
+            return Err(invalid(format!(
+                "max_tokens must be between 1 and {MAX_TOKENS_CEILING}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn history_message((role, content): (Role, String)) -> pb::HistoryMessage {
+    let role = match role {
+        Role::System => pb::Role::System,
+        Role::User => pb::Role::User,
+        Role::Assistant => pb::Role::Assistant,
+    };
+    pb::HistoryMessage {
+        role: role as i32,
+        content,
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ChatEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl<S: Store> Sessions for SessionService<S> {
+    async fn chat(
+        &self,
+        request: Request<pb::ChatRequest>,
+    ) -> Result<Response<pb::ChatReply>, Status> {
+        self.chat_inner(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| self.fail(e))
+    }
+
+    type ChatStreamStream = EventStream;
+
+    async fn chat_stream(
+        &self,
+        request: Request<pb::ChatRequest>,
+    ) -> Result<Response<Self::ChatStreamStream>, Status> {
+        let req = request.into_inner();
+        // Refuse bad input as a plain error, before any stream exists.
+        let settings = self.turns.project(&req.project).map_err(|e| self.fail(e))?;
+        validate_chat(&req, settings.max_message_chars).map_err(|e| self.fail(e))?;
+        let (tx, rx) = mpsc::channel(64);
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = this.stream_inner(req, &tx).await {
+                let _ = tx.send(Err(this.fail(e))).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_history(
+        &self,
+        request: Request<pb::SessionRef>,
+    ) -> Result<Response<pb::History>, Status> {
+        let r = request.into_inner();
+        let settings = self.turns.project(&r.project).map_err(|e| self.fail(e))?;
+        validate_session_id(&r.session_id).map_err(|e| self.fail(e))?;
+        let id = SessionId {
+            project: &r.project,
+            session_id: &r.session_id,
+        };
+        let store = self.turns.store();
+        let (dialog, project_prompt) =
+            tokio::join!(store.load(id), store.project_prompt(&r.project));
+        let dialog = dialog.map_err(|e| self.fail(e.into()))?.unwrap_or_default();
+        let project_prompt = project_prompt.map_err(|e| self.fail(e.into()))?;
+        let system_prompt = dialog
+            .system_prompt
+            .clone()
+            .or(project_prompt)
+            .unwrap_or_else(|| settings.system_prompt.clone());
+        Ok(Response::new(pb::History {
+            system_prompt,
+            messages: dialog.history().into_iter().map(history_message).collect(),
+        }))
+    }
+
+    async fn reset_session(
+        &self,
+        request: Request<pb::ResetSessionRequest>,
+    ) -> Result<Response<pb::ResetSessionReply>, Status> {
+        let r = request.into_inner();
+        let settings = self.turns.project(&r.project).map_err(|e| self.fail(e))?;
+        validate_session_id(&r.session_id).map_err(|e| self.fail(e))?;
+        let id = SessionId {
+            project: &r.project,
+            session_id: &r.session_id,
+        };
+        let prompt = r.system_prompt;
+        self.turns
+            .locked(id, None, settings.session_ttl, move |d| {
+                if let Some(p) = prompt {
+                    d.get_or_insert_with(Default::default).system_prompt = Some(p);
+                }
+                if let Some(d) = d {
+                    d.clear();
+                }
+            })
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(Response::new(pb::ResetSessionReply {}))
+    }
+
+    async fn delete_session(
+        &self,
+        request: Request<pb::SessionRef>,
+    ) -> Result<Response<pb::DeleteSessionReply>, Status> {
+        let r = request.into_inner();
+        let settings = self.turns.project(&r.project).map_err(|e| self.fail(e))?;
+        validate_session_id(&r.session_id).map_err(|e| self.fail(e))?;
+        let id = SessionId {
+            project: &r.project,
+            session_id: &r.session_id,
+        };
+        let existed = self
+            .turns
+            .locked(id, None, settings.session_ttl, |d| d.take().is_some())
+            .await
+            .map_err(|e| self.fail(e))?;
+        self.turns
+            .store()
+            .forget(id)
+            .await
+            .map_err(|e| self.fail(e.into()))?;
+        Ok(Response::new(pb::DeleteSessionReply { existed }))
+    }
+
+    async fn update_project(
+        &self,
+        request: Request<pb::UpdateProjectRequest>,
+    ) -> Result<Response<pb::UpdateProjectReply>, Status> {
+        let r = request.into_inner();
+        let settings = self.turns.project(&r.project).map_err(|e| self.fail(e))?;
+        let store = self.turns.store();
+        if let Some(p) = &r.system_prompt {
+            if p.chars().count() > MAX_SYSTEM_PROMPT_CHARS {
+                return Err(self.fail(invalid(format!(
+                    "system prompt is too long (at most {MAX_SYSTEM_PROMPT_CHARS} characters)"
+                ))));
+            }
+            store
+                .set_project_prompt(&r.project, p)
+                .await
+                .map_err(|e| self.fail(e.into()))?;
+        }
+        let action = pb::SessionAction::try_from(r.sessions).unwrap_or(pb::SessionAction::None);
+        if action == pb::SessionAction::None {
+            return Ok(Response::new(pb::UpdateProjectReply { sessions: 0 }));
+        }
+        let ids = store
+            .sessions(&r.project)
+            .await
+            .map_err(|e| self.fail(e.into()))?;
+        // A new project prompt with a reset also drops the sessions' own
+        // prompts, so every session speaks with the new one from now on.
+        let new_prompt = r.system_prompt.is_some();
+        let mut touched = 0u32;
+        for sid in &ids {
+            let id = SessionId {
+                project: &r.project,
+                session_id: sid,
+            };
+            let changed = self
+                .turns
+                .locked(id, None, settings.session_ttl, |d| match action {
+                    pb::SessionAction::Delete => d.take().is_some(),
+                    _ => match d {
+                        Some(d) => {
+                            d.clear();
+                            if new_prompt {
+                                d.system_prompt = None;
+                            }
+                            true
+                        }
+                        None => false,
+                    },
+                })
+                .await
+                .map_err(|e| self.fail(e))?;
+            if action == pb::SessionAction::Delete || !changed {
+                store.forget(id).await.map_err(|e| self.fail(e.into()))?;
+            }
+            touched += u32::from(changed);
+        }
+        Ok(Response::new(pb::UpdateProjectReply { sessions: touched }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req() -> pb::ChatRequest {
+        pb::ChatRequest {
+            project: "general".into(),
+            session_id: "s".into(),
+            message: "hi".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn bad_chat_requests_are_refused_with_a_reason() {
+        let cases: Vec<(&str, Box<dyn Fn(&mut pb::ChatRequest)>)> = vec![
+            ("message is empty", Box::new(|r| r.message = "  \n".into())),
+            (
+                "message is too long",
+                Box::new(|r| r.message = "x".repeat(11)),
+            ),
+            (
+                "session id is empty",
+                Box::new(|r| r.session_id = " ".into()),
+            ),
+            ("temperature", Box::new(|r| r.temperature = Some(2.5))),
+            ("temperature", Box::new(|r| r.temperature = Some(f32::NAN))),
+            ("top_p", Box::new(|r| r.top_p = Some(0.0))),
+            ("max_tokens", Box::new(|r| r.max_tokens = Some(0))),
+        ];
+        for (want, mutate) in cases {
+            let mut r = req();
+            mutate(&mut r);
+            match validate_chat(&r, 10) {
+                Err(SessionError::InvalidArgument(m)) => assert!(m.contains(want), "{m} !~ {want}"),
+                other => panic!("{want}: got {other:?}"),
+            }
+        }
+        let mut ok = req();
+        ok.temperature = Some(0.0);
+        assert!(validate_chat(&ok, 10).is_ok(), "temperature 0 is valid");
+    }
+}

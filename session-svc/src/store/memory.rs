@@ -1,0 +1,215 @@
+//! The in-memory store of the local stack: one process, no Redis, the same
+//! semantics (locks with holder tokens and TTLs, expiring sessions, the same
+//! sliding-window rate limit).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{Admit, RateLimit, SessionId, Store, StoreError};
+use crate::dialog::Dialog;
+
+#[derive(Default)]
+struct Session {
+    dialog: Option<(Dialog, Instant)>,
+    lock: Option<(String, Instant)>,
+    rate: VecDeque<Instant>,
+}
+
+impl Session {
+    fn live_dialog(&mut self, now: Instant) -> Option<&Dialog> {
+        if matches!(self.dialog, Some((_, exp)) if exp <= now) {
+            self.dialog = None;
+        }
+        self.dialog.as_ref().map(|(d, _)| d)
+    }
+
+    fn holds(&self, token: &str, now: Instant) -> bool {
+        matches!(&self.lock, Some((t, exp)) if t == token && *exp > now)
+    }
+
+    fn is_empty(&self, now: Instant) -> bool {
+        let dialog_gone = self.dialog.as_ref().is_none_or(|(_, exp)| *exp <= now);
+        let lock_gone = self.lock.as_ref().is_none_or(|(_, exp)| *exp <= now);
+        dialog_gone && lock_gone && self.rate.is_empty()
+    }
+}
+
+#[derive(Default)]
+struct Project {
+    prompt: Option<String>,
+    sessions: HashMap<String, Instant>,
+}
+
+#[derive(Default)]
+struct State {
+    sessions: HashMap<(String, String), Session>,
+    projects: HashMap<String, Project>,
+}
+
+/// Dialogs in this process's memory. Lost on restart, by design.
+#[derive(Default)]
+pub struct MemoryStore {
+    /// A plain mutex: it is never held across an await, only for a map update.
+    state: Mutex<State>,
+    /// Counts admits, to sweep expired sessions now and then.
+    admits: AtomicU64,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        // A panic while holding the lock cannot leave a half-written dialog
+        // (dialogs are replaced whole), so a poisoned lock is still usable.
+        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut guard)
+    }
+
+    fn sweep(state: &mut State, now: Instant) {
+        for s in state.sessions.values_mut() {
+            while s.rate.front().is_some_and(|t| *t <= now) {
+                s.rate.pop_front();
+            }
+        }
+        state.sessions.retain(|_, s| !s.is_empty(now));
+        for p in state.projects.values_mut() {
+            p.sessions.retain(|_, exp| *exp > now);
+        }
+    }
+}
+
+fn key(id: SessionId<'_>) -> (String, String) {
+    (id.project.to_owned(), id.session_id.to_owned())
+}
+
+impl Store for MemoryStore {
+    async fn admit(
+        &self,
+        id: SessionId<'_>,
+        rate: Option<RateLimit>,
+        token: &str,
+        lock_ttl: Duration,
+    ) -> Result<Admit, StoreError> {
+        let now = Instant::now();
+        if self.admits.fetch_add(1, Ordering::Relaxed) % 4096 == 4095 {
+            self.with(|st| Self::sweep(st, now));
+        }
+        Ok(self.with(|st| {
+            let s = st.sessions.entry(key(id)).or_default();
+            if let Some(r) = rate {
+                // `rate` holds the instants at which each entry leaves the window.
+                while s.rate.front().is_some_and(|t| *t <= now) {
+                    s.rate.pop_front();
+                }
+                if r.limit > 0 {
+                    if s.rate.len() >= r.limit as usize {
+                        return Admit::RateLimited;
+                    }
+                    s.rate.push_back(now + r.window);
+                }
+            }
+            if matches!(&s.lock, Some((_, exp)) if *exp > now) {
+                return Admit::Busy;
+            }
+            s.lock = Some((token.to_owned(), now + lock_ttl));
+            Admit::Locked(s.live_dialog(now).cloned())
+        }))
+    }
+
+    async fn load(&self, id: SessionId<'_>) -> Result<Option<Dialog>, StoreError> {
+        let now = Instant::now();
+        Ok(self.with(|st| {
+            st.sessions
+                .get_mut(&key(id))
+                .and_then(|s| s.live_dialog(now).cloned())
+        }))
+    }
+
+    async fn commit(
+        &self,
+        id: SessionId<'_>,
+        token: &str,
+        dialog: Option<&Dialog>,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let now = Instant::now();
+        Ok(self.with(|st| {
+            let Some(s) = st.sessions.get_mut(&key(id)) else {
+                return false;
+            };
+            if !s.holds(token, now) {
+                return false;
+            }
+            s.dialog = dialog.map(|d| (d.clone(), now + ttl));
+            s.lock = None;
+            true
+        }))
+    }
+
+    async fn release(&self, id: SessionId<'_>, token: &str) -> Result<(), StoreError> {
+        let now = Instant::now();
+        self.with(|st| {
+            if let Some(s) = st.sessions.get_mut(&key(id)) {
+                if s.holds(token, now) {
+                    s.lock = None;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    async fn touch_index(&self, id: SessionId<'_>, ttl: Duration) -> Result<(), StoreError> {
+        let exp = Instant::now() + ttl;
+        self.with(|st| {
+            let p = st.projects.entry(id.project.to_owned()).or_default();
+            // Like the Redis set's TTL, touching refreshes every member.
+            for e in p.sessions.values_mut() {
+                *e = exp;
+            }
+            p.sessions.insert(id.session_id.to_owned(), exp);
+        });
+        Ok(())
+    }
+
+    async fn sessions(&self, project: &str) -> Result<Vec<String>, StoreError> {
+        let now = Instant::now();
+        Ok(self.with(|st| {
+            st.projects.get(project).map_or_else(Vec::new, |p| {
+                p.sessions
+                    .iter()
+                    .filter(|(_, exp)| **exp > now)
+                    .map(|(id, _)| id.clone())
+                    .collect()
+            })
+        }))
+    }
+
+    async fn forget(&self, id: SessionId<'_>) -> Result<(), StoreError> {
+        self.with(|st| {
+            if let Some(p) = st.projects.get_mut(id.project) {
+                p.sessions.remove(id.session_id);
+            }
+            if let Some(s) = st.sessions.get_mut(&key(id)) {
+                s.rate.clear();
+            }
+        });
+        Ok(())
+    }
+
+    async fn project_prompt(&self, project: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.with(|st| st.projects.get(project).and_then(|p| p.prompt.clone())))
+    }
+
+    async fn set_project_prompt(&self, project: &str, prompt: &str) -> Result<(), StoreError> {
+        self.with(|st| {
+            st.projects.entry(project.to_owned()).or_default().prompt = Some(prompt.to_owned());
+        });
+        Ok(())
+    }
+}

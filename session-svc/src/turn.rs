@@ -1,0 +1,308 @@
+//! The three-phase turn: the one rule of the design lives here.
+//!
+//! 1. **prepare** — lock, load, append the user message, trim, snapshot the
+//!    history for the model, store, unlock;
+//! 2. **generate** — no lock held (done by the caller);
+//! 3. **store** — lock, put the reply right after its message, store, unlock.
+//!
+//! A lock is taken with a random holder token and a TTL, retried with short
+//! jittered sleeps up to a deadline, and released by a compare-and-delete in
+//! the same step that writes: a holder that stalled past its TTL writes
+//! nothing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use palaver_core::projects::{ProjectSettings, Projects};
+use rand::Rng;
+use tokio::time::Instant;
+
+use crate::dialog::{Begin, Dialog, Limits, Role};
+use crate::error::SessionError;
+use crate::metrics::{Metrics, PhaseLabel};
+use crate::store::{Admit, RateLimit, SessionId, Store};
+
+/// Lock timing.
+#[derive(Debug, Clone, Copy)]
+pub struct LockConfig {
+    /// How long a lock lives if its holder dies. Far above any real hold
+    /// time (well under a millisecond), short enough that a crash frees a
+    /// session quickly.
+    pub ttl: Duration,
+    /// How long a turn waits for a busy session before giving up (ABORTED).
+    pub wait: Duration,
+}
+
+impl Default for LockConfig {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(5),
+            wait: Duration::from_secs(3),
+        }
+    }
+}
+
+/// A user message on its way in.
+#[derive(Debug, Clone)]
+pub struct NewTurn<'a> {
+    pub project: &'a str,
+    pub session_id: &'a str,
+    pub message: &'a str,
+    pub request_id: Option<&'a str>,
+    pub system_prompt: Option<&'a str>,
+}
+
+/// What phase 1 produced.
+#[derive(Debug)]
+pub enum Prepared {
+    /// Generate a reply for turn `seq` from `messages` (system prompt first).
+    Generate {
+        seq: u64,
+        messages: Vec<(Role, String)>,
+    },
+    /// A retried request whose reply is already stored.
+    Replay(String),
+}
+
+/// The turn engine over one store.
+pub struct Turns<S> {
+    store: S,
+    projects: Projects,
+    lock: LockConfig,
+    metrics: Arc<Metrics>,
+}
+
+impl<S: Store> Turns<S> {
+    pub fn new(store: S, projects: Projects, lock: LockConfig, metrics: Arc<Metrics>) -> Self {
+        Self {
+            store,
+            projects,
+            lock,
+            metrics,
+        }
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The settings of a configured project.
+    pub fn project(&self, project: &str) -> Result<&ProjectSettings, SessionError> {
+        self.projects
+            .get(project)
+            .ok_or_else(|| SessionError::InvalidArgument(format!("unknown project {project:?}")))
+    }
+
+    /// Phase 1. Counts the rate limit, appends the message and returns what
+    /// to send to the model.
+    pub async fn prepare(&self, t: &NewTurn<'_>) -> Result<Prepared, SessionError> {
+        let started = Instant::now();
+        let settings = self.project(t.project)?;
+        let id = SessionId {
+            project: t.project,
+            session_id: t.session_id,
+        };
+        let rate = (settings.rate_limit > 0).then_some(RateLimit {
+            limit: settings.rate_limit,
+            window: settings.rate_window,
+        });
+        let limits = Limits {
+            max_messages: settings.max_history_messages,
+            max_tokens: settings.max_history_tokens,
+        };
+        // The project's run-time prompt and the session index are read and
+        // written beside the locked step, not under it: they cost no lock time.
+        let (project_prompt, indexed, locked) = tokio::join!(
+            self.store.project_prompt(t.project),
+            self.store.touch_index(id, settings.session_ttl),
+            self.locked(id, rate, settings.session_ttl, |d| {
+                let d = d.get_or_insert_with(Dialog::default);
+                match d.begin(t.message, t.request_id, t.system_prompt) {
+                    Begin::Replay { reply } => Err(reply),
+                    Begin::Generate { seq } => {
+                        d.trim(limits, Some(seq));
+                        Ok((seq, d.system_prompt.clone(), d.prompt_for(seq)))
+                    }
+                }
+            })
+        );
+        indexed?;
+        let prepared = match locked? {
+            Err(reply) => Prepared::Replay(reply),
+            Ok((seq, own_prompt, history)) => {
+                let system = own_prompt
+                    .or(project_prompt?)
+                    .unwrap_or_else(|| settings.system_prompt.clone());
+                let mut messages = Vec::with_capacity(history.len() + 1);
+                if !system.is_empty() {
+                    messages.push((Role::System, system));
+                }
+                messages.extend(history);
+                Prepared::Generate { seq, messages }
+            }
+        };
+        self.observe_phase("prepare", started);
+        Ok(prepared)
+    }
+
+    /// Phase 3. Stores the reply of turn `seq` after its message. A session
+    /// deleted or cleared meanwhile is left as it is.
+    pub async fn store_reply(
+        &self,
+        project: &str,
+        session_id: &str,
+        seq: u64,
+        reply: &str,
+    ) -> Result<(), SessionError> {
+        let started = Instant::now();
+        let settings = self.project(project)?;
+        let id = SessionId {
+            project,
+            session_id,
+        };
+        self.locked(id, None, settings.session_ttl, |d| {
+            if let Some(d) = d {
+                d.complete(seq, reply);
+            }
+        })
+        .await?;
+        self.observe_phase("store", started);
+        Ok(())
+    }
+
+    /// Takes back turn `seq` after its generation failed.
+    pub async fn abandon(
+        &self,
+        project: &str,
+        session_id: &str,
+        seq: u64,
+    ) -> Result<(), SessionError> {
+        let settings = self.project(project)?;
+        let id = SessionId {
+            project,
+            session_id,
+        };
+        self.locked(id, None, settings.session_ttl, |d| {
+            if let Some(d) = d {
+                d.abandon(seq);
+            }
+        })
+        .await
+    }
+
+    /// Runs `f` on the session's dialog (`None`: no session) under the
+    /// session's lock, then stores what `f` left (`None` deletes). This is the
+    /// only place a lock is taken.
+    pub async fn locked<R>(
+        &self,
+        id: SessionId<'_>,
+        rate: Option<RateLimit>,
+        ttl: Duration,
+        f: impl FnOnce(&mut Option<Dialog>) -> R,
+    ) -> Result<R, SessionError> {
+        let token = format!("{:032x}", rand::rng().random::<u128>());
+        let first_try = Instant::now();
+        let deadline = first_try + self.lock.wait;
+        let mut rate = rate;
+        let mut pause = Duration::from_micros(250);
+        loop {
+            // The rate limit is counted on the first attempt only.
+            match self
+                .store
+                .admit(id, rate.take(), &token, self.lock.ttl)
+                .await?
+            {
+                Admit::RateLimited => return Err(SessionError::RateLimited),
+                Admit::Busy => {
+                    if Instant::now() + pause > deadline {
+                        return Err(SessionError::LockTimeout);
+                    }
+                    // Jitter keeps contending turns from retrying in step.
+                    let jittered = pause.mul_f64(rand::rng().random_range(0.5..1.5));
+                    tokio::time::sleep(jittered).await;
+                    pause = (pause * 2).min(Duration::from_millis(20));
+                }
+                Admit::Locked(mut dialog) => {
+                    let acquired = Instant::now();
+                    self.metrics
+                        .lock_wait
+                        .observe((acquired - first_try).as_secs_f64());
+                    let out = f(&mut dialog);
+                    let committed = self.store.commit(id, &token, dialog.as_ref(), ttl).await;
+                    self.metrics
+                        .lock_hold
+                        .observe(acquired.elapsed().as_secs_f64());
+                    return match committed {
+                        Ok(true) => Ok(out),
+                        Ok(false) => Err(SessionError::LockLost),
+                        Err(e) => {
+                            // Free the session now rather than at the TTL.
+                            let _ = self.store.release(id, &token).await;
+                            Err(e.into())
+                        }
+                    };
+                }
+            }
+        }
+    }
+
+    pub fn observe_phase(&self, phase: &'static str, since: Instant) {
+        self.metrics
+            .phase
+            .get_or_create(&PhaseLabel { phase })
+            .observe(since.elapsed().as_secs_f64());
+    }
+}
+
+/// Takes back an unanswered turn if the caller went away mid-generation
+/// (client disconnected, deadline passed, process draining), so an orphaned
+/// message does not sit in the history forever.
+pub struct AbandonOnDrop<S: Store> {
+    turns: Arc<Turns<S>>,
+    project: String,
+    session_id: String,
+    seq: u64,
+    armed: bool,
+}
+
+impl<S: Store> AbandonOnDrop<S> {
+    pub fn new(turns: Arc<Turns<S>>, project: &str, session_id: &str, seq: u64) -> Self {
+        Self {
+            turns,
+            project: project.to_owned(),
+            session_id: session_id.to_owned(),
+            seq,
+            armed: true,
+        }
+    }
+
+    /// The turn ended normally; nothing to undo.
+    pub fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl<S: Store> Drop for AbandonOnDrop<S> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let turns = self.turns.clone();
+        let (project, session_id, seq) = (
+            std::mem::take(&mut self.project),
+            std::mem::take(&mut self.session_id),
+            self.seq,
+        );
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = turns.abandon(&project, &session_id, seq).await {
+                    tracing::warn!(error = %e, "could not take back an abandoned turn");
+                }
+            });
+        }
+    }
+}
