@@ -408,13 +408,13 @@ impl<S: Store> Sessions for SessionService<S> {
             project: &r.project,
             session_id: &r.session_id,
         };
-        let prompt = r.system_prompt;
+        let (prompt, keep_history) = (r.system_prompt, r.keep_history);
         self.turns
             .locked(id, None, settings.session_ttl, move |d| {
                 if let Some(p) = prompt {
                     d.get_or_insert_with(Default::default).system_prompt = Some(p);
                 }
-                if let Some(d) = d {
+                if let (Some(d), false) = (d, keep_history) {
                     d.clear();
                 }
             })

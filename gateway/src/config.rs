@@ -1,0 +1,478 @@
+//! Gateway settings: the command line (with `PALAVER_*` environment
+//! fallbacks) and the plain [`Config`] the library runs on.
+//!
+//! `main` parses [`GatewayArgs`] once; tests build a [`Config`] directly with
+//! [`Config::new`] and change the public fields they care about.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use palaver_core::projects::{Projects, ProjectsError};
+
+/// Why the settings cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// `--mqtt-url` is not `mqtt://host[:port]`.
+    #[error("invalid --mqtt-url {url:?}: {why}")]
+    MqttUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// The projects file could not be read or parsed.
+    #[error(transparent)]
+    Projects(#[from] ProjectsError),
+    /// `--project` names a project the projects file does not have.
+    #[error("--project {0:?} is not in the projects file")]
+    UnknownProject(String),
+    /// Any other out-of-range or inconsistent setting.
+    #[error("invalid setting: {0}")]
+    Invalid(String),
+}
+
+/// Command-line flags of the gateway; flatten into `main`'s parser.
+// The field docs are `--help` text, where `<project>` reads as a placeholder,
+// not as HTML.
+#[allow(rustdoc::invalid_html_tags)]
+#[derive(Debug, Clone, clap::Args)]
+pub struct GatewayArgs {
+    /// MQTT broker to serve, as mqtt://host:port (plain TCP; tcp:// also accepted).
+    #[arg(
+        long,
+        env = "PALAVER_MQTT_URL",
+        default_value = "mqtt://127.0.0.1:1883"
+    )]
+    pub mqtt_url: String,
+
+    /// User name for the broker, if it requires one.
+    #[arg(long, env = "PALAVER_MQTT_USERNAME")]
+    pub mqtt_username: Option<String>,
+
+    /// Password for the broker (prefer the environment variable over the flag).
+    #[arg(long, env = "PALAVER_MQTT_PASSWORD", hide_env_values = true)]
+    pub mqtt_password: Option<String>,
+
+    /// MQTT client id prefix; each project's connection uses <client-id>-<project>.
+    /// Default: palaver-gateway-<random hex>, unique per process.
+    #[arg(long, env = "PALAVER_CLIENT_ID")]
+    pub client_id: Option<String>,
+
+    /// Projects file (TOML) listing the projects to serve. Default: the built-in projects.
+    #[arg(long, env = "PALAVER_PROJECTS_FILE")]
+    pub projects_file: Option<PathBuf>,
+
+    /// Serve only this project (repeatable, or comma-separated in the environment).
+    /// Default: every project of the projects file.
+    #[arg(
+        long = "project",
+        value_name = "NAME",
+        env = "PALAVER_PROJECTS",
+        value_delimiter = ','
+    )]
+    pub projects: Vec<String>,
+
+    /// Subscribe to requests through $share/<name>/... so that several gateways
+    /// split the load instead of all answering every message.
+    #[arg(long, value_name = "NAME", env = "PALAVER_SHARED_GROUP")]
+    pub shared_group: Option<String>,
+
+    /// session-svc's gRPC address.
+    #[arg(
+        long,
+        env = "PALAVER_SESSION_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub session_url: String,
+
+    /// Deadline of one turn (gRPC call to session-svc), in milliseconds.
+    #[arg(long, env = "PALAVER_REQUEST_TIMEOUT_MS", default_value_t = 120_000)]
+    pub request_timeout_ms: u64,
+
+    /// Requests in progress (across all projects) before new ones are answered
+    /// with "Server is overloaded".
+    #[arg(long, env = "PALAVER_MAX_PENDING", default_value_t = 1000)]
+    pub max_pending: usize,
+
+    /// Largest request payload read, in bytes; larger ones are dropped.
+    #[arg(long, env = "PALAVER_MAX_PAYLOAD_BYTES", default_value_t = 262_144)]
+    pub max_payload_bytes: usize,
+
+    /// QoS of replies, hints and error replies (0, 1 or 2).
+    #[arg(long, env = "PALAVER_REPLY_QOS", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub reply_qos: u8,
+
+    /// Seconds between presence heartbeats on <project>/status.
+    #[arg(long, env = "PALAVER_HEARTBEAT_SECS", default_value_t = 30)]
+    pub heartbeat_secs: u64,
+
+    /// Name announced in status payloads ({"service": ..., "status": ...}).
+    #[arg(long, env = "PALAVER_SERVICE_NAME", default_value = "palaver-gateway")]
+    pub service_name: String,
+
+    /// On shutdown, how long in-flight turns may still finish and be answered.
+    #[arg(long, env = "PALAVER_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    pub shutdown_grace_secs: u64,
+}
+
+impl GatewayArgs {
+    /// Resolves the flags into a [`Config`]: parses the URL, reads the projects
+    /// file, applies `--project`, picks a client id.
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let (mqtt_host, mqtt_port) = parse_mqtt_url(&self.mqtt_url)?;
+        let file = Projects::load(self.projects_file.as_deref())?;
+        let available: Vec<String> = file.names().map(str::to_owned).collect();
+        let projects = if self.projects.is_empty() {
+            available
+        } else {
+            let mut chosen = Vec::new();
+            for p in self.projects {
+                let p = p.trim().to_owned();
+                if !available.contains(&p) {
+                    return Err(ConfigError::UnknownProject(p));
+                }
+                if !chosen.contains(&p) {
+                    chosen.push(p);
+                }
+            }
+            chosen
+        };
+        let mut config = Config::new(mqtt_host, mqtt_port, self.session_url, projects);
+        config.mqtt_username = self.mqtt_username;
+        config.mqtt_password = self.mqtt_password;
+        if let Some(id) = self.client_id {
+            config.client_id = id;
+        }
+        config.shared_group = self.shared_group;
+        config.request_timeout = Duration::from_millis(self.request_timeout_ms);
+        config.max_pending = self.max_pending;
+        config.max_payload_bytes = self.max_payload_bytes;
+        config.reply_qos = self.reply_qos;
+        config.heartbeat = Duration::from_secs(self.heartbeat_secs);
+        config.service_name = self.service_name;
+        config.shutdown_grace = Duration::from_secs(self.shutdown_grace_secs);
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// Everything the gateway runs on. Plain data: build it with [`Config::new`]
+/// (or [`GatewayArgs::into_config`]) and adjust fields.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Broker host name or IP address.
+    pub mqtt_host: String,
+    /// Broker TCP port.
+    pub mqtt_port: u16,
+    /// Broker user name, when the broker wants credentials.
+    pub mqtt_username: Option<String>,
+    /// Broker password (used only with a user name).
+    pub mqtt_password: Option<String>,
+    /// Client id prefix; one connection per project as `<client_id>-<project>`
+    /// because MQTT allows one last will per connection.
+    pub client_id: String,
+    /// Projects to serve: the first level of their topics.
+    pub projects: Vec<String>,
+    /// Shared-subscription group: several gateways with the same group split
+    /// the requests instead of each answering all of them.
+    pub shared_group: Option<String>,
+    /// session-svc's gRPC URL; connected lazily so the gateway may start first.
+    pub session_url: String,
+    /// Deadline of one turn, sent as `grpc-timeout` and enforced locally.
+    pub request_timeout: Duration,
+    /// Requests in progress across all projects before answering "overloaded".
+    pub max_pending: usize,
+    /// Largest payload read; larger ones are dropped unread.
+    pub max_payload_bytes: usize,
+    /// QoS (0..=2) of replies, error replies and hints.
+    pub reply_qos: u8,
+    /// Interval of the presence heartbeat.
+    pub heartbeat: Duration,
+    /// Name in status payloads, so monitoring can tell services apart.
+    pub service_name: String,
+    /// How long shutdown waits for in-flight turns so their replies still go out.
+    pub shutdown_grace: Duration,
+    /// MQTT keep-alive: how fast the broker notices a dead gateway (and fires
+    /// the last will), and how fast the gateway notices a dead broker.
+    pub keep_alive: Duration,
+}
+
+impl Config {
+    /// Settings with palaver's defaults, for tests and tools: everything but
+    /// the broker, session-svc and the project list is defaulted; the client
+    /// id gets a random suffix so parallel tests do not kick each other off.
+    pub fn new(
+        mqtt_host: impl Into<String>,
+        mqtt_port: u16,
+        session_url: impl Into<String>,
+        projects: Vec<String>,
+    ) -> Self {
+        Self {
+            mqtt_host: mqtt_host.into(),
+            mqtt_port,
+            mqtt_username: None,
+            mqtt_password: None,
+            client_id: format!("palaver-gateway-{:08x}", rand::random::<u32>()),
+            projects,
+            shared_group: None,
+            session_url: session_url.into(),
+            request_timeout: Duration::from_millis(120_000),
+            max_pending: 1000,
+            max_payload_bytes: 262_144,
+            reply_qos: 1,
+            heartbeat: Duration::from_secs(30),
+            service_name: "palaver-gateway".into(),
+            shutdown_grace: Duration::from_secs(30),
+            keep_alive: Duration::from_secs(30),
+        }
+    }
+
+    /// Checks what the gateway relies on; [`crate::Gateway::new`] calls it.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |what: String| Err(ConfigError::Invalid(what));
+        if self.mqtt_host.trim().is_empty() {
+            return invalid("the MQTT host is empty".into());
+        }
+        if self.mqtt_port == 0 {
+            return invalid("the MQTT port must not be 0".into());
+        }
+        if self.projects.is_empty() {
+            return invalid("no project to serve".into());
+        }
+        for p in &self.projects {
+            if !is_topic_level(p) || p.starts_with('$') {
+                return invalid(format!("project {p:?} cannot be an MQTT topic level"));
+            }
+        }
+        if let Some(group) = &self.shared_group {
+            if !is_topic_level(group) {
+                return invalid(format!(
+                    "shared group {group:?} cannot be an MQTT topic level"
+                ));
+            }
+        }
+        if self.client_id.trim().is_empty() || self.client_id.contains('\0') {
+            return invalid("the client id is empty".into());
+        }
+        if self.request_timeout.is_zero() {
+            return invalid("request timeout must be above 0".into());
+        }
+        if self.max_pending == 0 || self.max_pending > MAX_PENDING_LIMIT {
+            return invalid(format!(
+                "max-pending must be within 1..={MAX_PENDING_LIMIT}"
+            ));
+        }
+        if self.max_payload_bytes == 0 || self.max_payload_bytes > MAX_PAYLOAD_LIMIT {
+            return invalid(format!(
+                "max-payload-bytes must be within 1..={MAX_PAYLOAD_LIMIT}"
+            ));
+        }
+        if self.reply_qos > 2 {
+            return invalid("reply QoS must be 0, 1 or 2".into());
+        }
+        if self.heartbeat.is_zero() {
+            return invalid("heartbeat interval must be above 0".into());
+        }
+        if self.keep_alive < Duration::from_secs(1)
+            || self.keep_alive.as_secs() > u64::from(u16::MAX)
+        {
+            return invalid("keep-alive must be within 1..=65535 seconds".into());
+        }
+        if self.service_name.trim().is_empty() {
+            return invalid("service name is empty".into());
+        }
+        Ok(())
+    }
+}
+
+/// Cap on `max_pending`: a semaphore of this many permits is still cheap and
+/// no deployment needs more turns waiting per gateway.
+const MAX_PENDING_LIMIT: usize = 1_000_000;
+/// Cap on `max_payload_bytes`: the MQTT client's packet limit is derived from
+/// it (4x + 1 KiB) and must stay a sane allocation.
+const MAX_PAYLOAD_LIMIT: usize = 16 * 1024 * 1024;
+
+fn is_topic_level(s: &str) -> bool {
+    !s.is_empty()
+        && s.trim() == s
+        && !s
+            .chars()
+            .any(|c| matches!(c, '/' | '+' | '#') || c.is_control())
+}
+
+/// `mqtt://host[:port]` or `tcp://host[:port]` (IPv6 in brackets) to host
+/// and port. Credentials in the URL are refused: they would need
+/// percent-decoding rules nobody remembers; use the username/password flags.
+pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), ConfigError> {
+    let fail = |why| ConfigError::MqttUrl {
+        url: url.to_owned(),
+        why,
+    };
+    let rest = url
+        .strip_prefix("mqtt://")
+        .or_else(|| url.strip_prefix("tcp://"))
+        .ok_or_else(|| {
+            if url.starts_with("mqtts://") || url.starts_with("ssl://") {
+                fail("TLS is not built into this gateway; use mqtt:// (e.g. behind a TLS-terminating proxy)")
+            } else {
+                fail("expected mqtt://host:port")
+            }
+        })?;
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.contains('@') {
+        return Err(fail(
+            "credentials belong in --mqtt-username/--mqtt-password",
+        ));
+    }
+    if authority.contains(['/', '?', '#']) {
+        return Err(fail("a path or query is not allowed"));
+    }
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (host, after) = v6.split_once(']').ok_or_else(|| fail("unclosed '['"))?;
+        match after {
+            "" => (host, None),
+            p => (
+                host,
+                Some(p.strip_prefix(':').ok_or_else(|| fail("junk after ']'"))?),
+            ),
+        }
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(fail("the host is empty"));
+    }
+    let port = match port {
+        None => 1883,
+        Some(p) => match p.parse::<u16>() {
+            Ok(0) | Err(_) => return Err(fail("the port must be a number within 1..=65535")),
+            Ok(p) => p,
+        },
+    };
+    Ok((host.to_owned(), port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        gateway: GatewayArgs,
+    }
+
+    fn parse_args(args: &[&str]) -> Result<Config, ConfigError> {
+        let cli = Cli::try_parse_from(std::iter::once("gateway").chain(args.iter().copied()))
+            .expect("flags parse");
+        cli.gateway.into_config()
+    }
+
+    #[test]
+    fn mqtt_urls() {
+        let ok = [
+            ("mqtt://127.0.0.1:1883", ("127.0.0.1", 1883)),
+            ("mqtt://broker", ("broker", 1883)),
+            ("mqtt://broker/", ("broker", 1883)),
+            ("tcp://broker:1884", ("broker", 1884)),
+            ("mqtt://[::1]:1999", ("::1", 1999)),
+            ("mqtt://[::1]", ("::1", 1883)),
+        ];
+        for (url, (host, port)) in ok {
+            assert_eq!(
+                parse_mqtt_url(url).unwrap(),
+                (host.to_owned(), port),
+                "{url}"
+            );
+        }
+        for bad in [
+            "broker:1883",
+            "http://broker",
+            "mqtts://broker",
+            "mqtt://",
+            "mqtt://:1883",
+            "mqtt://broker:0",
+            "mqtt://broker:70000",
+            "mqtt://broker:x",
+            "mqtt://u:p@broker",
+            "mqtt://broker/path",
+            "mqtt://[::1",
+            "mqtt://[::1]x",
+        ] {
+            assert!(parse_mqtt_url(bad).is_err(), "accepted {bad}");
+        }
+    }
+
+    #[test]
+    fn defaults_match_the_design() {
+        let c = parse_args(&[]).unwrap();
+        assert_eq!((c.mqtt_host.as_str(), c.mqtt_port), ("127.0.0.1", 1883));
+        assert_eq!(c.session_url, "http://127.0.0.1:50051");
+        assert_eq!(c.request_timeout, Duration::from_secs(120));
+        assert_eq!(c.max_pending, 1000);
+        assert_eq!(c.max_payload_bytes, 262_144);
+        assert_eq!(c.reply_qos, 1);
+        assert_eq!(c.heartbeat, Duration::from_secs(30));
+        assert_eq!(c.service_name, "palaver-gateway");
+        assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+        assert!(c.client_id.starts_with("palaver-gateway-"));
+        let builtin: Vec<String> = Projects::builtin().names().map(str::to_owned).collect();
+        assert_eq!(c.projects, builtin);
+        assert!(c.projects.contains(&"general".to_owned()));
+    }
+
+    #[test]
+    fn project_selection() {
+        let c = parse_args(&[
+            "--project",
+            "npc",
+            "--project",
+            "general",
+            "--project",
+            "npc",
+        ])
+        .unwrap();
+        assert_eq!(c.projects, ["npc", "general"]);
+        assert!(matches!(
+            parse_args(&["--project", "nope"]),
+            Err(ConfigError::UnknownProject(p)) if p == "nope"
+        ));
+        assert!(matches!(
+            parse_args(&["--projects-file", "/definitely/not/here.toml"]),
+            Err(ConfigError::Projects(_))
+        ));
+    }
+
+    #[test]
+    fn validation() {
+        let good = Config::new("h", 1883, "http://x:1", vec!["p".into()]);
+        assert!(good.validate().is_ok());
+        type Breaker = Box<dyn Fn(&mut Config)>;
+        let cases: Vec<Breaker> = vec![
+            Box::new(|c| c.projects.clear()),
+            Box::new(|c| c.projects = vec!["a/b".into()]),
+            Box::new(|c| c.projects = vec!["+".into()]),
+            Box::new(|c| c.projects = vec!["$SYS".into()]),
+            Box::new(|c| c.shared_group = Some("g/x".into())),
+            Box::new(|c| c.shared_group = Some(String::new())),
+            Box::new(|c| c.max_pending = 0),
+            Box::new(|c| c.max_payload_bytes = 0),
+            Box::new(|c| c.reply_qos = 3),
+            Box::new(|c| c.request_timeout = Duration::ZERO),
+            Box::new(|c| c.heartbeat = Duration::ZERO),
+            Box::new(|c| c.keep_alive = Duration::from_millis(500)),
+            Box::new(|c| c.mqtt_host = " ".into()),
+            Box::new(|c| c.client_id = String::new()),
+        ];
+        for (i, break_it) in cases.iter().enumerate() {
+            let mut c = good.clone();
+            break_it(&mut c);
+            assert!(c.validate().is_err(), "case {i} accepted: {c:?}");
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! palaver's MQTT gateway: reads chat requests that clients publish on
+//! `<project>/user_input`, runs each as one `Sessions.Chat` call on
+//! session-svc, and publishes the reply as plain text on the client's reply
+//! topic. It also serves the control topics (template, clear_history,
+//! delete_session) and announces presence on `<project>/status`.
+//!
+//! The MQTT side is the wire protocol of clients already in the field
+//! (DESIGN.md, "MQTT wire protocol"); [`request`], [`control`] and
+//! [`errors`] hold its rules as pure functions. Modules:
+//! - [`config`]: flags and the plain [`Config`];
+//! - [`topics`], [`publish`]: topic names and the single confined publish path;
+//! - [`link`]: one MQTT connection per project (one last will each);
+//! - [`turn`]: one request against session-svc;
+//! - [`backlog`]: the `max-pending` bound and the shutdown drain;
+//! - [`presence`], [`readiness`], [`metrics`].
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), gateway::GatewayError> {
+//! let mut registry = prometheus_client::registry::Registry::default();
+//! let config = gateway::Config::new("127.0.0.1", 1883, "http://127.0.0.1:50051", vec!["general".into()]);
+//! let gateway = gateway::Gateway::new(config, &mut registry)?;
+//! let ready = gateway.ready();
+//! let shutdown = tokio_util::sync::CancellationToken::new();
+//! let task = tokio::spawn(gateway.run(shutdown.clone()));
+//! assert!(ready.await, "every project subscribed");
+//! // ... publish requests ...
+//! shutdown.cancel();
+//! task.await.expect("gateway task")?;
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod backlog;
+pub mod config;
+pub mod control;
+pub mod errors;
+pub mod link;
+pub mod metrics;
+pub mod presence;
+pub mod publish;
+pub mod readiness;
+pub mod request;
+pub mod topics;
+pub mod turn;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use palaver_proto::session::v1::sessions_client::SessionsClient;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tokio::task::{AbortHandle, JoinHandle};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+
+pub use config::{Config, ConfigError, GatewayArgs};
+
+use crate::backlog::Backlog;
+use crate::link::{Link, LinkHandle, Shared};
+use crate::metrics::{Metrics, OutKind};
+use crate::readiness::Readiness;
+use crate::turn::Turns;
+
+/// How long the final "offline" + DISCONNECT of one project may take.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long to wait for connection tasks to finish after the DISCONNECT.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Stops everything `Gateway::run` spawned when it goes away.
+struct AbortOnDrop {
+    tasks: Vec<AbortHandle>,
+    abandon: CancellationToken,
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.abandon.cancel();
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Why the gateway cannot start (or stopped badly).
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The settings are unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// `session_url` is not a URL tonic can connect to.
+    #[error("invalid session-svc URL {url:?}: {source}")]
+    SessionUrl {
+        /// The URL as given.
+        url: String,
+        /// tonic's explanation.
+        source: tonic::transport::Error,
+    },
+    /// A connection task panicked (a bug); the others were still shut down.
+    #[error("gateway task failed: {0}")]
+    Task(String),
+}
+
+/// The gateway: build with [`Gateway::new`], then [`Gateway::run`] it.
+pub struct Gateway {
+    config: Config,
+    metrics: Metrics,
+    endpoint: Endpoint,
+    readiness: Arc<Readiness>,
+}
+
+impl Gateway {
+    /// Validates `config` and registers the gateway's metrics in `registry`.
+    ///
+    /// Connects to nothing yet; it need not be called inside a Tokio runtime.
+    pub fn new(config: Config, registry: &mut Registry) -> Result<Self, GatewayError> {
+        config.validate()?;
+        let endpoint = Endpoint::from_shared(config.session_url.clone())
+            .map_err(|source| GatewayError::SessionUrl {
+                url: config.session_url.clone(),
+                source,
+            })?
+            .connect_timeout(Duration::from_secs(5))
+            // Notice a silently dead session-svc between turns.
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_while_idle(true);
+        let metrics = Metrics::register(registry);
+        let readiness = Arc::new(Readiness::new(config.projects.len()));
+        Ok(Self {
+            config,
+            metrics,
+            endpoint,
+            readiness,
+        })
+    }
+
+    /// The settings in use (with the generated client id, for instance).
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// A flag that is true while every project's connection is subscribed
+    /// (SubAck received), false before, during reconnects and after shutdown.
+    /// Take it before calling [`Gateway::run`].
+    pub fn ready_watch(&self) -> watch::Receiver<bool> {
+        self.readiness.watch()
+    }
+
+    /// Resolves with `true` once every project is subscribed, or `false` if
+    /// the gateway stopped first. Take it before calling [`Gateway::run`].
+    pub fn ready(&self) -> impl Future<Output = bool> + Send + 'static {
+        let mut rx = self.readiness.watch();
+        async move { rx.wait_for(|ready| *ready).await.is_ok() }
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains: stops taking new
+    /// requests (unsubscribes; late arrivals get "Server is overloaded"),
+    /// waits up to `shutdown_grace` for turns in flight so their replies still
+    /// go out, publishes "offline" for every project and disconnects.
+    ///
+    /// Broker or session-svc outages are not errors: the gateway keeps
+    /// retrying and answers requests with error replies meanwhile.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), GatewayError> {
+        let Gateway {
+            config,
+            metrics,
+            endpoint,
+            readiness,
+        } = self;
+        let sessions = SessionsClient::new(endpoint.connect_lazy());
+        let abandon = CancellationToken::new();
+        let closing = CancellationToken::new();
+        let draining = CancellationToken::new();
+        let shared = Arc::new(Shared {
+            backlog: Backlog::new(config.max_pending, &metrics),
+            turns: Arc::new(Turns::new(
+                sessions,
+                config.request_timeout,
+                metrics.clone(),
+                abandon.clone(),
+            )),
+            metrics: metrics.clone(),
+            readiness: readiness.clone(),
+            draining: draining.clone(),
+            closing: closing.clone(),
+            config,
+        });
+
+        // If `run` itself is dropped (aborted, or lost a `select!`), nothing it
+        // started may linger: dropping the connections lets the broker fire
+        // the last wills, as for a crash.
+        let mut guard = AbortOnDrop {
+            tasks: Vec::new(),
+            abandon: abandon.clone(),
+        };
+        let stop_heartbeats = CancellationToken::new();
+        let service: Arc<str> = Arc::from(shared.config.service_name.as_str());
+        let mut links: Vec<(String, LinkHandle, Vec<String>, JoinHandle<()>)> = Vec::new();
+        for (index, project) in shared.config.projects.iter().enumerate() {
+            let (link, handle) = Link::new(shared.clone(), project, index);
+            let subscriptions = link.subscriptions();
+            let task = tokio::spawn(link.run());
+            guard.tasks.push(task.abort_handle());
+            let heartbeats = tokio::spawn(presence::heartbeats(
+                handle.publisher.clone(),
+                service.clone(),
+                shared.config.heartbeat,
+                handle.connected.clone(),
+                stop_heartbeats.clone(),
+            ));
+            guard.tasks.push(heartbeats.abort_handle());
+            links.push((project.clone(), handle, subscriptions, task));
+        }
+        tracing::info!(
+            projects = ?shared.config.projects,
+            broker = %format!("{}:{}", shared.config.mqtt_host, shared.config.mqtt_port),
+            session_url = %shared.config.session_url,
+            shared_group = ?shared.config.shared_group,
+            "gateway started"
+        );
+
+        shutdown.cancelled().await;
+        tracing::info!(pending = shared.backlog.in_use(), "gateway draining");
+        draining.cancel();
+        readiness.clear();
+        // Unsubscribing lets the broker route new requests to other members
+        // of a shared group instead of to a gateway that will refuse them.
+        for (_, handle, subscriptions, _) in &links {
+            for topic in subscriptions {
+                let queued =
+                    tokio::time::timeout(CLOSE_TIMEOUT, handle.client.unsubscribe(topic.clone()))
+                        .await;
+                if !matches!(queued, Ok(Ok(()))) {
+                    tracing::debug!(topic = %topic, "could not queue an unsubscribe");
+                }
+            }
+        }
+
+        let grace = shared.config.shutdown_grace;
+        if tokio::time::timeout(grace, shared.backlog.drained())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                abandoned = shared.backlog.in_use(),
+                grace_secs = grace.as_secs_f64(),
+                "shutdown grace period over; abandoning turns still in flight"
+            );
+            abandon.cancel();
+            // Let abandoned tasks release their permits before going offline.
+            let _ = tokio::time::timeout(Duration::from_secs(1), shared.backlog.drained()).await;
+        }
+        stop_heartbeats.cancel();
+
+        closing.cancel();
+        let offline = presence::offline(&shared.config.service_name);
+        for (project, handle, _, _) in &links {
+            let status = topics::status_topic(project);
+            let close = async {
+                let _ = handle
+                    .publisher
+                    .publish(OutKind::Status, &status, offline.clone())
+                    .await;
+                handle.client.disconnect().await
+            };
+            if !matches!(tokio::time::timeout(CLOSE_TIMEOUT, close).await, Ok(Ok(()))) {
+                tracing::warn!(project = %project, "could not queue the final offline/disconnect");
+            }
+        }
+
+        let mut failure = None;
+        for (project, _, _, mut task) in links {
+            match tokio::time::timeout(JOIN_TIMEOUT, &mut task).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(project = %project, error = %e, "connection task failed");
+                    failure = Some(GatewayError::Task(format!("{project}: {e}")));
+                }
+                Err(_) => {
+                    tracing::warn!(project = %project, "connection did not close in time; dropping it");
+                    task.abort();
+                }
+            }
+        }
+        readiness.clear();
+        drop(guard);
+        tracing::info!("gateway stopped");
+        failure.map_or(Ok(()), Err)
+    }
+}

@@ -1,0 +1,369 @@
+//! One project's MQTT connection: connect, (re)subscribe, read requests and
+//! hand each to its own task.
+//!
+//! The poll loop never waits on anything but the broker: subscribing and the
+//! "online" message are spawned, overload and refusal replies use the
+//! non-blocking publish, and turns run in their own tasks. rumqttc only makes
+//! progress (including sending our replies) while the loop polls.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{
+    AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS, SubscribeFilter,
+    SubscribeReasonCode,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::backlog::Backlog;
+use crate::config::Config;
+use crate::control;
+use crate::errors::{ErrorKind, OVERLOADED_TEXT};
+use crate::metrics::{Metrics, OutKind};
+use crate::presence;
+use crate::publish::{Publisher, MAX_OUTGOING_PACKET_BYTES};
+use crate::readiness::Readiness;
+use crate::request::{self, Parsed};
+use crate::topics;
+use crate::turn::Turns;
+
+/// Requests (publishes, acks, subscribes) queued towards the broker before
+/// senders wait; large enough for a burst of replies.
+const CLIENT_QUEUE: usize = 1024;
+/// First and last pause between reconnect attempts.
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Everything shared by the links of one gateway.
+pub struct Shared {
+    /// The gateway's settings.
+    pub config: Config,
+    /// Metric handles.
+    pub metrics: Metrics,
+    /// The `max-pending` bound.
+    pub backlog: Backlog,
+    /// session-svc calls.
+    pub turns: Arc<Turns>,
+    /// Subscription state for `Gateway::ready`.
+    pub readiness: Arc<Readiness>,
+    /// Tripped when the gateway starts shutting down: take no new work.
+    pub draining: CancellationToken,
+    /// Tripped once the final "offline" and DISCONNECT are queued: stop
+    /// reconnecting if the broker is gone.
+    pub closing: CancellationToken,
+}
+
+/// What the gateway keeps of a link to steer its shutdown.
+pub struct LinkHandle {
+    /// The project's MQTT client (shares the link's queue).
+    pub client: AsyncClient,
+    /// The project's confined publisher.
+    pub publisher: Publisher,
+    /// Whether the connection is up, for heartbeats.
+    pub connected: Arc<AtomicBool>,
+}
+
+/// One project's connection and its poll loop.
+pub struct Link {
+    shared: Arc<Shared>,
+    project: Arc<str>,
+    index: usize,
+    input_topic: String,
+    subscriptions: Vec<String>,
+    client: AsyncClient,
+    eventloop: EventLoop,
+    publisher: Publisher,
+    connected: Arc<AtomicBool>,
+}
+
+/// rumqttc's QoS from the config's number (validated to 0..=2).
+pub fn qos(level: u8) -> QoS {
+    match level {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+/// The MQTT options of `project`'s connection.
+pub fn mqtt_options(config: &Config, project: &str) -> MqttOptions {
+    let mut opts = MqttOptions::new(
+        format!("{}-{}", config.client_id, project),
+        config.mqtt_host.clone(),
+        config.mqtt_port,
+    );
+    opts.set_keep_alive(config.keep_alive);
+    // Clean sessions: nothing to resume after a restart; subscriptions are
+    // renewed on every ConnAck instead.
+    opts.set_clean_session(true);
+    // Payloads somewhat over max-payload-bytes must reach us to be dropped
+    // and counted: rumqttc treats an oversize incoming packet as fatal to
+    // the connection.
+    let incoming = config
+        .max_payload_bytes
+        .saturating_mul(4)
+        .saturating_add(1024);
+    opts.set_max_packet_size(incoming, MAX_OUTGOING_PACKET_BYTES);
+    if let Some(user) = &config.mqtt_username {
+        opts.set_credentials(
+            user.clone(),
+            config.mqtt_password.clone().unwrap_or_default(),
+        );
+    }
+    opts.set_last_will(presence::last_will(project, &config.service_name));
+    opts
+}
+
+impl Link {
+    /// Builds project number `index`'s connection (not connected yet).
+    pub fn new(shared: Arc<Shared>, project: &str, index: usize) -> (Self, LinkHandle) {
+        let (client, eventloop) =
+            AsyncClient::new(mqtt_options(&shared.config, project), CLIENT_QUEUE);
+        let project: Arc<str> = Arc::from(project);
+        let publisher = Publisher::new(
+            client.clone(),
+            project.clone(),
+            shared.metrics.clone(),
+            qos(shared.config.reply_qos),
+        );
+        let connected = Arc::new(AtomicBool::new(false));
+        let handle = LinkHandle {
+            client: client.clone(),
+            publisher: publisher.clone(),
+            connected: connected.clone(),
+        };
+        let link = Self {
+            input_topic: topics::user_input(&project),
+            subscriptions: topics::subscriptions(&project, shared.config.shared_group.as_deref()),
+            shared,
+            project,
+            index,
+            client,
+            eventloop,
+            publisher,
+            connected,
+        };
+        (link, handle)
+    }
+
+    /// The topic filters this link subscribes to (to unsubscribe on shutdown).
+    pub fn subscriptions(&self) -> Vec<String> {
+        self.subscriptions.clone()
+    }
+
+    /// Polls until the gateway's DISCONNECT has gone out (or, while closing,
+    /// until the broker is unreachable).
+    pub async fn run(mut self) {
+        let mut backoff = MIN_BACKOFF;
+        let mut failures: u32 = 0;
+        loop {
+            match self.eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    tracing::info!(project = %self.project, "connected to the MQTT broker");
+                    backoff = MIN_BACKOFF;
+                    failures = 0;
+                    self.connected.store(true, Ordering::Relaxed);
+                    self.on_connected();
+                }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    let refused = ack
+                        .return_codes
+                        .iter()
+                        .filter(|c| matches!(c, SubscribeReasonCode::Failure))
+                        .count();
+                    if refused == 0 {
+                        tracing::info!(project = %self.project, topics = ?self.subscriptions, "subscribed");
+                        self.shared.readiness.set(self.index, true);
+                    } else {
+                        tracing::error!(project = %self.project, refused, topics = ?self.subscriptions,
+                            "broker refused subscriptions (ACL? shared subscriptions unsupported?)");
+                        self.shared.readiness.set(self.index, false);
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(publish))) => self.on_publish(publish),
+                Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                    tracing::info!(project = %self.project, "disconnected from the MQTT broker");
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.connected.store(false, Ordering::Relaxed);
+                    self.shared.readiness.set(self.index, false);
+                    if self.shared.closing.is_cancelled() {
+                        tracing::warn!(project = %self.project, error = %e, "broker unreachable while closing; giving up");
+                        break;
+                    }
+                    failures = failures.saturating_add(1);
+                    // Loud on the first failure and about once a minute after.
+                    if failures == 1 || failures.is_multiple_of(12) {
+                        tracing::warn!(project = %self.project, error = %e, failures, "MQTT connection problem; retrying");
+                    } else {
+                        tracing::debug!(project = %self.project, error = %e, failures, "MQTT connection problem; retrying");
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+        self.connected.store(false, Ordering::Relaxed);
+    }
+
+    fn on_connected(&self) {
+        let client = self.client.clone();
+        let publisher = self.publisher.clone();
+        let subscribe = !self.shared.draining.is_cancelled();
+        let filters: Vec<SubscribeFilter> = self
+            .subscriptions
+            .iter()
+            .map(|t| SubscribeFilter::new(t.clone(), QoS::AtLeastOnce))
+            .collect();
+        let status = topics::status_topic(&self.project);
+        let online = presence::online(&self.shared.config.service_name);
+        // Spawned: these wait for room in the client's queue, which only the
+        // poll loop empties.
+        tokio::spawn(async move {
+            if subscribe {
+                if let Err(e) = client.subscribe_many(filters).await {
+                    tracing::warn!(error = %e, "cannot queue the subscription");
+                }
+            }
+            let _ = publisher.publish(OutKind::Status, &status, online).await;
+        });
+    }
+
+    fn on_publish(&self, publish: Publish) {
+        let metrics = &self.shared.metrics;
+        metrics.message_in(&self.project);
+        // The broker sets `retain` only when replaying a stored message to a
+        // new subscription: a stale request (or a stale "clear_history")
+        // that must not run again on every reconnect.
+        if publish.retain {
+            tracing::warn!(project = %self.project, topic = %publish.topic, "ignoring a retained message");
+            metrics.dropped("retained");
+            return;
+        }
+        if publish.topic == self.input_topic {
+            self.on_user_input(&publish.payload);
+        } else if let Some((kind, topic_sid)) = control::match_topic(&self.project, &publish.topic)
+        {
+            self.on_control(kind, topic_sid, &publish.payload);
+        } else {
+            tracing::debug!(project = %self.project, topic = %publish.topic, "message on an unexpected topic");
+            metrics.dropped("unknown_topic");
+        }
+    }
+
+    fn on_user_input(&self, payload: &[u8]) {
+        let config = &self.shared.config;
+        let metrics = &self.shared.metrics;
+        match request::parse(
+            &self.project,
+            payload,
+            config.max_payload_bytes,
+            request::fresh_session_id,
+        ) {
+            Parsed::Drop(reason) => {
+                tracing::warn!(project = %self.project, reason = reason.as_str(), bytes = payload.len(), "request dropped");
+                metrics.dropped(reason.as_str());
+            }
+            Parsed::Reject {
+                reply_topic,
+                error_text,
+            } => {
+                tracing::info!(project = %self.project, %reply_topic, error = %error_text, "request refused");
+                metrics.error(ErrorKind::InvalidArgument.as_str());
+                let _ = self.publisher.try_publish(
+                    OutKind::Error,
+                    &reply_topic,
+                    error_text.into_bytes(),
+                );
+            }
+            Parsed::Chat(turn) => {
+                let permit = if self.shared.draining.is_cancelled() {
+                    metrics.error(ErrorKind::ShuttingDown.as_str());
+                    None
+                } else {
+                    let permit = self.shared.backlog.try_admit();
+                    if permit.is_none() {
+                        metrics.error(ErrorKind::BacklogFull.as_str());
+                    }
+                    permit
+                };
+                let Some(permit) = permit else {
+                    // Old clients know this string and retry later (with a
+                    // shared group, possibly on another gateway).
+                    tracing::warn!(project = %self.project, session_id = %turn.session_id, "request refused: backlog full or shutting down");
+                    let _ = self.publisher.try_publish(
+                        OutKind::Error,
+                        &turn.reply_topic,
+                        OVERLOADED_TEXT.as_bytes().to_vec(),
+                    );
+                    return;
+                };
+                let turns = self.shared.turns.clone();
+                let publisher = self.publisher.clone();
+                tokio::spawn(async move { turns.chat(publisher, turn, permit).await });
+            }
+        }
+    }
+
+    fn on_control(&self, kind: control::ControlKind, topic_sid: Option<String>, payload: &[u8]) {
+        let metrics = &self.shared.metrics;
+        if self.shared.draining.is_cancelled() {
+            metrics.dropped("shutting_down");
+            return;
+        }
+        let request = match control::parse(
+            &self.project,
+            kind,
+            topic_sid,
+            payload,
+            self.shared.config.max_payload_bytes,
+        ) {
+            Ok(r) => r,
+            Err(reason) => {
+                tracing::warn!(project = %self.project, ?kind, reason = reason.as_str(), "control message dropped");
+                metrics.dropped(reason.as_str());
+                return;
+            }
+        };
+        let Some(permit) = self.shared.backlog.try_admit() else {
+            tracing::warn!(project = %self.project, ?kind, "control message dropped: backlog full");
+            metrics.dropped("backlog_full");
+            return;
+        };
+        let turns = self.shared.turns.clone();
+        let publisher = self.publisher.clone();
+        tokio::spawn(async move { turns.control(publisher, request, permit).await });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_follow_the_config() {
+        let mut config = Config::new("broker", 1999, "http://x:1", vec!["p".into()]);
+        config.client_id = "gw".into();
+        config.max_payload_bytes = 1000;
+        config.mqtt_username = Some("u".into());
+        let opts = mqtt_options(&config, "p");
+        assert_eq!(opts.client_id(), "gw-p");
+        assert_eq!(opts.broker_address(), ("broker".to_owned(), 1999));
+        assert!(opts.clean_session());
+        assert_eq!(opts.max_packet_size(), 5024);
+        assert_eq!(opts.keep_alive(), Duration::from_secs(30));
+        let will = opts.last_will().expect("a last will");
+        assert_eq!(will.topic, "p/status");
+        assert_eq!(opts.credentials().map(|l| l.username), Some("u".to_owned()));
+    }
+
+    #[test]
+    fn qos_levels() {
+        assert_eq!(qos(0), QoS::AtMostOnce);
+        assert_eq!(qos(1), QoS::AtLeastOnce);
+        assert_eq!(qos(2), QoS::ExactlyOnce);
+    }
+}

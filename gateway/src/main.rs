@@ -1,0 +1,40 @@
+//! `gateway`: serves palaver's MQTT projects. Everything but flag parsing and
+//! wiring lives in the library.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use prometheus_client::registry::Registry;
+
+/// palaver gateway: MQTT clients in, session-svc (gRPC) out.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(flatten)]
+    gateway: gateway::GatewayArgs,
+
+    /// Serve Prometheus metrics on this address (GET /metrics), e.g. 0.0.0.0:9102.
+    #[arg(long, env = "PALAVER_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    palaver_core::telemetry::init_logging();
+    let cli = Cli::parse();
+    let config = cli.gateway.into_config().context("gateway settings")?;
+    let mut registry = Registry::default();
+    let gateway = gateway::Gateway::new(config, &mut registry).context("gateway settings")?;
+    let shutdown = palaver_core::shutdown::on_signal();
+    if let Some(addr) = cli.metrics_listen {
+        let bound =
+            palaver_core::telemetry::spawn_metrics(addr, Arc::new(registry), shutdown.clone())
+                .await
+                .with_context(|| format!("cannot serve metrics on {addr}"))?;
+        tracing::info!(%bound, "serving metrics");
+    }
+    gateway.run(shutdown).await?;
+    Ok(())
+}

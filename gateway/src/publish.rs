@@ -1,0 +1,201 @@
+//! The only way the gateway publishes: every message goes through
+//! [`Publisher`], which refuses (and counts) any topic outside the project's
+//! reply, hint and status spaces, and any packet the broker would choke on.
+
+use std::sync::Arc;
+
+use rumqttc::{AsyncClient, QoS};
+
+use crate::errors::{ErrorKind, REPLY_TOO_LARGE_TEXT};
+use crate::metrics::{Metrics, OutKind};
+use crate::topics::{self, Route};
+
+/// Largest packet the gateway sends. Model replies are a few KiB; the cap
+/// exists because rumqttc treats an oversize outgoing packet as a connection
+/// error, which would cut off every client of the project.
+pub const MAX_OUTGOING_PACKET_BYTES: usize = 1024 * 1024;
+
+/// Room for the fixed header, topic length and packet id of a publish.
+const PUBLISH_OVERHEAD: usize = 16;
+
+/// Why a publish was not attempted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The topic is outside what `kind` may publish to (a bug upstream).
+    Topic,
+    /// The packet would exceed [`MAX_OUTGOING_PACKET_BYTES`].
+    TooLarge,
+    /// The MQTT client is gone (shutdown) or its queue is full (`try_` only).
+    Closed,
+}
+
+/// Route each kind of message may use.
+fn route(kind: OutKind) -> Route {
+    match kind {
+        OutKind::Reply | OutKind::Error => Route::Reply,
+        OutKind::Hint => Route::Hint,
+        OutKind::Status => Route::Status,
+    }
+}
+
+/// The confinement check itself, kept free of I/O so it is tested directly.
+pub fn admit(project: &str, kind: OutKind, topic: &str, payload_len: usize) -> Result<(), Refused> {
+    if !topics::confined(project, route(kind), topic) {
+        return Err(Refused::Topic);
+    }
+    if topic.len() + payload_len + PUBLISH_OVERHEAD > MAX_OUTGOING_PACKET_BYTES {
+        return Err(Refused::TooLarge);
+    }
+    Ok(())
+}
+
+/// One project's publishing handle; cheap to clone into every turn.
+#[derive(Clone)]
+pub struct Publisher {
+    client: AsyncClient,
+    project: Arc<str>,
+    metrics: Metrics,
+    reply_qos: QoS,
+}
+
+impl Publisher {
+    /// Wraps `client`, the connection of `project`.
+    pub fn new(client: AsyncClient, project: Arc<str>, metrics: Metrics, reply_qos: QoS) -> Self {
+        Self {
+            client,
+            project,
+            metrics,
+            reply_qos,
+        }
+    }
+
+    /// The project this publisher is confined to.
+    pub fn project(&self) -> &str {
+        &self.project
+    }
+
+    fn check(&self, kind: OutKind, topic: &str, payload: &[u8]) -> Result<QoS, Refused> {
+        match admit(&self.project, kind, topic, payload.len()) {
+            Ok(()) => Ok(match kind {
+                OutKind::Status => QoS::AtLeastOnce,
+                _ => self.reply_qos,
+            }),
+            Err(why) => {
+                let reason = match why {
+                    Refused::Topic => {
+                        tracing::error!(project = %self.project, kind = kind.as_str(), topic, "refused to publish outside the project's topics");
+                        "topic_refused"
+                    }
+                    _ => {
+                        tracing::warn!(project = %self.project, kind = kind.as_str(), bytes = payload.len(), "message too large to publish");
+                        "publish_too_large"
+                    }
+                };
+                self.metrics.dropped(reason);
+                Err(why)
+            }
+        }
+    }
+
+    /// Publishes, waiting for room in the client's queue. Never retained:
+    /// replies are for whoever listens now.
+    pub async fn publish(
+        &self,
+        kind: OutKind,
+        topic: &str,
+        payload: Vec<u8>,
+    ) -> Result<(), Refused> {
+        let qos = self.check(kind, topic, &payload)?;
+        match self.client.publish(topic, qos, false, payload).await {
+            Ok(()) => {
+                self.metrics.message_out(&self.project, kind);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::debug!(project = %self.project, error = %e, "MQTT client closed; message lost");
+                self.metrics.dropped("client_closed");
+                Err(Refused::Closed)
+            }
+        }
+    }
+
+    /// Publishes only if the client's queue has room now: for callers that
+    /// must not wait, like the connection's own poll loop.
+    pub fn try_publish(&self, kind: OutKind, topic: &str, payload: Vec<u8>) -> Result<(), Refused> {
+        let qos = self.check(kind, topic, &payload)?;
+        match self.client.try_publish(topic, qos, false, payload) {
+            Ok(()) => {
+                self.metrics.message_out(&self.project, kind);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(project = %self.project, error = %e, "MQTT queue full or closed; message lost");
+                self.metrics.dropped("publish_queue_full");
+                Err(Refused::Closed)
+            }
+        }
+    }
+
+    /// Publishes a model reply; one too large for a packet becomes an error
+    /// reply, so the client still hears back.
+    pub async fn publish_reply(&self, topic: &str, text: String) -> Result<(), Refused> {
+        if admit(&self.project, OutKind::Reply, topic, text.len()) == Err(Refused::TooLarge) {
+            tracing::warn!(project = %self.project, bytes = text.len(), "reply too large for one MQTT packet");
+            self.metrics.error(ErrorKind::ReplyTooLarge.as_str());
+            return self
+                .publish(
+                    OutKind::Error,
+                    topic,
+                    REPLY_TOO_LARGE_TEXT.as_bytes().to_vec(),
+                )
+                .await;
+        }
+        self.publish(OutKind::Reply, topic, text.into_bytes()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_is_confined_to_its_space() {
+        let cases: &[(OutKind, &str, Result<(), Refused>)] = &[
+            (OutKind::Reply, "p/assistant_response/s", Ok(())),
+            (OutKind::Error, "p/assistant_response/s/c/r", Ok(())),
+            (OutKind::Hint, "p/hint/s", Ok(())),
+            (OutKind::Status, "p/status", Ok(())),
+            (OutKind::Reply, "p/hint/s", Err(Refused::Topic)),
+            (OutKind::Reply, "p/status", Err(Refused::Topic)),
+            (OutKind::Reply, "p/user_input", Err(Refused::Topic)),
+            (
+                OutKind::Reply,
+                "q/assistant_response/s",
+                Err(Refused::Topic),
+            ),
+            (
+                OutKind::Error,
+                "p/assistant_response/#",
+                Err(Refused::Topic),
+            ),
+            (OutKind::Hint, "p/assistant_response/s", Err(Refused::Topic)),
+            (OutKind::Hint, "p/template", Err(Refused::Topic)),
+            (OutKind::Status, "p/status/x", Err(Refused::Topic)),
+            (OutKind::Status, "p/hint/all", Err(Refused::Topic)),
+        ];
+        for (kind, topic, want) in cases {
+            assert_eq!(admit("p", *kind, topic, 10), *want, "{kind:?} {topic}");
+        }
+    }
+
+    #[test]
+    fn oversize_packets_are_refused() {
+        let topic = "p/assistant_response/s";
+        let fits = MAX_OUTGOING_PACKET_BYTES - topic.len() - PUBLISH_OVERHEAD;
+        assert_eq!(admit("p", OutKind::Reply, topic, fits), Ok(()));
+        assert_eq!(
+            admit("p", OutKind::Reply, topic, fits + 1),
+            Err(Refused::TooLarge)
+        );
+    }
+}

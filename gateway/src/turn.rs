@@ -1,0 +1,274 @@
+//! Running one admitted request against session-svc and publishing its outcome.
+//!
+//! Each request runs in its own task holding a [`Permit`], so a slow model
+//! never blocks the MQTT poll loop, and shutdown can wait for exactly these.
+
+use std::time::{Duration, Instant};
+
+use palaver_proto::session::v1::{
+    sessions_client::SessionsClient, ChatReply, ChatRequest, ResetSessionRequest, SessionAction,
+    SessionRef, UpdateProjectRequest,
+};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+use tracing::Instrument;
+
+use crate::backlog::Permit;
+use crate::control::{ControlOp, ControlRequest};
+use crate::errors;
+use crate::metrics::{Metrics, OutKind};
+use crate::publish::Publisher;
+use crate::request::ChatTurn;
+
+/// Extra time the local deadline allows past `grpc-timeout`, so that when
+/// session-svc answers DEADLINE_EXCEEDED itself, its answer wins.
+const LOCAL_DEADLINE_SLACK: Duration = Duration::from_millis(250);
+
+/// Deadline of a control call: they only touch the store.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What every request task needs; shared by all projects.
+pub struct Turns {
+    sessions: SessionsClient<Channel>,
+    timeout: Duration,
+    metrics: Metrics,
+    /// Tripped when the shutdown grace period is over: remaining turns give up.
+    abandon: CancellationToken,
+}
+
+impl Turns {
+    /// `sessions` is cloned per call (a tonic channel is a cheap handle).
+    pub fn new(
+        sessions: SessionsClient<Channel>,
+        timeout: Duration,
+        metrics: Metrics,
+        abandon: CancellationToken,
+    ) -> Self {
+        Self {
+            sessions,
+            timeout,
+            metrics,
+            abandon,
+        }
+    }
+
+    /// Runs one chat turn and publishes the reply or the error text.
+    pub async fn chat(&self, publisher: Publisher, turn: ChatTurn, permit: Permit) {
+        let span = tracing::info_span!(
+            "turn",
+            project = publisher.project(),
+            session_id = %turn.session_id,
+            request_id = turn.request_id.as_deref().unwrap_or(""),
+            client_id = turn.client_id.as_deref().unwrap_or(""),
+        );
+        async move {
+            tracing::debug!(message = %turn.message, "turn started");
+            let started = Instant::now();
+            let outcome = tokio::select! {
+                _ = self.abandon.cancelled() => None,
+                r = self.call_chat(publisher.project(), &turn) => Some(r),
+            };
+            self.metrics.observe_turn(started.elapsed().as_secs_f64());
+            match outcome {
+                None => {
+                    tracing::warn!("turn abandoned at shutdown");
+                    self.metrics.dropped("abandoned_at_shutdown");
+                }
+                Some(Ok(reply)) => {
+                    tracing::debug!(
+                        reply = %reply.text,
+                        finish_reason = %reply.finish_reason,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "turn done"
+                    );
+                    let _ = publisher.publish_reply(&turn.reply_topic, reply.text).await;
+                }
+                Some(Err(status)) => {
+                    let (kind, text) = errors::classify(&status);
+                    tracing::warn!(code = ?status.code(), kind = kind.as_str(), detail = status.message(), "turn failed");
+                    self.metrics.error(kind.as_str());
+                    let _ = publisher
+                        .publish(OutKind::Error, &turn.reply_topic, text.into_bytes())
+                        .await;
+                }
+            }
+            // Freed only now: shutdown's drain then also covers the publish.
+            drop(permit);
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn call_chat(&self, project: &str, turn: &ChatTurn) -> Result<ChatReply, Status> {
+        let mut request = tonic::Request::new(ChatRequest {
+            project: project.to_owned(),
+            session_id: turn.session_id.clone(),
+            message: turn.message.clone(),
+            request_id: turn.idempotency_key().unwrap_or_default(),
+            system_prompt: turn.system_prompt.clone(),
+            temperature: turn.temperature,
+            top_p: turn.top_p,
+            max_tokens: turn.max_tokens,
+        });
+        request.set_timeout(self.timeout);
+        let mut client = self.sessions.clone();
+        let started = Instant::now();
+        let call = client.chat(request);
+        match tokio::time::timeout(self.timeout + LOCAL_DEADLINE_SLACK, call).await {
+            Ok(Ok(reply)) => Ok(reply.into_inner()),
+            Ok(Err(status)) => Err(deadline_as_such(status, started.elapsed(), self.timeout)),
+            Err(_) => Err(Status::deadline_exceeded("gateway deadline passed")),
+        }
+    }
+
+    /// Applies one control action and publishes its acknowledgement.
+    pub async fn control(&self, publisher: Publisher, request: ControlRequest, permit: Permit) {
+        let project = publisher.project().to_owned();
+        let span = tracing::info_span!("control", project = %project, op = op_name(&request.op));
+        async move {
+            let outcome = tokio::select! {
+                _ = self.abandon.cancelled() => None,
+                r = self.call_control(&project, &request.op) => Some(r),
+            };
+            match outcome {
+                None => self.metrics.dropped("abandoned_at_shutdown"),
+                Some(Ok(())) => {
+                    tracing::info!(ack_topic = %request.ack_topic, "control applied");
+                    let _ = publisher
+                        .publish(OutKind::Hint, &request.ack_topic, request.ack_payload.as_bytes().to_vec())
+                        .await;
+                }
+                Some(Err(status)) => {
+                    let (kind, _) = errors::classify(&status);
+                    tracing::warn!(code = ?status.code(), detail = status.message(), "control failed; no acknowledgement sent");
+                    self.metrics.error(kind.as_str());
+                }
+            }
+            drop(permit);
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn call_control(&self, project: &str, op: &ControlOp) -> Result<(), Status> {
+        let mut client = self.sessions.clone();
+        let project = project.to_owned();
+        let call = async move {
+            match op.clone() {
+                ControlOp::SetSessionPrompt {
+                    session_id,
+                    prompt,
+                    keep_history,
+                } => client
+                    .reset_session(timed(ResetSessionRequest {
+                        project,
+                        session_id,
+                        system_prompt: Some(prompt),
+                        keep_history,
+                    }))
+                    .await
+                    .map(drop),
+                ControlOp::SetProjectPrompt {
+                    prompt,
+                    clear_sessions,
+                } => client
+                    .update_project(timed(UpdateProjectRequest {
+                        project,
+                        system_prompt: Some(prompt),
+                        sessions: if clear_sessions {
+                            SessionAction::Clear
+                        } else {
+                            SessionAction::None
+                        }
+                        .into(),
+                    }))
+                    .await
+                    .map(drop),
+                ControlOp::ClearSession { session_id } => client
+                    .reset_session(timed(ResetSessionRequest {
+                        project,
+                        session_id,
+                        system_prompt: None,
+                        keep_history: false,
+                    }))
+                    .await
+                    .map(drop),
+                ControlOp::ClearProject => client
+                    .update_project(timed(UpdateProjectRequest {
+                        project,
+                        system_prompt: None,
+                        sessions: SessionAction::Clear.into(),
+                    }))
+                    .await
+                    .map(drop),
+                ControlOp::DeleteSession { session_id } => client
+                    .delete_session(timed(SessionRef {
+                        project,
+                        session_id,
+                    }))
+                    .await
+                    .map(drop),
+                ControlOp::DeleteProject => client
+                    .update_project(timed(UpdateProjectRequest {
+                        project,
+                        system_prompt: None,
+                        sessions: SessionAction::Delete.into(),
+                    }))
+                    .await
+                    .map(drop),
+            }
+        };
+        match tokio::time::timeout(CONTROL_TIMEOUT + LOCAL_DEADLINE_SLACK, call).await {
+            Ok(result) => result,
+            Err(_) => Err(Status::deadline_exceeded("gateway deadline passed")),
+        }
+    }
+}
+
+/// A tonic server whose `grpc-timeout` expires answers CANCELLED ("Timeout
+/// expired"), not DEADLINE_EXCEEDED; once the deadline has passed, that is
+/// what it means, and the client should hear "timed out".
+fn deadline_as_such(status: Status, elapsed: Duration, deadline: Duration) -> Status {
+    if status.code() == Code::Cancelled && elapsed + DEADLINE_TOLERANCE >= deadline {
+        Status::deadline_exceeded(status.message().to_owned())
+    } else {
+        status
+    }
+}
+
+/// Timer granularity allowed when comparing elapsed time with the deadline.
+const DEADLINE_TOLERANCE: Duration = Duration::from_millis(10);
+
+fn timed<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(CONTROL_TIMEOUT);
+    request
+}
+
+fn op_name(op: &ControlOp) -> &'static str {
+    match op {
+        ControlOp::SetSessionPrompt { .. } => "set_session_prompt",
+        ControlOp::SetProjectPrompt { .. } => "set_project_prompt",
+        ControlOp::ClearSession { .. } => "clear_session",
+        ControlOp::ClearProject => "clear_project",
+        ControlOp::DeleteSession { .. } => "delete_session",
+        ControlOp::DeleteProject => "delete_project",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cancelled_after_the_deadline_is_a_timeout() {
+        let d = Duration::from_millis(300);
+        let late = deadline_as_such(Status::cancelled("Timeout expired"), d, d);
+        assert_eq!(late.code(), Code::DeadlineExceeded);
+        let early = deadline_as_such(Status::cancelled("gone"), Duration::from_millis(100), d);
+        assert_eq!(early.code(), Code::Cancelled);
+        let other = deadline_as_such(Status::internal("x"), d * 2, d);
+        assert_eq!(other.code(), Code::Internal);
+    }
+}

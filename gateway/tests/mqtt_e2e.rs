@@ -1,0 +1,729 @@
+//! The gateway against a real mosquitto and a fake session-svc.
+//!
+//! The fake answers by the message text (`slow:<ms>`, `ratelimit`,
+//! `invalid`, anything else is echoed) and records every call, so these
+//! tests check the MQTT side exactly: topics, payloads, error strings,
+//! control acknowledgements, presence and shutdown. The full-stack tests
+//! live in the workspace's `tests/` crate.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gateway::errors::{OVERLOADED_TEXT, RATE_LIMITED_TEXT, TIMEOUT_TEXT, UNAVAILABLE_TEXT};
+use gateway::{Config, Gateway};
+use palaver_core::{ERROR_KIND_HEADER, ERROR_KIND_RATE_LIMITED};
+use palaver_proto::session::v1::sessions_server::{Sessions, SessionsServer};
+use palaver_proto::session::v1::{
+    ChatEvent, ChatReply, ChatRequest, DeleteSessionReply, History, ResetSessionReply,
+    ResetSessionRequest, SessionAction, SessionRef, UpdateProjectReply, UpdateProjectRequest,
+};
+use palaver_testkit::process::{free_port, Mosquitto};
+use prometheus_client::registry::Registry;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+// ---------- broker ----------
+
+/// A real mosquitto of our own (testkit finds it in /usr/sbin too; the test
+/// script installs it). Failing to start is a failure, never a skip.
+struct Broker(Mosquitto);
+
+impl Broker {
+    fn start() -> Broker {
+        Broker(Mosquitto::start().expect("mosquitto starts (scripts/test installs it)"))
+    }
+
+    fn port(&self) -> u16 {
+        self.0.port()
+    }
+
+    /// Kills the broker and starts a new one on the same port (state lost).
+    fn restart(mut self) -> Broker {
+        self.0.stop();
+        self.0.start_again().expect("mosquitto restarts");
+        self
+    }
+}
+
+// ---------- fake session-svc ----------
+
+#[derive(Default)]
+struct Calls {
+    chats: Vec<ChatRequest>,
+    resets: Vec<ResetSessionRequest>,
+    deletes: Vec<SessionRef>,
+    updates: Vec<UpdateProjectRequest>,
+}
+
+#[derive(Clone, Default)]
+struct Fake {
+    calls: Arc<Mutex<Calls>>,
+    /// Notified when a chat call arrives (to time shutdown against it).
+    chat_arrived: Arc<Notify>,
+}
+
+#[tonic::async_trait]
+impl Sessions for Fake {
+    async fn chat(&self, request: Request<ChatRequest>) -> Result<Response<ChatReply>, Status> {
+        let req = request.into_inner();
+        self.calls.lock().unwrap().chats.push(req.clone());
+        self.chat_arrived.notify_waiters();
+        if let Some(ms) = req.message.strip_prefix("slow:") {
+            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
+        }
+        match req.message.as_str() {
+            "ratelimit" => {
+                let mut s = Status::resource_exhausted("slow down");
+                s.metadata_mut()
+                    .insert(ERROR_KIND_HEADER, ERROR_KIND_RATE_LIMITED.parse().unwrap());
+                Err(s)
+            }
+            "invalid" => Err(Status::invalid_argument("message too long")),
+            _ => Ok(Response::new(ChatReply {
+                text: format!("echo[{}]: {}", req.session_id, req.message),
+                session_id: req.session_id,
+                finish_reason: "stop".into(),
+                prompt_tokens: 1,
+                completion_tokens: 1,
+            })),
+        }
+    }
+
+    type ChatStreamStream =
+        Pin<Box<dyn tokio_stream::Stream<Item = Result<ChatEvent, Status>> + Send + 'static>>;
+
+    async fn chat_stream(
+        &self,
+        _: Request<ChatRequest>,
+    ) -> Result<Response<Self::ChatStreamStream>, Status> {
+        Err(Status::unimplemented("not used by the gateway"))
+    }
+
+    async fn get_history(&self, _: Request<SessionRef>) -> Result<Response<History>, Status> {
+        Err(Status::unimplemented("not used by the gateway"))
+    }
+
+    async fn reset_session(
+        &self,
+        request: Request<ResetSessionRequest>,
+    ) -> Result<Response<ResetSessionReply>, Status> {
+        self.calls.lock().unwrap().resets.push(request.into_inner());
+        Ok(Response::new(ResetSessionReply {}))
+    }
+
+    async fn delete_session(
+        &self,
+        request: Request<SessionRef>,
+    ) -> Result<Response<DeleteSessionReply>, Status> {
+        self.calls
+            .lock()
+            .unwrap()
+            .deletes
+            .push(request.into_inner());
+        Ok(Response::new(DeleteSessionReply { existed: true }))
+    }
+
+    async fn update_project(
+        &self,
+        request: Request<UpdateProjectRequest>,
+    ) -> Result<Response<UpdateProjectReply>, Status> {
+        self.calls
+            .lock()
+            .unwrap()
+            .updates
+            .push(request.into_inner());
+        Ok(Response::new(UpdateProjectReply { sessions: 3 }))
+    }
+}
+
+async fn start_fake(fake: Fake) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(SessionsServer::new(fake))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    addr
+}
+
+// ---------- gateway + test client ----------
+
+struct Running {
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), gateway::GatewayError>>,
+    registry: Registry,
+}
+
+async fn start_gateway(config: Config) -> Running {
+    let mut registry = Registry::default();
+    let gw = Gateway::new(config, &mut registry).expect("valid config");
+    let ready = gw.ready();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(gw.run(shutdown.clone()));
+    assert!(
+        tokio::time::timeout(WAIT, ready)
+            .await
+            .expect("subscribed in time"),
+        "gateway stopped before it was ready"
+    );
+    Running {
+        shutdown,
+        task,
+        registry,
+    }
+}
+
+fn config(broker: &Broker, session: SocketAddr, projects: &[&str]) -> Config {
+    let mut c = Config::new(
+        "127.0.0.1",
+        broker.port(),
+        format!("http://{session}"),
+        projects.iter().map(|p| p.to_string()).collect(),
+    );
+    c.service_name = "gw-test".into();
+    c.max_payload_bytes = 4096;
+    c
+}
+
+/// A client that sees every message on the broker.
+struct Client {
+    client: AsyncClient,
+    rx: mpsc::UnboundedReceiver<(String, String)>,
+}
+
+impl Client {
+    async fn connect(port: u16) -> Client {
+        let mut opts = MqttOptions::new(
+            format!("test-{:08x}", rand::random::<u32>()),
+            "127.0.0.1",
+            port,
+        );
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut eventloop) = AsyncClient::new(opts, 256);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
+        client.subscribe("#", QoS::AtLeastOnce).await.unwrap();
+        tokio::spawn(async move {
+            let mut subscribed = Some(subscribed_tx);
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(s) = subscribed.take() {
+                            let _ = s.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let text = String::from_utf8_lossy(&p.payload).into_owned();
+                        if tx.send((p.topic.clone(), text)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        tokio::time::timeout(WAIT, subscribed_rx)
+            .await
+            .unwrap()
+            .unwrap();
+        Client { client, rx }
+    }
+
+    async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+    }
+
+    /// The next message whose topic satisfies `pick` (others are skipped).
+    async fn next_on(&mut self, pick: impl Fn(&str) -> bool) -> (String, String) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let msg = tokio::time::timeout_at(deadline, self.rx.recv())
+                .await
+                .expect("expected message did not arrive")
+                .expect("client closed");
+            if pick(&msg.0) {
+                return msg;
+            }
+        }
+    }
+
+    async fn reply_on(&mut self, topic: &str) -> String {
+        self.next_on(|t| t == topic).await.1
+    }
+
+    /// Asserts nothing arrives under `prefix` for a short while.
+    async fn nothing_on(&mut self, prefix: &str, wait: Duration) {
+        let deadline = tokio::time::Instant::now() + wait;
+        while let Ok(Some((topic, payload))) =
+            tokio::time::timeout_at(deadline, self.rx.recv()).await
+        {
+            assert!(
+                !topic.starts_with(prefix),
+                "unexpected {payload:?} on {topic}"
+            );
+        }
+    }
+}
+
+fn metrics_text(registry: &Registry) -> String {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, registry).unwrap();
+    out
+}
+
+fn is_reply(t: &str) -> bool {
+    t.contains("/assistant_response/")
+}
+
+// ---------- tests ----------
+
+#[tokio::test]
+async fn chat_turns_follow_the_wire_protocol() {
+    let broker = Broker::start();
+    let fake = Fake::default();
+    let session = start_fake(fake.clone()).await;
+    let gw = start_gateway(config(&broker, session, &["p", "q"])).await;
+    let mut c = Client::connect(broker.port()).await;
+
+    // Default reply topic, temperature 0 forwarded as 0.
+    c.publish(
+        "p/user_input",
+        r#"{"sessionId":"s1","message":"hi","temperature":0,"maxTokens":"64"}"#,
+    )
+    .await;
+    assert_eq!(c.reply_on("p/assistant_response/s1").await, "echo[s1]: hi");
+    {
+        let calls = fake.calls.lock().unwrap();
+        let req = calls.chats.last().unwrap();
+        assert_eq!(req.project, "p");
+        assert_eq!(req.temperature, Some(0.0));
+        assert_eq!(req.max_tokens, Some(64));
+        assert_eq!(req.top_p, None);
+        assert_eq!(req.request_id, "");
+    }
+
+    // The reference client's reply topic and request id.
+    c.publish(
+        "p/user_input",
+        r#"{"sessionId":7,"message":"yo","clientId":"c1","requestId":"r1","replyTopic":"p/assistant_response/7/c1/r1","images":[]}"#,
+    )
+    .await;
+    assert_eq!(
+        c.reply_on("p/assistant_response/7/c1/r1").await,
+        "echo[7]: yo"
+    );
+    assert_eq!(
+        fake.calls.lock().unwrap().chats.last().unwrap().request_id,
+        "c1:r1",
+        "request ids are scoped by client id"
+    );
+
+    // A replyTopic outside the project falls back to the default topic.
+    c.publish(
+        "p/user_input",
+        r#"{"sessionId":"s1","message":"x","replyTopic":"q/assistant_response/s1"}"#,
+    )
+    .await;
+    let (topic, _) = c.next_on(is_reply).await;
+    assert_eq!(topic, "p/assistant_response/s1");
+
+    // Bare text: a fresh default session.
+    c.publish("p/user_input", "  hello there ").await;
+    let (topic, text) = c.next_on(is_reply).await;
+    let sid = topic.strip_prefix("p/assistant_response/").unwrap();
+    assert!(sid.starts_with("default-") && sid.len() == 16, "{topic}");
+    assert_eq!(text, format!("echo[{sid}]: hello there"));
+
+    // Errors: empty message, bad temperature, rate limit, invalid argument.
+    c.publish("p/user_input", r#"{"sessionId":"s2","message":"  "}"#)
+        .await;
+    assert_eq!(
+        c.reply_on("p/assistant_response/s2").await,
+        "Error: Message is empty."
+    );
+    c.publish(
+        "p/user_input",
+        r#"{"sessionId":"s2","message":"m","temperature":3}"#,
+    )
+    .await;
+    assert_eq!(
+        c.reply_on("p/assistant_response/s2").await,
+        "Error: temperature must be a number between 0 and 2."
+    );
+    c.publish(
+        "p/user_input",
+        r#"{"sessionId":"s2","message":"ratelimit"}"#,
+    )
+    .await;
+    assert_eq!(
+        c.reply_on("p/assistant_response/s2").await,
+        RATE_LIMITED_TEXT
+    );
+    c.publish("p/user_input", r#"{"sessionId":"s2","message":"invalid"}"#)
+        .await;
+    assert_eq!(
+        c.reply_on("p/assistant_response/s2").await,
+        "Error: Message too long."
+    );
+
+    // Session ids that would break a topic: sanitised, and the broker keeps
+    // the gateway connected (mosquitto drops clients publishing to such topics).
+    c.publish(
+        "p/user_input",
+        "{\"sessionId\":\"a/+/b\\u0001\",\"message\":\"m\"}",
+    )
+    .await;
+    assert_eq!(
+        c.reply_on("p/assistant_response/a/_/b_").await,
+        "echo[a/+/b\u{1}]: m"
+    );
+
+    // Drops: JSON that is not an object, invalid UTF-8, too large (but under
+    // the packet limit). None is answered; the next request still is.
+    c.publish("p/user_input", "[1,2]").await;
+    c.publish("p/user_input", vec![0xff, 0xfe, 0x00]).await;
+    c.publish(
+        "p/user_input",
+        format!(r#"{{"sessionId":"big","message":"{}"}}"#, "x".repeat(5000)),
+    )
+    .await;
+    c.publish(
+        "p/user_input",
+        r#"{"sessionId":"after","message":"still here"}"#,
+    )
+    .await;
+    let (topic, text) = c.next_on(is_reply).await;
+    assert_eq!(
+        (topic.as_str(), text.as_str()),
+        ("p/assistant_response/after", "echo[after]: still here")
+    );
+
+    // The second project is served by its own connection.
+    c.publish("q/user_input", r#"{"sessionId":"s1","message":"to q"}"#)
+        .await;
+    assert_eq!(
+        c.reply_on("q/assistant_response/s1").await,
+        "echo[s1]: to q"
+    );
+
+    let metrics = metrics_text(&gw.registry);
+    for needle in [
+        r#"palaver_gateway_dropped_total{reason="not_an_object"} 1"#,
+        r#"palaver_gateway_dropped_total{reason="invalid_utf8"} 1"#,
+        r#"palaver_gateway_dropped_total{reason="too_large"} 1"#,
+        r#"palaver_gateway_errors_total{kind="rate_limited"} 1"#,
+        r#"palaver_gateway_mqtt_messages_in_total{project="q"} 1"#,
+        r#"palaver_gateway_pending 0"#,
+    ] {
+        assert!(metrics.contains(needle), "missing {needle} in\n{metrics}");
+    }
+
+    gw.shutdown.cancel();
+    gw.task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn control_topics_map_to_the_sessions_api() {
+    let broker = Broker::start();
+    let fake = Fake::default();
+    let session = start_fake(fake.clone()).await;
+    let gw = start_gateway(config(&broker, session, &["p"])).await;
+    let mut c = Client::connect(broker.port()).await;
+
+    c.publish(
+        "p/template",
+        r#"{"sessionId":"s1","systemPrompt":"ignored","template":{"content":"T"},"reset":true}"#,
+    )
+    .await;
+    assert_eq!(
+        c.reply_on("p/hint/s1").await,
+        r#"{"hint":"Template updated"}"#
+    );
+    c.publish("p/template", "Project prompt").await;
+    assert_eq!(
+        c.reply_on("p/hint/all").await,
+        r#"{"hint":"Template updated"}"#
+    );
+    c.publish("p/clear_history/s2", "").await;
+    assert_eq!(
+        c.reply_on("p/hint/s2").await,
+        r#"{"hint":"History cleared"}"#
+    );
+    c.publish("p/clear_history", r#"{"target":"all"}"#).await;
+    assert_eq!(
+        c.reply_on("p/hint/all").await,
+        r#"{"hint":"History cleared"}"#
+    );
+    c.publish("p/delete_session/s3", "").await;
+    assert_eq!(
+        c.reply_on("p/hint/s3").await,
+        r#"{"hint":"Session deleted"}"#
+    );
+
+    {
+        let calls = fake.calls.lock().unwrap();
+        assert_eq!(calls.resets.len(), 2);
+        assert_eq!(
+            (
+                calls.resets[0].session_id.as_str(),
+                calls.resets[0].system_prompt.as_deref()
+            ),
+            ("s1", Some("T"))
+        );
+        assert_eq!(
+            (
+                calls.resets[1].session_id.as_str(),
+                calls.resets[1].system_prompt.as_deref()
+            ),
+            ("s2", None)
+        );
+        assert_eq!(calls.updates.len(), 2);
+        assert_eq!(
+            calls.updates[0].system_prompt.as_deref(),
+            Some("Project prompt")
+        );
+        assert_eq!(calls.updates[0].sessions, i32::from(SessionAction::Clear));
+        assert_eq!(calls.updates[1].system_prompt, None);
+        assert_eq!(calls.updates[1].sessions, i32::from(SessionAction::Clear));
+        assert_eq!(calls.deletes.len(), 1);
+        assert_eq!(calls.deletes[0].session_id, "s3");
+    }
+
+    gw.shutdown.cancel();
+    gw.task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn retained_requests_are_not_replayed() {
+    let broker = Broker::start();
+    let fake = Fake::default();
+    let session = start_fake(fake.clone()).await;
+    let mut c = Client::connect(broker.port()).await;
+    // Retained before the gateway subscribes: the broker replays it on SUBSCRIBE.
+    c.client
+        .publish(
+            "p/clear_history",
+            QoS::AtLeastOnce,
+            true,
+            r#"{"target":"all"}"#,
+        )
+        .await
+        .unwrap();
+    let _ = c.next_on(|t| t == "p/clear_history").await;
+    let gw = start_gateway(config(&broker, session, &["p"])).await;
+    c.nothing_on("p/hint/", Duration::from_millis(500)).await;
+    assert!(fake.calls.lock().unwrap().updates.is_empty());
+    assert!(metrics_text(&gw.registry)
+        .contains(r#"palaver_gateway_dropped_total{reason="retained"} 1"#));
+    gw.shutdown.cancel();
+    gw.task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn full_backlog_answers_overloaded_at_once() {
+    let broker = Broker::start();
+    let session = start_fake(Fake::default()).await;
+    let mut cfg = config(&broker, session, &["p"]);
+    cfg.max_pending = 1;
+    let gw = start_gateway(cfg).await;
+    let mut c = Client::connect(broker.port()).await;
+
+    c.publish("p/user_input", r#"{"sessionId":"a","message":"slow:800"}"#)
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    c.publish("p/user_input", r#"{"sessionId":"b","message":"second"}"#)
+        .await;
+    let (topic, text) = c.next_on(is_reply).await;
+    assert_eq!(
+        (topic.as_str(), text.as_str()),
+        ("p/assistant_response/b", OVERLOADED_TEXT)
+    );
+    let (topic, text) = c.next_on(is_reply).await;
+    assert_eq!(
+        (topic.as_str(), text.as_str()),
+        ("p/assistant_response/a", "echo[a]: slow:800")
+    );
+    assert!(metrics_text(&gw.registry)
+        .contains(r#"palaver_gateway_errors_total{kind="backlog_full"} 1"#));
+
+    gw.shutdown.cancel();
+    gw.task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn deadlines_and_a_missing_session_svc() {
+    let broker = Broker::start();
+    let session = start_fake(Fake::default()).await;
+    let mut cfg = config(&broker, session, &["p"]);
+    cfg.request_timeout = Duration::from_millis(300);
+    let gw = start_gateway(cfg).await;
+    let mut c = Client::connect(broker.port()).await;
+    c.publish("p/user_input", r#"{"sessionId":"t","message":"slow:3000"}"#)
+        .await;
+    assert_eq!(c.reply_on("p/assistant_response/t").await, TIMEOUT_TEXT);
+    gw.shutdown.cancel();
+    gw.task.await.unwrap().unwrap();
+
+    // Nothing listens on this port: the gateway still starts (lazy connect)
+    // and answers with the "unavailable" error.
+    let nobody: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let gw = start_gateway(config(&broker, nobody, &["p"])).await;
+    c.publish("p/user_input", r#"{"sessionId":"u","message":"anyone?"}"#)
+        .await;
+    assert_eq!(c.reply_on("p/assistant_response/u").await, UNAVAILABLE_TEXT);
+    gw.shutdown.cancel();
+    gw.task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_drains_then_goes_offline() {
+    let broker = Broker::start();
+    let fake = Fake::default();
+    let session = start_fake(fake.clone()).await;
+    let gw = start_gateway(config(&broker, session, &["p", "q"])).await;
+    let mut c = Client::connect(broker.port()).await;
+
+    let arrived = fake.chat_arrived.notified();
+    c.publish("p/user_input", r#"{"sessionId":"d","message":"slow:700"}"#)
+        .await;
+    tokio::time::timeout(WAIT, arrived).await.unwrap();
+    gw.shutdown.cancel();
+
+    // The turn in flight is still answered, and only then "offline".
+    let (topic, text) = c.next_on(|t| is_reply(t) || t.ends_with("/status")).await;
+    assert_eq!(
+        (topic.as_str(), text.as_str()),
+        ("p/assistant_response/d", "echo[d]: slow:700")
+    );
+    let mut offline = Vec::new();
+    while offline.len() < 2 {
+        let (topic, text) = c.next_on(|t| t.ends_with("/status")).await;
+        if text.contains("offline") {
+            assert_eq!(text, r#"{"service":"gw-test","status":"offline"}"#);
+            offline.push(topic);
+        }
+    }
+    offline.sort();
+    assert_eq!(offline, ["p/status", "q/status"]);
+    tokio::time::timeout(WAIT, gw.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+
+    // No longer subscribed: nothing answers.
+    c.publish("p/user_input", r#"{"sessionId":"late","message":"hello?"}"#)
+        .await;
+    c.nothing_on("p/assistant_response/", Duration::from_millis(300))
+        .await;
+}
+
+#[tokio::test]
+async fn last_will_and_heartbeat() {
+    let broker = Broker::start();
+    let session = start_fake(Fake::default()).await;
+    let mut c = Client::connect(broker.port()).await;
+    let mut cfg = config(&broker, session, &["p"]);
+    cfg.heartbeat = Duration::from_millis(200);
+    let gw = start_gateway(cfg).await;
+
+    assert_eq!(
+        c.reply_on("p/status").await,
+        r#"{"service":"gw-test","status":"online"}"#
+    );
+    let beat: serde_json::Value = serde_json::from_str(&c.reply_on("p/status").await).unwrap();
+    assert_eq!(beat["heartbeat"], true);
+    assert_eq!(beat["status"], "online");
+
+    // Dropping `run` (as a crash would) closes the connection without a
+    // DISCONNECT: the broker publishes the will.
+    gw.task.abort();
+    loop {
+        let text = c.reply_on("p/status").await;
+        if text.contains("offline") {
+            assert_eq!(text, r#"{"service":"gw-test","status":"offline"}"#);
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn oversize_packet_costs_a_reconnect_not_the_gateway() {
+    let broker = Broker::start();
+    let session = start_fake(Fake::default()).await;
+    let mut registry = Registry::default();
+    let gw = Gateway::new(config(&broker, session, &["p"]), &mut registry).unwrap();
+    let mut ready = gw.ready_watch();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(gw.run(shutdown.clone()));
+    tokio::time::timeout(WAIT, ready.wait_for(|r| *r))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut c = Client::connect(broker.port()).await;
+
+    // Above 4x max-payload-bytes + 1 KiB: rumqttc refuses the packet and the
+    // connection is re-established.
+    c.publish("p/user_input", vec![b'x'; 64 * 1024]).await;
+    tokio::time::timeout(WAIT, ready.wait_for(|r| !*r))
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(WAIT, ready.wait_for(|r| *r))
+        .await
+        .unwrap()
+        .unwrap();
+    c.publish("p/user_input", r#"{"sessionId":"ok","message":"back"}"#)
+        .await;
+    assert_eq!(
+        c.reply_on("p/assistant_response/ok").await,
+        "echo[ok]: back"
+    );
+
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn resubscribes_after_a_broker_restart() {
+    let broker = Broker::start();
+    let session = start_fake(Fake::default()).await;
+    let mut registry = Registry::default();
+    let gw = Gateway::new(config(&broker, session, &["p", "q"]), &mut registry).unwrap();
+    let mut ready = gw.ready_watch();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(gw.run(shutdown.clone()));
+    tokio::time::timeout(WAIT, ready.wait_for(|r| *r))
+        .await
+        .unwrap()
+        .unwrap();
+
+    let broker = broker.restart();
+    tokio::time::timeout(WAIT, ready.wait_for(|r| !*r))
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(WAIT, ready.wait_for(|r| *r))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut c = Client::connect(broker.port()).await;
+    c.publish("q/user_input", r#"{"sessionId":"r","message":"again"}"#)
+        .await;
+    assert_eq!(c.reply_on("q/assistant_response/r").await, "echo[r]: again");
+
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
