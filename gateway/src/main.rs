@@ -15,8 +15,8 @@ struct Cli {
     #[command(flatten)]
     gateway: gateway::GatewayArgs,
 
-    /// Serve Prometheus metrics on this address (GET /metrics), e.g. 0.0.0.0:9102.
-    #[arg(long, env = "PALAVER_METRICS_LISTEN")]
+    /// Serve Prometheus metrics on this address (GET /metrics), e.g. 0.0.0.0:9100.
+    #[arg(long, env = "PALAVER_GATEWAY_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
 }
 
