@@ -1,0 +1,712 @@
+//! Client of vLLM's OpenAI-compatible API (also llama.cpp server, Ollama).
+//!
+//! What it gets right (see VLLM_API.md):
+//! - streams `POST /v1/chat/completions` and always sends `model`,
+//!   `temperature`, `top_p` and `max_tokens` (vLLM's fallbacks differ from
+//!   OpenAI's);
+//! - keeps pooled connections idle for less than vLLM's 5 s keep-alive and
+//!   retries once only when no response came back at all;
+//! - finds errors both before streaming (JSON 4xx/5xx) and inside the stream
+//!   (a chunk with a top-level `error`), in vLLM's old and new shapes;
+//! - bounds the wait for the first token, every gap between chunks and the
+//!   whole reply;
+//! - dropping the stream drops the HTTP response, which closes the
+//!   connection and makes vLLM abort the generation.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use reqwest::header::HeaderValue;
+use reqwest::{RequestBuilder, Response, StatusCode, Url};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::Mutex;
+use tokio::time::{timeout_at, Instant};
+
+use super::sse::SseParser;
+use super::think::ThinkFilter;
+use super::{Chunk, GenerateParams, TokenStream, Usage};
+use crate::config::Config;
+use crate::error::InferenceError;
+
+/// Below vLLM's (uvicorn's) 5 s keep-alive, so palaver never reuses a
+/// connection the server is about to close.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// Most of an error body read; enough for any message, bounded against a
+/// peer that streams forever.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// Longest piece of a server's message quoted in ours.
+const MAX_QUOTED: usize = 300;
+
+/// The OpenAI-compatible backend; cheap to clone (shares one connection pool).
+#[derive(Clone)]
+pub struct OpenAiBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: reqwest::Client,
+    /// Base URL without `/v1`, for messages.
+    base: String,
+    chat_url: Url,
+    models_url: Url,
+    api_key: Option<String>,
+    /// The model named in the configuration, if any.
+    configured_model: Option<String>,
+    /// The model found through `GET /v1/models`, once asked. A mutex rather
+    /// than a once-cell so a model the server stopped serving can be forgotten.
+    discovered_model: Mutex<Option<String>>,
+    first_token_timeout: Duration,
+    idle_timeout: Duration,
+    request_timeout: Duration,
+    strip_think: bool,
+    think_starts_open: bool,
+}
+
+/// The deadlines of one generation.
+#[derive(Clone, Copy)]
+struct Deadlines {
+    first_token: Instant,
+    total: Instant,
+}
+
+impl OpenAiBackend {
+    /// A client for the server at `url` (`http://host:8000` or `http://host:8000/v1`).
+    pub fn new(config: &Config, url: &str) -> Result<Self, InferenceError> {
+        let base = normalize_base(url)?;
+        let join = |path: &str| {
+            Url::parse(&format!("{base}{path}")).map_err(|e| {
+                InferenceError::Config(format!("invalid model server url {url:?}: {e}"))
+            })
+        };
+        let client = reqwest::Client::builder()
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            // vLLM speaks HTTP/1.1 only; concurrency is one connection each.
+            .http1_only()
+            // Chunks are small and latency matters more than packet count.
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| InferenceError::Config(format!("cannot build the http client: {e}")))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                client,
+                chat_url: join("/v1/chat/completions")?,
+                models_url: join("/v1/models")?,
+                base,
+                api_key: config.api_key.clone(),
+                configured_model: config.model.clone(),
+                discovered_model: Mutex::new(None),
+                first_token_timeout: config.first_token_timeout,
+                idle_timeout: config.idle_timeout,
+                request_timeout: config.request_timeout,
+                strip_think: config.strip_think,
+                think_starts_open: config.think_starts_open,
+            }),
+        })
+    }
+
+    /// Sends the request and returns once the server answered with a status;
+    /// the reply then streams.
+    pub async fn generate(&self, req: GenerateParams) -> Result<TokenStream, InferenceError> {
+        let inner = &self.inner;
+        let start = Instant::now();
+        let total = start + inner.request_timeout;
+        let deadlines = Deadlines {
+            first_token: (start + inner.first_token_timeout).min(total),
+            total,
+        };
+        let first_token_error = || inner.first_token_error(deadlines);
+
+        let model = timeout_at(deadlines.first_token, inner.model())
+            .await
+            .map_err(|_| first_token_error())??;
+        let body = json!({
+            "model": model,
+            "messages": req.messages.iter().map(|m| json!({
+                "role": m.role.as_str(),
+                "content": m.content,
+            })).collect::<Vec<_>>(),
+            "stream": true,
+            "stream_options": { "include_usage": true },
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+            "max_tokens": req.max_tokens,
+        });
+        let request_id = request_id_header(&req.request_id);
+        tracing::debug!(request_id = ?request_id, %model, "sending chat completion");
+
+        let response = timeout_at(
+            deadlines.first_token,
+            inner.send_with_retry(|| {
+                inner
+                    .authorized(inner.client.post(inner.chat_url.clone()))
+                    .header("X-Request-Id", request_id.clone())
+                    .json(&body)
+            }),
+        )
+        .await
+        .map_err(|_| first_token_error())??;
+
+        let status = response.status();
+        if !status.is_success() {
+            let err = inner.error_from_response(response, deadlines.total).await;
+            if matches!(err, InferenceError::ModelNotFound(_)) {
+                inner.forget_discovered(&model).await;
+            }
+            return Err(err);
+        }
+        Ok(Box::pin(self.clone().stream_reply(response, deadlines)))
+    }
+
+    /// Reads the SSE body into chunks, applying the timeouts and the think filter.
+    fn stream_reply(
+        self,
+        response: Response,
+        deadlines: Deadlines,
+    ) -> impl futures::Stream<Item = Result<Chunk, InferenceError>> + Send {
+        async_stream::try_stream! {
+            let inner = &self.inner;
+            let mut body = Box::pin(response.bytes_stream());
+            let mut parser = SseParser::new();
+            let mut think = inner
+                .strip_think
+                .then(|| ThinkFilter::new(inner.think_starts_open));
+            let mut got_event = false;
+            let mut finish_reason: Option<String> = None;
+            let mut usage: Option<Usage> = None;
+            let mut done = false;
+
+            while !done {
+                let (deadline, on_timeout) = if got_event {
+                    let idle = Instant::now() + inner.idle_timeout;
+                    if idle < deadlines.total {
+                        (idle, inner.idle_error())
+                    } else {
+                        (deadlines.total, inner.total_error())
+                    }
+                } else {
+                    (deadlines.first_token, inner.first_token_error(deadlines))
+                };
+                let next = timeout_at(deadline, body.next()).await.map_err(|_| on_timeout)?;
+                let events = match next {
+                    Some(Ok(bytes)) => parser.push(&bytes).map_err(|_| {
+                        InferenceError::Backend(
+                            "the model server sent an event line longer than 1 MiB".into(),
+                        )
+                    })?,
+                    // Broke after the last token: the reply is complete.
+                    Some(Err(_)) if finish_reason.is_some() => break,
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "reply body broke");
+                        Err::<Vec<String>, _>(InferenceError::Unavailable(
+                            "the connection to the model server broke in the middle of a reply".into(),
+                        ))?
+                    }
+                    None => {
+                        done = true;
+                        parser.finish().into_iter().collect()
+                    }
+                };
+                for data in events {
+                    got_event = true;
+                    if data.trim() == "[DONE]" {
+                        done = true;
+                        break;
+                    }
+                    let event = parse_event(&data)?;
+                    if let Some(u) = event.usage {
+                        usage = Some(u);
+                    }
+                    if event.finish_reason.is_some() {
+                        finish_reason = event.finish_reason;
+                    }
+                    let visible = match &mut think {
+                        Some(f) => f.push(&event.content),
+                        None => event.content,
+                    };
+                    if !visible.is_empty() {
+                        yield Chunk { delta: visible, ..Chunk::default() };
+                    }
+                }
+            }
+            // Read the body's end so the connection goes back to the pool
+            // instead of being closed; it normally follows [DONE] at once.
+            let drain_until = (Instant::now() + Duration::from_millis(200)).min(deadlines.total);
+            while let Ok(Some(Ok(_))) = timeout_at(drain_until, body.next()).await {}
+
+            let finish_reason = finish_reason.ok_or_else(|| {
+                InferenceError::Backend("the model server ended the reply without finishing it".into())
+            })?;
+            let rest = think.as_mut().map(ThinkFilter::finish).unwrap_or_default();
+            yield Chunk { delta: rest, finish_reason: Some(finish_reason), usage };
+        }
+    }
+}
+
+impl Inner {
+    fn authorized(&self, builder: RequestBuilder) -> RequestBuilder {
+        match &self.api_key {
+            Some(key) => builder.bearer_auth(key),
+            None => builder,
+        }
+    }
+
+    /// Sends a request; when no response came back at all (refused, or a
+    /// pooled connection closed under it), tries exactly once more. Never
+    /// after a status arrived: the server may already be generating.
+    async fn send_with_retry(
+        &self,
+        build: impl Fn() -> RequestBuilder,
+    ) -> Result<Response, InferenceError> {
+        match build().send().await {
+            Ok(r) => Ok(r),
+            Err(e) if (e.is_connect() || e.is_request()) && !e.is_timeout() => {
+                tracing::debug!(error = %e, "no response from the model server; retrying once");
+                build().send().await.map_err(|e| self.send_error(&e))
+            }
+            Err(e) => Err(self.send_error(&e)),
+        }
+    }
+
+    fn send_error(&self, e: &reqwest::Error) -> InferenceError {
+        tracing::warn!(error = %e, base = %self.base, "model server unreachable");
+        if e.is_connect() {
+            InferenceError::Unavailable(format!(
+                "cannot connect to the model server at {}",
+                self.base
+            ))
+        } else {
+            InferenceError::Unavailable(format!(
+                "the model server at {} closed the connection without answering",
+                self.base
+            ))
+        }
+    }
+
+    /// The model to request: configured, or discovered once and cached.
+    async fn model(&self) -> Result<String, InferenceError> {
+        if let Some(m) = &self.configured_model {
+            return Ok(m.clone());
+        }
+        let mut cached = self.discovered_model.lock().await;
+        if let Some(m) = &*cached {
+            return Ok(m.clone());
+        }
+        let response = self
+            .send_with_retry(|| self.authorized(self.client.get(self.models_url.clone())))
+            .await?;
+        if !response.status().is_success() {
+            // The request's deadline bounds this read through our caller.
+            return Err(self
+                .error_from_response(response, Instant::now() + self.request_timeout)
+                .await);
+        }
+        let models: ModelList = response.json().await.map_err(|e| {
+            InferenceError::Backend(format!("the model server's model list is unreadable: {e}"))
+        })?;
+        let id = models
+            .data
+            .into_iter()
+            .map(|m| m.id)
+            .find(|id| !id.is_empty())
+            .ok_or_else(|| InferenceError::Unavailable("the model server lists no model".into()))?;
+        tracing::info!(model = %id, "discovered the served model");
+        *cached = Some(id.clone());
+        Ok(id)
+    }
+
+    /// After a 404 for a discovered model (the server was restarted with
+    /// another one), asks again next time.
+    async fn forget_discovered(&self, model: &str) {
+        let mut cached = self.discovered_model.lock().await;
+        if cached.as_deref() == Some(model) {
+            *cached = None;
+        }
+    }
+
+    /// Maps an error response (status and JSON body in any of vLLM's shapes).
+    async fn error_from_response(&self, response: Response, deadline: Instant) -> InferenceError {
+        let status = response.status();
+        // An unreadable body still leaves the status to go by.
+        let body: Vec<u8> = timeout_at(deadline, read_limited(response))
+            .await
+            .unwrap_or_default();
+        let message = error_message(&body);
+        tracing::warn!(%status, message = %message, "model server refused a request");
+        self.api_error(status.as_u16(), &message)
+    }
+
+    /// One mapping for HTTP errors and errors inside the stream.
+    fn api_error(&self, code: u16, message: &str) -> InferenceError {
+        if message
+            .to_ascii_lowercase()
+            .contains("maximum context length")
+        {
+            return InferenceError::InvalidArgument(
+                "the conversation is too long for the model".into(),
+            );
+        }
+        let quoted = quote(message);
+        match StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR) {
+            StatusCode::NOT_FOUND => InferenceError::ModelNotFound(
+                self.configured_model
+                    .clone()
+                    .unwrap_or_else(|| "discovered from the server".into()),
+            ),
+            StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => {
+                InferenceError::InvalidArgument(format!(
+                    "the model server refused the request: {quoted}"
+                ))
+            }
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                InferenceError::Unavailable("the model server refused palaver's api key".into())
+            }
+            s if s == StatusCode::TOO_MANY_REQUESTS || s.is_server_error() => {
+                InferenceError::Unavailable(format!("the model server failed ({code}): {quoted}"))
+            }
+            _ => InferenceError::Backend(format!("the model server answered {code}: {quoted}")),
+        }
+    }
+
+    fn first_token_error(&self, d: Deadlines) -> InferenceError {
+        if d.first_token >= d.total {
+            self.total_error()
+        } else {
+            InferenceError::Timeout(format!(
+                "the model sent no token within {} ms",
+                self.first_token_timeout.as_millis()
+            ))
+        }
+    }
+
+    fn idle_error(&self) -> InferenceError {
+        InferenceError::Timeout(format!(
+            "the model stalled for more than {} ms in the middle of a reply",
+            self.idle_timeout.as_millis()
+        ))
+    }
+
+    fn total_error(&self) -> InferenceError {
+        InferenceError::Timeout(format!(
+            "the model did not finish within {} ms",
+            self.request_timeout.as_millis()
+        ))
+    }
+}
+
+/// Accepts `http://host:8000`, `http://host:8000/`, `http://host:8000/v1`
+/// and `http://host:8000/v1/`; returns the part before `/v1`.
+fn normalize_base(url: &str) -> Result<String, InferenceError> {
+    let trimmed = url.trim().trim_end_matches('/');
+    let base = trimmed.strip_suffix("/v1").unwrap_or(trimmed);
+    let parsed = Url::parse(base)
+        .map_err(|e| InferenceError::Config(format!("invalid model server url {url:?}: {e}")))?;
+    if parsed.scheme() != "http" {
+        return Err(InferenceError::Config(format!(
+            "model server url {url:?} must use http:// (palaver is built without TLS)"
+        )));
+    }
+    Ok(base.to_string())
+}
+
+/// The caller's request id when it is a usable header value, else a fresh
+/// one: vLLM (before 0.9) refuses duplicate ids among running requests.
+fn request_id_header(id: &str) -> HeaderValue {
+    let usable = !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic());
+    if usable {
+        if let Ok(v) = HeaderValue::from_str(id) {
+            return v;
+        }
+    }
+    let fresh = format!("palaver-{:016x}", rand::random::<u64>());
+    HeaderValue::from_str(&fresh).unwrap_or_else(|_| HeaderValue::from_static("palaver"))
+}
+
+async fn read_limited(response: Response) -> Vec<u8> {
+    let mut body = Vec::new();
+    let mut stream = Box::pin(response.bytes_stream());
+    while let Some(Ok(bytes)) = stream.next().await {
+        body.extend_from_slice(&bytes);
+        if body.len() >= MAX_ERROR_BODY {
+            body.truncate(MAX_ERROR_BODY);
+            break;
+        }
+    }
+    body
+}
+
+/// The human message inside an error body, whatever its shape: vLLM's new
+/// `{"error":{"message":..}}`, its old flat `{"object":"error","message":..}`,
+/// `{"error":"Unauthorized"}`, FastAPI's `{"detail":..}`, or plain text.
+fn error_message(body: &[u8]) -> String {
+    if let Ok(v) = serde_json::from_slice::<Value>(body) {
+        if let Some((message, _)) = error_in(&v) {
+            return message;
+        }
+        if let Some(detail) = v.get("detail") {
+            return match detail {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+        }
+    }
+    String::from_utf8_lossy(body).trim().to_string()
+}
+
+/// A top-level error in a JSON value: its message and code, in either of
+/// vLLM's shapes.
+fn error_in(v: &Value) -> Option<(String, Option<u16>)> {
+    let code_of = |c: Option<&Value>| {
+        c.and_then(|c| match c {
+            Value::Number(n) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
+            Value::String(s) => s.parse().ok(),
+            _ => None,
+        })
+    };
+    match v.get("error") {
+        Some(Value::Null) | None => {}
+        Some(Value::String(s)) => return Some((s.clone(), None)),
+        Some(e) => {
+            let message = e
+                .get("message")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .unwrap_or_else(|| e.to_string());
+            return Some((message, code_of(e.get("code"))));
+        }
+    }
+    if v.get("object").and_then(Value::as_str) == Some("error") {
+        let message = v
+            .get("message")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown error")
+            .to_string();
+        return Some((message, code_of(v.get("code"))));
+    }
+    None
+}
+
+/// What one streamed event contributes.
+#[derive(Debug, Default, PartialEq)]
+struct Event {
+    content: String,
+    finish_reason: Option<String>,
+    usage: Option<Usage>,
+}
+
+#[derive(Deserialize)]
+struct StreamChunk {
+    #[serde(default)]
+    choices: Option<Vec<StreamChoice>>,
+    #[serde(default)]
+    usage: Option<UsageJson>,
+}
+
+#[derive(Deserialize)]
+struct StreamChoice {
+    #[serde(default)]
+    delta: Option<Delta>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+/// Only `content` is read: `role`, `reasoning_content` / `reasoning` and
+/// tool calls are ignored on purpose.
+#[derive(Deserialize)]
+struct Delta {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct UsageJson {
+    #[serde(default)]
+    prompt_tokens: u32,
+    #[serde(default)]
+    completion_tokens: u32,
+}
+
+#[derive(Deserialize)]
+struct ModelList {
+    #[serde(default)]
+    data: Vec<ModelEntry>,
+}
+
+#[derive(Deserialize)]
+struct ModelEntry {
+    #[serde(default)]
+    id: String,
+}
+
+/// Parses one `data:` payload; an error object in it becomes the error.
+fn parse_event(data: &str) -> Result<Event, InferenceError> {
+    let value: Value = serde_json::from_str(data).map_err(|e| {
+        InferenceError::Backend(format!("the model server sent an unreadable chunk: {e}"))
+    })?;
+    if let Some((message, code)) = error_in(&value) {
+        tracing::warn!(message = %message, ?code, "model server failed in the middle of a reply");
+        let err = mid_stream_error(code.unwrap_or(500), &message);
+        return Err(err);
+    }
+    let chunk: StreamChunk = serde_json::from_value(value).map_err(|e| {
+        InferenceError::Backend(format!("the model server sent an unexpected chunk: {e}"))
+    })?;
+    let mut event = Event {
+        usage: chunk.usage.map(|u| Usage {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+        }),
+        ..Event::default()
+    };
+    for choice in chunk.choices.unwrap_or_default() {
+        if let Some(text) = choice.delta.and_then(|d| d.content) {
+            event.content.push_str(&text);
+        }
+        if choice.finish_reason.is_some() {
+            event.finish_reason = choice.finish_reason;
+        }
+    }
+    Ok(event)
+}
+
+/// Errors inside a stream: the same mapping as HTTP statuses, except that a
+/// 404 cannot happen there.
+fn mid_stream_error(code: u16, message: &str) -> InferenceError {
+    if message
+        .to_ascii_lowercase()
+        .contains("maximum context length")
+    {
+        return InferenceError::InvalidArgument(
+            "the conversation is too long for the model".into(),
+        );
+    }
+    let quoted = quote(message);
+    if (400..500).contains(&code) {
+        InferenceError::InvalidArgument(format!("the model server refused the request: {quoted}"))
+    } else {
+        InferenceError::Unavailable(format!(
+            "the model server failed in the middle of a reply: {quoted}"
+        ))
+    }
+}
+
+/// A peer's message made fit for one line of ours: whitespace collapsed,
+/// length bounded.
+fn quote(message: &str) -> String {
+    let one_line = message.split_whitespace().collect::<Vec<_>>().join(" ");
+    if one_line.chars().count() <= MAX_QUOTED {
+        return one_line;
+    }
+    let mut short: String = one_line.chars().take(MAX_QUOTED).collect();
+    short.push('…');
+    short
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_url_forms() {
+        for u in [
+            "http://h:8000",
+            "http://h:8000/",
+            "http://h:8000/v1",
+            "http://h:8000/v1/",
+        ] {
+            assert_eq!(normalize_base(u).unwrap(), "http://h:8000", "{u}");
+        }
+        assert!(normalize_base("https://h:8000").is_err());
+        assert!(normalize_base("not a url").is_err());
+    }
+
+    #[test]
+    fn events_in_vllm_shapes() {
+        let role = r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}"#;
+        assert_eq!(parse_event(role).unwrap(), Event::default());
+        let content =
+            r#"{"choices":[{"index":0,"delta":{"content":"Hi","reasoning_content":"hmm"}}]}"#;
+        assert_eq!(parse_event(content).unwrap().content, "Hi");
+        let reasoning_only = r#"{"choices":[{"index":0,"delta":{"reasoning":"hmm"}}]}"#;
+        assert_eq!(parse_event(reasoning_only).unwrap().content, "");
+        let finish = r#"{"choices":[{"index":0,"delta":{"content":"!"},"finish_reason":"length","stop_reason":null}]}"#;
+        let e = parse_event(finish).unwrap();
+        assert_eq!(
+            (e.content.as_str(), e.finish_reason.as_deref()),
+            ("!", Some("length"))
+        );
+        let usage =
+            r#"{"choices":[],"usage":{"prompt_tokens":7,"total_tokens":9,"completion_tokens":2}}"#;
+        assert_eq!(
+            parse_event(usage).unwrap().usage,
+            Some(Usage {
+                prompt_tokens: 7,
+                completion_tokens: 2
+            })
+        );
+        let null_usage = r#"{"choices":[{"delta":{"content":"x"}}],"usage":null}"#;
+        assert_eq!(parse_event(null_usage).unwrap().content, "x");
+    }
+
+    #[test]
+    fn errors_mid_stream_in_both_shapes() {
+        let nested = r#"{"error":{"message":"engine died","type":"InternalServerError","param":null,"code":500}}"#;
+        assert!(
+            matches!(parse_event(nested), Err(InferenceError::Unavailable(m)) if m.contains("engine died"))
+        );
+        let flat = r#"{"object":"error","message":"bad thing","type":"BadRequestError","param":null,"code":400}"#;
+        assert!(
+            matches!(parse_event(flat), Err(InferenceError::InvalidArgument(m)) if m.contains("bad thing"))
+        );
+        let ctx = r#"{"error":{"message":"This model's maximum context length is 4096 tokens.","code":400}}"#;
+        assert_eq!(
+            parse_event(ctx),
+            Err(InferenceError::InvalidArgument(
+                "the conversation is too long for the model".into()
+            ))
+        );
+        assert!(matches!(
+            parse_event("{not json"),
+            Err(InferenceError::Backend(_))
+        ));
+    }
+
+    #[test]
+    fn error_bodies_in_every_shape() {
+        assert_eq!(
+            error_message(br#"{"error":{"message":"new","code":400}}"#),
+            "new"
+        );
+        assert_eq!(
+            error_message(br#"{"object":"error","message":"old","code":400}"#),
+            "old"
+        );
+        assert_eq!(
+            error_message(br#"{"error":"Unauthorized"}"#),
+            "Unauthorized"
+        );
+        assert_eq!(error_message(br#"{"detail":"nope"}"#), "nope");
+        assert_eq!(error_message(b" plain text \n"), "plain text");
+    }
+
+    #[test]
+    fn request_ids() {
+        assert_eq!(request_id_header("req-1"), "req-1");
+        let fresh = request_id_header("");
+        assert!(fresh.to_str().unwrap().starts_with("palaver-"));
+        assert!(request_id_header("bad\nid")
+            .to_str()
+            .unwrap()
+            .starts_with("palaver-"));
+    }
+
+    #[test]
+    fn quotes_are_bounded() {
+        let long = "word ".repeat(500);
+        assert!(quote(&long).chars().count() <= MAX_QUOTED + 1);
+        assert_eq!(quote("a\n  b"), "a b");
+    }
+}

@@ -1,0 +1,275 @@
+//! Configuration: the command line / environment ([`InferenceArgs`]) and the
+//! plain [`Config`] the library runs on, which tests build directly.
+
+use std::time::Duration;
+
+use crate::error::InferenceError;
+
+/// More slots than any server could use; also far below what a tokio
+/// semaphore can hold.
+const MAX_SLOTS: usize = 100_000;
+
+/// Which backend generates text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendChoice {
+    /// An OpenAI-compatible server (vLLM, llama.cpp server, Ollama).
+    Openai,
+    /// The built-in simulator, for machines without a GPU.
+    Sim,
+}
+
+/// Command-line flags of inference-svc; every flag also reads an environment
+/// variable so containers need no command line.
+#[derive(Debug, Clone, clap::Args)]
+pub struct InferenceArgs {
+    /// Backend to generate with [default: openai when --vllm-url is given, else sim].
+    #[arg(long, env = "PALAVER_INFERENCE_BACKEND", value_enum)]
+    pub backend: Option<BackendChoice>,
+
+    /// Base URL of the OpenAI-compatible server, e.g. http://vllm:8000 or http://vllm:8000/v1.
+    #[arg(long, env = "PALAVER_INFERENCE_VLLM_URL")]
+    pub vllm_url: Option<String>,
+
+    /// Model name to request [default: the first one listed by GET /v1/models].
+    #[arg(long, env = "PALAVER_INFERENCE_MODEL")]
+    pub model: Option<String>,
+
+    /// API key sent as `Authorization: Bearer` (vLLM's --api-key).
+    #[arg(long, env = "PALAVER_INFERENCE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Generations running at once; the GPU's batch stays this small.
+    #[arg(long, env = "PALAVER_INFERENCE_MAX_CONCURRENT", default_value_t = 8)]
+    pub max_concurrent: usize,
+
+    /// Callers allowed to wait for a slot; beyond that a call fails at once.
+    #[arg(long, env = "PALAVER_INFERENCE_MAX_QUEUE", default_value_t = 256)]
+    pub max_queue: usize,
+
+    /// Longest wait for a slot, in milliseconds.
+    #[arg(
+        long,
+        env = "PALAVER_INFERENCE_QUEUE_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    pub queue_timeout_ms: u64,
+
+    /// Longest wait for the first token after sending a request, in milliseconds.
+    #[arg(
+        long,
+        env = "PALAVER_INFERENCE_FIRST_TOKEN_TIMEOUT_MS",
+        default_value_t = 60_000
+    )]
+    pub first_token_timeout_ms: u64,
+
+    /// Longest silence between two chunks of a reply, in milliseconds.
+    #[arg(
+        long,
+        env = "PALAVER_INFERENCE_IDLE_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    pub idle_timeout_ms: u64,
+
+    /// Longest whole generation, in milliseconds.
+    #[arg(
+        long,
+        env = "PALAVER_INFERENCE_REQUEST_TIMEOUT_MS",
+        default_value_t = 300_000
+    )]
+    pub request_timeout_ms: u64,
+
+    /// Simulator: time to first token, in milliseconds.
+    #[arg(long, env = "PALAVER_INFERENCE_SIM_TTFT_MS", default_value_t = 200)]
+    pub sim_ttft_ms: u64,
+
+    /// Simulator: words per second after the first (0 = as fast as possible).
+    #[arg(
+        long,
+        env = "PALAVER_INFERENCE_SIM_TOKENS_PER_SEC",
+        default_value_t = 50.0
+    )]
+    pub sim_tokens_per_sec: f64,
+
+    /// Remove `<think>…</think>` reasoning from replies (`--strip-think false` keeps it).
+    #[arg(
+        long,
+        env = "PALAVER_INFERENCE_STRIP_THINK",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub strip_think: bool,
+
+    /// The model's chat template opens `<think>` in the prompt (DeepSeek-R1, QwQ), so a
+    /// reply is reasoning until `</think>`; it is held back until then.
+    #[arg(long, env = "PALAVER_INFERENCE_THINK_STARTS_OPEN")]
+    pub think_starts_open: bool,
+}
+
+impl InferenceArgs {
+    /// Checks the flags and turns them into a [`Config`].
+    pub fn into_config(self) -> Result<Config, InferenceError> {
+        let backend = match (self.backend, self.vllm_url) {
+            (Some(BackendChoice::Sim), _) | (None, None) => BackendKind::Sim,
+            (Some(BackendChoice::Openai) | None, Some(url)) => BackendKind::OpenAi { url },
+            (Some(BackendChoice::Openai), None) => {
+                return Err(InferenceError::Config(
+                    "--backend openai needs --vllm-url".into(),
+                ))
+            }
+        };
+        let config = Config {
+            backend,
+            model: self.model.filter(|m| !m.trim().is_empty()),
+            api_key: self.api_key.filter(|k| !k.is_empty()),
+            max_concurrent: self.max_concurrent,
+            max_queue: self.max_queue,
+            queue_timeout: Duration::from_millis(self.queue_timeout_ms),
+            first_token_timeout: Duration::from_millis(self.first_token_timeout_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            request_timeout: Duration::from_millis(self.request_timeout_ms),
+            sim_ttft: Duration::from_millis(self.sim_ttft_ms),
+            sim_tokens_per_sec: self.sim_tokens_per_sec,
+            strip_think: self.strip_think,
+            think_starts_open: self.think_starts_open,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// Where generations go.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BackendKind {
+    /// An OpenAI-compatible HTTP server at `url` (with or without `/v1`).
+    OpenAi {
+        /// Base URL, e.g. `http://127.0.0.1:8000`.
+        url: String,
+    },
+    /// The built-in simulator.
+    Sim,
+}
+
+/// Everything inference-svc needs at run time; fields are public so tests
+/// can shorten timeouts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The backend that generates text.
+    pub backend: BackendKind,
+    /// Model to request; `None` asks the server (`GET /v1/models`) once.
+    pub model: Option<String>,
+    /// Bearer token for the model server, if it wants one.
+    pub api_key: Option<String>,
+    /// Generations running at once (the slots).
+    pub max_concurrent: usize,
+    /// Callers allowed to wait for a slot before calls are refused.
+    pub max_queue: usize,
+    /// Longest wait for a slot.
+    pub queue_timeout: Duration,
+    /// Longest wait from sending a request to its first streamed event.
+    pub first_token_timeout: Duration,
+    /// Longest silence between two streamed chunks.
+    pub idle_timeout: Duration,
+    /// Longest whole generation, retries included.
+    pub request_timeout: Duration,
+    /// Simulator: time to first token.
+    pub sim_ttft: Duration,
+    /// Simulator: words per second (0 or less: no pacing).
+    pub sim_tokens_per_sec: f64,
+    /// Remove `<think>…</think>` blocks from replies.
+    pub strip_think: bool,
+    /// Replies start inside a think block whose opening tag was in the prompt.
+    pub think_starts_open: bool,
+}
+
+impl Config {
+    /// The simulator with the command line's defaults.
+    pub fn sim() -> Self {
+        Self {
+            backend: BackendKind::Sim,
+            model: None,
+            api_key: None,
+            max_concurrent: 8,
+            max_queue: 256,
+            queue_timeout: Duration::from_secs(30),
+            first_token_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(300),
+            sim_ttft: Duration::from_millis(200),
+            sim_tokens_per_sec: 50.0,
+            strip_think: true,
+            think_starts_open: false,
+        }
+    }
+
+    /// An OpenAI-compatible server at `url`, otherwise the defaults.
+    pub fn openai(url: impl Into<String>) -> Self {
+        Self {
+            backend: BackendKind::OpenAi { url: url.into() },
+            ..Self::sim()
+        }
+    }
+
+    /// Refuses values that cannot work, so a typo fails at startup.
+    pub fn validate(&self) -> Result<(), InferenceError> {
+        let bad = |what: &str| Err(InferenceError::Config(what.to_string()));
+        if self.max_concurrent == 0 || self.max_concurrent > MAX_SLOTS {
+            return bad("max_concurrent must be within 1..=100000");
+        }
+        if self.queue_timeout.is_zero()
+            || self.first_token_timeout.is_zero()
+            || self.idle_timeout.is_zero()
+            || self.request_timeout.is_zero()
+        {
+            return bad("timeouts must be above zero");
+        }
+        if self.sim_tokens_per_sec.is_nan() {
+            return bad("sim_tokens_per_sec must be a number");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: InferenceArgs,
+    }
+
+    fn parse(argv: &[&str]) -> Result<Config, InferenceError> {
+        let mut full = vec!["inference-svc"];
+        full.extend_from_slice(argv);
+        Cli::try_parse_from(full)
+            .map_err(|e| InferenceError::Config(e.to_string()))?
+            .args
+            .into_config()
+    }
+
+    #[test]
+    fn backend_defaults_follow_the_url() {
+        assert_eq!(parse(&[]).unwrap().backend, BackendKind::Sim);
+        let c = parse(&["--vllm-url", "http://h:8000/v1"]).unwrap();
+        assert_eq!(
+            c.backend,
+            BackendKind::OpenAi {
+                url: "http://h:8000/v1".into()
+            }
+        );
+        assert_eq!(c.max_concurrent, 8);
+        assert!(c.strip_think);
+        let c = parse(&["--vllm-url", "http://h", "--backend", "sim"]).unwrap();
+        assert_eq!(c.backend, BackendKind::Sim);
+        assert!(parse(&["--backend", "openai"]).is_err());
+        assert!(parse(&["--max-concurrent", "0"]).is_err());
+        assert!(!parse(&["--strip-think", "false"]).unwrap().strip_think);
+    }
+
+    #[test]
+    fn defaults_match_the_constructors() {
+        assert_eq!(parse(&[]).unwrap(), Config::sim());
+    }
+}

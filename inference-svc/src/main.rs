@@ -1,0 +1,75 @@
+//! inference-svc binary: parse the configuration, bind, serve until SIGTERM.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use inference_svc::{InferenceArgs, Server};
+use prometheus_client::registry::Registry;
+
+/// gRPC Inference service: at most N generations at once in front of vLLM.
+#[derive(Parser)]
+#[command(name = "inference-svc", version, about)]
+struct Cli {
+    #[command(flatten)]
+    inference: InferenceArgs,
+
+    /// Address to serve gRPC on.
+    #[arg(
+        long,
+        env = "PALAVER_INFERENCE_LISTEN",
+        default_value = "0.0.0.0:50052"
+    )]
+    listen: SocketAddr,
+
+    /// Address to serve Prometheus metrics on (GET /metrics), e.g. 0.0.0.0:9102.
+    #[arg(long, env = "PALAVER_INFERENCE_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+
+    /// After SIGTERM, how long running generations may finish before exit, in milliseconds.
+    #[arg(
+        long,
+        env = "PALAVER_INFERENCE_DRAIN_TIMEOUT_MS",
+        default_value_t = 25_000
+    )]
+    drain_timeout_ms: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    palaver_core::telemetry::init_logging();
+    let cli = Cli::parse();
+    let config = cli.inference.into_config()?;
+    let mut registry = Registry::default();
+    let server = Server::new(config, &mut registry)?;
+    let shutdown = palaver_core::shutdown::on_signal();
+    if let Some(addr) = cli.metrics_listen {
+        let bound =
+            palaver_core::telemetry::spawn_metrics(addr, Arc::new(registry), shutdown.clone())
+                .await
+                .with_context(|| format!("cannot serve metrics on {addr}"))?;
+        tracing::info!(%bound, "metrics on /metrics");
+    }
+    let listener = tokio::net::TcpListener::bind(cli.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cli.listen))?;
+    tracing::info!(addr = %listener.local_addr()?, "inference-svc listening");
+    let drain = Duration::from_millis(cli.drain_timeout_ms);
+    let drain_expired = {
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(drain).await;
+        }
+    };
+    // Generations may run for minutes; the orchestrator's grace period is
+    // shorter, so stop waiting for them before it kills the process.
+    tokio::select! {
+        served = server.serve(listener, shutdown) => served?,
+        () = drain_expired => tracing::warn!(?drain, "generations still running after the drain timeout; exiting"),
+    }
+    tracing::info!("inference-svc stopped");
+    Ok(())
+}

@@ -1,0 +1,747 @@
+//! A fake vLLM: the OpenAI-compatible endpoints palaver uses, over real HTTP,
+//! with configurable latency, injectable faults and counters of what it saw.
+//!
+//! It speaks the exact shapes of vLLM (see VLLM_API.md): a streamed reply is
+//! a role chunk, content chunks (the last one carrying `finish_reason`), a
+//! usage chunk when `stream_options.include_usage` is set, then
+//! `data: [DONE]`. Headers go out at once and the first chunk after `ttft`,
+//! as vLLM does after queueing and prefill.
+//!
+//! Requests in flight are counted from arrival until the reply's body is
+//! finished or the client disconnected, so tests can check how many
+//! generations palaver runs at once.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use futures::Stream;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// What the fake answers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    /// `reply to: <last user message>`, padded with filler words up to
+    /// [`FakeVllmConfig::tokens`] words.
+    Echo,
+    /// This text, one word (with its following whitespace) per chunk.
+    Fixed(String),
+    /// Exactly these deltas, one per chunk (to split tags at chosen places).
+    Chunks(Vec<String>),
+}
+
+/// A failure to inject into `POST /v1/chat/completions`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fault {
+    /// Answer normally.
+    None,
+    /// Answer with this status and body (JSON or not) before streaming.
+    Status(u16, String),
+    /// vLLM's 400 for a prompt that does not fit the context.
+    ContextTooLong,
+    /// 200, a few content chunks, then vLLM's error event and `[DONE]`.
+    ErrorMidStream,
+    /// 200 and headers, then never a chunk (a request stuck in vLLM's queue).
+    Hang,
+    /// Close the connection without sending a byte of a response.
+    Drop,
+}
+
+/// Behaviour of a [`FakeVllm`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct FakeVllmConfig {
+    /// The served model name (`/v1/models`; other names get a 404).
+    pub model: String,
+    /// Time to first token.
+    pub ttft: Duration,
+    /// Time per further token.
+    pub tpot: Duration,
+    /// Words in an [`Reply::Echo`] reply (at least the echo itself).
+    pub tokens: usize,
+    /// What to answer.
+    pub reply: Reply,
+}
+
+impl Default for FakeVllmConfig {
+    fn default() -> Self {
+        Self {
+            model: "fake-model".into(),
+            ttft: Duration::from_millis(20),
+            tpot: Duration::from_millis(5),
+            tokens: 16,
+            reply: Reply::Echo,
+        }
+    }
+}
+
+/// Counters and switches shared by the handlers and the test.
+struct Shared {
+    config: FakeVllmConfig,
+    fault: Mutex<Fault>,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+    requests: AtomicUsize,
+    last_request: Mutex<Option<Value>>,
+    last_request_id: Mutex<Option<String>>,
+    shutdown: CancellationToken,
+}
+
+impl Shared {
+    fn new(config: FakeVllmConfig, shutdown: CancellationToken) -> Self {
+        Self {
+            config,
+            fault: Mutex::new(Fault::None),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
+            requests: AtomicUsize::new(0),
+            last_request: Mutex::new(None),
+            last_request_id: Mutex::new(None),
+            shutdown,
+        }
+    }
+}
+
+/// Locks a mutex even if a panicking test poisoned it: the data is plain.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A running fake vLLM on 127.0.0.1; stops when dropped.
+pub struct FakeVllm {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    task: Mutex<Option<JoinHandle<io::Result<()>>>>,
+    /// Stops the listener only (see [`FakeVllm::stop_listening`]).
+    listening: Mutex<CancellationToken>,
+}
+
+impl FakeVllm {
+    /// Starts a fake on a free loopback port.
+    pub async fn start(config: FakeVllmConfig) -> FakeVllm {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("local address");
+        let shared = Arc::new(Shared::new(config, CancellationToken::new()));
+        let listening = shared.shutdown.child_token();
+        let task = tokio::spawn(serve_shared(listener, shared.clone(), listening.clone()));
+        FakeVllm {
+            shared,
+            addr,
+            task: Mutex::new(Some(task)),
+            listening: Mutex::new(listening),
+        }
+    }
+
+    /// Serves a fake on `listener` until `shutdown` (for `palaver fake-vllm`).
+    pub async fn serve(
+        listener: TcpListener,
+        config: FakeVllmConfig,
+        shutdown: CancellationToken,
+    ) -> io::Result<()> {
+        let stop = shutdown.clone();
+        serve_shared(listener, Arc::new(Shared::new(config, shutdown)), stop).await
+    }
+
+    /// Base URL, `http://127.0.0.1:PORT` (without `/v1`).
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Chat completions being answered now.
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Most chat completions answered at once since start or `reset_stats`.
+    pub fn max_in_flight(&self) -> usize {
+        self.shared.max_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Chat completion requests received since start or `reset_stats`.
+    pub fn requests(&self) -> usize {
+        self.shared.requests.load(Ordering::SeqCst)
+    }
+
+    /// Zeroes `requests`, sets `max_in_flight` to the current in-flight
+    /// count and forgets the last request.
+    pub fn reset_stats(&self) {
+        self.shared.requests.store(0, Ordering::SeqCst);
+        self.shared
+            .max_in_flight
+            .store(self.in_flight(), Ordering::SeqCst);
+        *lock(&self.shared.last_request) = None;
+        *lock(&self.shared.last_request_id) = None;
+    }
+
+    /// JSON body of the last chat completion request.
+    pub fn last_request(&self) -> Option<Value> {
+        lock(&self.shared.last_request).clone()
+    }
+
+    /// `X-Request-Id` header of the last chat completion request.
+    pub fn last_request_id(&self) -> Option<String> {
+        lock(&self.shared.last_request_id).clone()
+    }
+
+    /// Injects `fault` into every following chat completion.
+    pub fn set_fault(&self, fault: Fault) {
+        *lock(&self.shared.fault) = fault;
+    }
+
+    /// Stops listening (new connections are refused) and ends every reply
+    /// in progress by dropping its connection.
+    pub async fn shutdown(&self) {
+        self.shared.shutdown.cancel();
+        let task = lock(&self.task).take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+}
+
+impl FakeVllm {
+    /// Closes the port, so that connections are refused, like a vLLM whose
+    /// process exited; counters and the fault setting are kept. Replies in
+    /// progress may finish.
+    pub async fn stop_listening(&self) {
+        lock(&self.listening).cancel();
+        let task = lock(&self.task).take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+
+    /// Listens again on the same port after [`FakeVllm::stop_listening`].
+    pub async fn listen_again(&self) {
+        let mut tries = 0;
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    tracing::debug!(error = %e, "port not free yet");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("cannot listen on {} again: {e}", self.addr),
+            }
+        };
+        let token = self.shared.shutdown.child_token();
+        *lock(&self.listening) = token.clone();
+        let task = tokio::spawn(serve_shared(listener, self.shared.clone(), token));
+        *lock(&self.task) = Some(task);
+    }
+}
+
+impl Drop for FakeVllm {
+    fn drop(&mut self) {
+        self.shared.shutdown.cancel();
+    }
+}
+
+async fn serve_shared(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) -> io::Result<()> {
+    let shutdown = stop;
+    let app = Router::new()
+        .route("/health", get(|| async { StatusCode::OK }))
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat_completions))
+        .with_state(shared);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+/// Counts a request in flight until dropped (it lives inside the body stream).
+struct InFlight(Arc<Shared>);
+
+impl InFlight {
+    fn enter(shared: &Arc<Shared>) -> Self {
+        let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        shared.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        Self(shared.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn models(State(shared): State<Arc<Shared>>) -> Response {
+    let model = &shared.config.model;
+    axum::Json(json!({
+        "object": "list",
+        "data": [{
+            "id": model,
+            "object": "model",
+            "created": unix_now(),
+            "owned_by": "vllm",
+            "root": model,
+            "parent": null,
+            "max_model_len": 4096,
+            "permission": [],
+        }],
+    }))
+    .into_response()
+}
+
+/// vLLM's (>= 0.10.1) error body.
+fn error_response(status: StatusCode, kind: &str, message: &str) -> Response {
+    let body = json!({
+        "error": {"message": message, "type": kind, "param": null, "code": status.as_u16()}
+    });
+    (status, axum::Json(body)).into_response()
+}
+
+async fn chat_completions(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    shared.requests.fetch_add(1, Ordering::SeqCst);
+    let guard = InFlight::enter(&shared);
+    let request: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "BadRequestError",
+                &format!("invalid JSON: {e}"),
+            )
+        }
+    };
+    *lock(&shared.last_request) = Some(request.clone());
+    *lock(&shared.last_request_id) = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+
+    let config = &shared.config;
+    if let Some(model) = request.get("model").and_then(Value::as_str) {
+        if model != config.model {
+            return error_response(
+                StatusCode::NOT_FOUND,
+                "NotFoundError",
+                &format!("The model `{model}` does not exist."),
+            );
+        }
+    }
+    let Some(messages) = request.get("messages").and_then(Value::as_array) else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "BadRequestError",
+            "messages: field required",
+        );
+    };
+    let stream = request.get("stream").and_then(Value::as_bool) == Some(true);
+    let stream_options = request.get("stream_options").filter(|v| !v.is_null());
+    if stream_options.is_some() && !stream {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "BadRequestError",
+            "Stream options can only be defined when `stream=True`.",
+        );
+    }
+    let include_usage = stream_options
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        == Some(true);
+    let max_tokens = request
+        .get("max_completion_tokens")
+        .filter(|v| !v.is_null())
+        .or_else(|| request.get("max_tokens"))
+        .and_then(Value::as_u64)
+        .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+
+    let fault = lock(&shared.fault).clone();
+    match fault {
+        Fault::None | Fault::ErrorMidStream | Fault::Hang | Fault::Drop => {}
+        Fault::Status(code, body) => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+        }
+        Fault::ContextTooLong => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "BadRequestError",
+                "This model's maximum context length is 4096 tokens. However, you requested \
+                 5000 tokens (4488 in the messages, 512 in the completion). Please reduce the \
+                 length of the messages or completion.",
+            )
+        }
+    }
+
+    let prompt_tokens: usize = messages
+        .iter()
+        .filter_map(|m| m.get("content").and_then(Value::as_str))
+        .map(|c| c.split_whitespace().count())
+        .sum();
+    let mut pieces = reply_pieces(config, messages);
+    let finish = match max_tokens {
+        Some(max) if pieces.len() > max => {
+            pieces.truncate(max);
+            "length"
+        }
+        _ => "stop",
+    };
+    let reply = Generated {
+        id: format!("chatcmpl-{}", shared.requests.load(Ordering::SeqCst)),
+        created: unix_now(),
+        model: config.model.clone(),
+        pieces,
+        finish,
+        prompt_tokens,
+    };
+
+    if fault == Fault::Drop {
+        // An error as the body's first item makes hyper close the connection
+        // before the response head is flushed: the client sees no byte.
+        let body = futures::stream::once(async {
+            Err::<Bytes, _>(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "fault: drop",
+            ))
+        });
+        return sse_response(Body::from_stream(body));
+    }
+    if !stream {
+        return unary_reply(&shared, reply, fault, guard).await;
+    }
+    let events = reply_events(shared.clone(), reply, include_usage, fault, guard);
+    sse_response(Body::from_stream(events))
+}
+
+fn sse_response(body: Body) -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/event-stream; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
+/// A reply about to be sent.
+struct Generated {
+    id: String,
+    created: u64,
+    model: String,
+    pieces: Vec<String>,
+    finish: &'static str,
+    prompt_tokens: usize,
+}
+
+impl Generated {
+    fn chunk(&self, choices: Value) -> Bytes {
+        let v = json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        });
+        Bytes::from(format!("data: {v}\n\n"))
+    }
+
+    fn usage(&self) -> Value {
+        let completion = self.pieces.len();
+        json!({
+            "prompt_tokens": self.prompt_tokens,
+            "total_tokens": self.prompt_tokens + completion,
+            "completion_tokens": completion,
+        })
+    }
+}
+
+/// The deltas of the reply, before `max_tokens` is applied.
+fn reply_pieces(config: &FakeVllmConfig, messages: &[Value]) -> Vec<String> {
+    match &config.reply {
+        Reply::Chunks(chunks) => chunks.clone(),
+        Reply::Fixed(text) => text
+            .split_inclusive(char::is_whitespace)
+            .map(str::to_string)
+            .collect(),
+        Reply::Echo => {
+            let last_user = messages
+                .iter()
+                .rev()
+                .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+                .and_then(|m| m.get("content").and_then(Value::as_str))
+                .unwrap_or("");
+            let mut words: Vec<String> = format!("reply to: {last_user}")
+                .split_whitespace()
+                .map(str::to_string)
+                .collect();
+            let mut filler = 1;
+            while words.len() < config.tokens {
+                words.push(format!("word{filler}"));
+                filler += 1;
+            }
+            words
+                .iter()
+                .enumerate()
+                .map(|(i, w)| if i == 0 { w.clone() } else { format!(" {w}") })
+                .collect()
+        }
+    }
+}
+
+/// Sleeps `d`, or returns false early when the fake is shutting down.
+async fn pause(shutdown: &CancellationToken, d: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => true,
+        _ = shutdown.cancelled() => false,
+    }
+}
+
+fn aborted() -> io::Error {
+    io::Error::new(io::ErrorKind::ConnectionAborted, "fake vLLM shutting down")
+}
+
+/// The SSE body of a streamed reply, holding `guard` until it ends or is dropped.
+fn reply_events(
+    shared: Arc<Shared>,
+    reply: Generated,
+    include_usage: bool,
+    fault: Fault,
+    guard: InFlight,
+) -> impl Stream<Item = Result<Bytes, io::Error>> + Send {
+    async_stream::stream! {
+        let _guard = guard;
+        let shutdown = shared.shutdown.clone();
+        let config = &shared.config;
+        if fault == Fault::Hang {
+            shutdown.cancelled().await;
+            yield Err(aborted());
+            return;
+        }
+        if !pause(&shutdown, config.ttft).await {
+            yield Err(aborted());
+            return;
+        }
+        yield Ok(reply.chunk(json!([{
+            "index": 0,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": null,
+            "finish_reason": null,
+        }])));
+        let n = reply.pieces.len();
+        if fault == Fault::ErrorMidStream {
+            for piece in reply.pieces.iter().take(3) {
+                yield Ok(reply.chunk(json!([{
+                    "index": 0, "delta": {"content": piece}, "logprobs": null, "finish_reason": null,
+                }])));
+            }
+            let error = json!({"error": {
+                "message": "The engine failed while generating (fault: error mid-stream).",
+                "type": "InternalServerError",
+                "param": null,
+                "code": 500,
+            }});
+            yield Ok(Bytes::from(format!("data: {error}\n\ndata: [DONE]\n\n")));
+            return;
+        }
+        for (i, piece) in reply.pieces.iter().enumerate() {
+            if i > 0 && !pause(&shutdown, config.tpot).await {
+                yield Err(aborted());
+                return;
+            }
+            // vLLM sends the last token together with the finish reason.
+            let choice = if i + 1 == n {
+                json!([{"index": 0, "delta": {"content": piece}, "logprobs": null,
+                        "finish_reason": reply.finish, "stop_reason": null}])
+            } else {
+                json!([{"index": 0, "delta": {"content": piece}, "logprobs": null,
+                        "finish_reason": null}])
+            };
+            yield Ok(reply.chunk(choice));
+        }
+        if n == 0 {
+            yield Ok(reply.chunk(json!([{"index": 0, "delta": {"content": ""}, "logprobs": null,
+                                         "finish_reason": reply.finish, "stop_reason": null}])));
+        }
+        if include_usage {
+            let v = json!({
+                "id": reply.id,
+                "object": "chat.completion.chunk",
+                "created": reply.created,
+                "model": reply.model,
+                "choices": [],
+                "usage": reply.usage(),
+            });
+            yield Ok(Bytes::from(format!("data: {v}\n\n")));
+        }
+        yield Ok(Bytes::from_static(b"data: [DONE]\n\n"));
+    }
+}
+
+/// A non-streamed reply: the whole generation time, then one JSON body.
+async fn unary_reply(shared: &Shared, reply: Generated, fault: Fault, guard: InFlight) -> Response {
+    let _guard = guard;
+    let config = &shared.config;
+    let steps = u32::try_from(reply.pieces.len().saturating_sub(1)).unwrap_or(u32::MAX);
+    let wait = match fault {
+        Fault::Hang => None,
+        _ => Some(config.ttft + config.tpot * steps),
+    };
+    let finished = match wait {
+        Some(d) => pause(&shared.shutdown, d).await,
+        None => {
+            shared.shutdown.cancelled().await;
+            false
+        }
+    };
+    if !finished {
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailableError",
+            "shutting down",
+        );
+    }
+    if fault == Fault::ErrorMidStream {
+        return error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalServerError",
+            "The engine failed while generating (fault: error mid-stream).",
+        );
+    }
+    let text: String = reply.pieces.concat();
+    axum::Json(json!({
+        "id": reply.id,
+        "object": "chat.completion",
+        "created": reply.created,
+        "model": reply.model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": text, "reasoning_content": null, "tool_calls": []},
+            "logprobs": null,
+            "finish_reason": reply.finish,
+            "stop_reason": null,
+        }],
+        "usage": reply.usage(),
+    }))
+    .into_response()
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    /// Minimal HTTP/1.1 POST over a raw socket, so testkit needs no client.
+    async fn post(addr: SocketAddr, body: &Value) -> (TcpStream, String) {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let body = body.to_string();
+        let req = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+             x-request-id: t-1\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        (s, String::new())
+    }
+
+    fn chat(stream: bool) -> Value {
+        json!({
+            "model": "fake-model",
+            "messages": [{"role": "user", "content": "hello there"}],
+            "stream": stream,
+            "max_tokens": 6,
+            "temperature": 0.0,
+        })
+    }
+
+    #[tokio::test]
+    async fn streams_vllm_chunks_and_counts_in_flight() {
+        let fake = FakeVllm::start(FakeVllmConfig {
+            ttft: Duration::from_millis(200),
+            ..FakeVllmConfig::default()
+        })
+        .await;
+        let mut body = chat(true);
+        body["stream_options"] = json!({"include_usage": true});
+        let (mut s, mut text) = post(fake.addr(), &body).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(fake.in_flight(), 1);
+        s.read_to_string(&mut text).await.unwrap();
+        assert_eq!(fake.in_flight(), 0);
+        assert_eq!(fake.max_in_flight(), 1);
+        assert_eq!(fake.last_request_id().as_deref(), Some("t-1"));
+        assert_eq!(fake.last_request().unwrap()["max_tokens"], 6);
+
+        let events: Vec<Value> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter(|d| *d != "[DONE]")
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect();
+        assert!(text.contains("data: [DONE]"), "{text}");
+        assert_eq!(events[0]["choices"][0]["delta"]["role"], "assistant");
+        let reply: String = events
+            .iter()
+            .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(reply, "reply to: hello there word1 word2");
+        let finish = &events[events.len() - 2]["choices"][0];
+        assert_eq!(finish["finish_reason"], "length");
+        assert_eq!(events.last().unwrap()["usage"]["completion_tokens"], 6);
+    }
+
+    #[tokio::test]
+    async fn client_disconnect_ends_the_request() {
+        let fake = FakeVllm::start(FakeVllmConfig {
+            tpot: Duration::from_millis(50),
+            tokens: 100,
+            ..FakeVllmConfig::default()
+        })
+        .await;
+        let (s, _) = post(fake.addr(), &chat(true)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(fake.in_flight(), 1);
+        drop(s);
+        // The next write (within one tpot) fails and drops the body.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(fake.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn wrong_model_is_404_and_shutdown_refuses() {
+        let fake = FakeVllm::start(FakeVllmConfig::default()).await;
+        let mut body = chat(false);
+        body["model"] = json!("other");
+        let (mut s, mut text) = post(fake.addr(), &body).await;
+        s.read_to_string(&mut text).await.unwrap();
+        assert!(text.starts_with("HTTP/1.1 404"), "{text}");
+        assert!(text.contains("NotFoundError"));
+        fake.shutdown().await;
+        assert!(TcpStream::connect(fake.addr()).await.is_err());
+    }
+}

@@ -1,0 +1,10 @@
+//! Real peers for palaver's tests and benchmarks.
+//!
+//! - [`process`]: `redis-server` and `mosquitto` started on free loopback
+//!   ports and killed on drop — integration tests use the real thing, never
+//!   a mock;
+//! - `fake_vllm`: an OpenAI-compatible HTTP server with configurable latency
+//!   that counts requests in flight.
+
+pub mod fake_vllm;
+pub mod process;
