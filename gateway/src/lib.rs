@@ -38,6 +38,7 @@ pub mod control;
 pub mod errors;
 pub mod link;
 pub mod metrics;
+pub mod order;
 pub mod presence;
 pub mod publish;
 pub mod readiness;

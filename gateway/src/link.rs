@@ -301,9 +301,11 @@ impl Link {
                     );
                     return;
                 };
+                // Taken here, in arrival order, before the task exists.
+                let ticket = self.shared.turns.ticket(&self.project, &turn.session_id);
                 let turns = self.shared.turns.clone();
                 let publisher = self.publisher.clone();
-                tokio::spawn(async move { turns.chat(publisher, turn, permit).await });
+                tokio::spawn(async move { turns.chat(publisher, turn, permit, ticket).await });
             }
         }
     }

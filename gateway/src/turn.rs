@@ -3,8 +3,10 @@
 //! Each request runs in its own task holding a [`Permit`], so a slow model
 //! never blocks the MQTT poll loop, and shutdown can wait for exactly these.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use palaver_proto::session::v1::chat_event::Event;
 use palaver_proto::session::v1::{
     sessions_client::SessionsClient, ChatReply, ChatRequest, ResetSessionRequest, SessionAction,
     SessionRef, UpdateProjectRequest,
@@ -18,6 +20,7 @@ use crate::backlog::Permit;
 use crate::control::{ControlOp, ControlRequest};
 use crate::errors;
 use crate::metrics::{Metrics, OutKind};
+use crate::order::{SessionOrder, Ticket};
 use crate::publish::Publisher;
 use crate::request::ChatTurn;
 
@@ -35,6 +38,8 @@ pub struct Turns {
     metrics: Metrics,
     /// Tripped when the shutdown grace period is over: remaining turns give up.
     abandon: CancellationToken,
+    /// Keeps each session's messages in arrival order.
+    order: Arc<SessionOrder>,
 }
 
 impl Turns {
@@ -50,11 +55,17 @@ impl Turns {
             timeout,
             metrics,
             abandon,
+            order: Arc::default(),
         }
     }
 
+    /// A place in line for a message of `session_id`; see [`crate::order`].
+    pub fn ticket(&self, project: &str, session_id: &str) -> Ticket {
+        self.order.ticket(project, session_id)
+    }
+
     /// Runs one chat turn and publishes the reply or the error text.
-    pub async fn chat(&self, publisher: Publisher, turn: ChatTurn, permit: Permit) {
+    pub async fn chat(&self, publisher: Publisher, turn: ChatTurn, permit: Permit, ticket: Ticket) {
         let span = tracing::info_span!(
             "turn",
             project = publisher.project(),
@@ -67,7 +78,7 @@ impl Turns {
             let started = Instant::now();
             let outcome = tokio::select! {
                 _ = self.abandon.cancelled() => None,
-                r = self.call_chat(publisher.project(), &turn) => Some(r),
+                r = self.call_chat(publisher.project(), &turn, ticket) => Some(r),
             };
             self.metrics.observe_turn(started.elapsed().as_secs_f64());
             match outcome {
@@ -100,7 +111,14 @@ impl Turns {
         .await
     }
 
-    async fn call_chat(&self, project: &str, turn: &ChatTurn) -> Result<ChatReply, Status> {
+    /// Runs the turn as a `ChatStream` so that the session's next message can
+    /// go as soon as this one is accepted, long before its reply.
+    async fn call_chat(
+        &self,
+        project: &str,
+        turn: &ChatTurn,
+        mut ticket: Ticket,
+    ) -> Result<ChatReply, Status> {
         let mut request = tonic::Request::new(ChatRequest {
             project: project.to_owned(),
             session_id: turn.session_id.clone(),
@@ -110,13 +128,27 @@ impl Turns {
             temperature: turn.temperature,
             top_p: turn.top_p,
             max_tokens: turn.max_tokens,
+            final_only: true,
         });
         request.set_timeout(self.timeout);
         let mut client = self.sessions.clone();
         let started = Instant::now();
-        let call = client.chat(request);
+        let call = async move {
+            ticket.wait_turn().await;
+            let mut events = client.chat_stream(request).await?.into_inner();
+            while let Some(ev) = events.message().await? {
+                match ev.event {
+                    Some(Event::Accepted(_)) => ticket.release(),
+                    Some(Event::Done(reply)) => return Ok(reply),
+                    Some(Event::Delta(_)) | None => {}
+                }
+            }
+            Err(Status::internal(
+                "session-svc ended the turn without a reply",
+            ))
+        };
         match tokio::time::timeout(self.timeout + LOCAL_DEADLINE_SLACK, call).await {
-            Ok(Ok(reply)) => Ok(reply.into_inner()),
+            Ok(Ok(reply)) => Ok(reply),
             Ok(Err(status)) => Err(deadline_as_such(status, started.elapsed(), self.timeout)),
             Err(_) => Err(Status::deadline_exceeded("gateway deadline passed")),
         }

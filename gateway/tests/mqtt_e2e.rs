@@ -16,8 +16,9 @@ use gateway::{Config, Gateway};
 use palaver_core::{ERROR_KIND_HEADER, ERROR_KIND_RATE_LIMITED};
 use palaver_proto::session::v1::sessions_server::{Sessions, SessionsServer};
 use palaver_proto::session::v1::{
-    ChatEvent, ChatReply, ChatRequest, DeleteSessionReply, History, ResetSessionReply,
-    ResetSessionRequest, SessionAction, SessionRef, UpdateProjectReply, UpdateProjectRequest,
+    chat_event, Accepted, ChatEvent, ChatReply, ChatRequest, DeleteSessionReply, History,
+    ResetSessionReply, ResetSessionRequest, SessionAction, SessionRef, UpdateProjectReply,
+    UpdateProjectRequest,
 };
 use palaver_testkit::process::{free_port, Mosquitto};
 use prometheus_client::registry::Registry;
@@ -99,11 +100,27 @@ impl Sessions for Fake {
     type ChatStreamStream =
         Pin<Box<dyn tokio_stream::Stream<Item = Result<ChatEvent, Status>> + Send + 'static>>;
 
+    /// What the gateway calls: `accepted` at once (like session-svc after
+    /// storing the message), then the same outcome as `chat`.
     async fn chat_stream(
         &self,
-        _: Request<ChatRequest>,
+        request: Request<ChatRequest>,
     ) -> Result<Response<Self::ChatStreamStream>, Status> {
-        Err(Status::unimplemented("not used by the gateway"))
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let accepted = ChatEvent {
+                event: Some(chat_event::Event::Accepted(Accepted {})),
+            };
+            let _ = tx.send(Ok(accepted)).await;
+            let done = this.chat(request).await.map(|r| ChatEvent {
+                event: Some(chat_event::Event::Done(r.into_inner())),
+            });
+            let _ = tx.send(done).await;
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn get_history(&self, _: Request<SessionRef>) -> Result<Response<History>, Status> {

@@ -152,6 +152,16 @@ impl<S: Store> SessionService<S> {
             }
             Started::Generate { seq, request } => (seq, request),
         };
+        self.generate_and_store(&req, seq, request).await
+    }
+
+    /// Phases 2 and 3 with a unary generation.
+    async fn generate_and_store(
+        &self,
+        req: &pb::ChatRequest,
+        seq: u64,
+        request: inf::GenerateRequest,
+    ) -> Result<pb::ChatReply, SessionError> {
         let guard = AbandonOnDrop::new(self.turns.clone(), &req.project, &req.session_id, seq);
         let generated = Instant::now();
         let result = self.inference.clone().generate(request).await;
@@ -165,9 +175,9 @@ impl<S: Store> SessionService<S> {
             }
             Err(s) => (Err(s), None),
         };
-        let text = self.finish(&req, seq, result).await?;
+        let text = self.finish(req, seq, result).await?;
         let (finish, usage) = meta.unwrap_or_default();
-        Ok(reply(&req, text, &finish, usage))
+        Ok(reply(req, text, &finish, usage))
     }
 
     async fn stream_inner(
@@ -175,7 +185,23 @@ impl<S: Store> SessionService<S> {
         req: pb::ChatRequest,
         tx: &mpsc::Sender<Result<pb::ChatEvent, Status>>,
     ) -> Result<(), SessionError> {
-        let (seq, request) = match self.start(&req).await? {
+        let started = self.start(&req).await?;
+        let accepted = pb::ChatEvent {
+            event: Some(pb::chat_event::Event::Accepted(pb::Accepted {})),
+        };
+        if tx.send(Ok(accepted)).await.is_err() {
+            // Gone before anything was generated: take the message back.
+            if let Started::Generate { seq, .. } = started {
+                drop(AbandonOnDrop::new(
+                    self.turns.clone(),
+                    &req.project,
+                    &req.session_id,
+                    seq,
+                ));
+            }
+            return Ok(());
+        }
+        let (seq, request) = match started {
             Started::Replay(text) => {
                 self.count_turn("replay");
                 let done = reply(&req, text, "stop", None);
@@ -184,6 +210,11 @@ impl<S: Store> SessionService<S> {
             }
             Started::Generate { seq, request } => (seq, request),
         };
+        if req.final_only {
+            let done = self.generate_and_store(&req, seq, request).await?;
+            let _ = tx.send(Ok(event_done(done))).await;
+            return Ok(());
+        }
         let guard = AbandonOnDrop::new(self.turns.clone(), &req.project, &req.session_id, seq);
         let generated = Instant::now();
         let mut text = String::new();
@@ -523,20 +554,15 @@ mod tests {
 
     #[test]
     fn bad_chat_requests_are_refused_with_a_reason() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut pb::ChatRequest)>)> = vec![
-            ("message is empty", Box::new(|r| r.message = "  \n".into())),
-            (
-                "message is too long",
-                Box::new(|r| r.message = "x".repeat(11)),
-            ),
-            (
-                "session id is empty",
-                Box::new(|r| r.session_id = " ".into()),
-            ),
-            ("temperature", Box::new(|r| r.temperature = Some(2.5))),
-            ("temperature", Box::new(|r| r.temperature = Some(f32::NAN))),
-            ("top_p", Box::new(|r| r.top_p = Some(0.0))),
-            ("max_tokens", Box::new(|r| r.max_tokens = Some(0))),
+        type Mutation = fn(&mut pb::ChatRequest);
+        let cases: Vec<(&str, Mutation)> = vec![
+            ("message is empty", |r| r.message = "  \n".into()),
+            ("message is too long", |r| r.message = "x".repeat(11)),
+            ("session id is empty", |r| r.session_id = " ".into()),
+            ("temperature", |r| r.temperature = Some(2.5)),
+            ("temperature", |r| r.temperature = Some(f32::NAN)),
+            ("top_p", |r| r.top_p = Some(0.0)),
+            ("max_tokens", |r| r.max_tokens = Some(0)),
         ];
         for (want, mutate) in cases {
             let mut r = req();
