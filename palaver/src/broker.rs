@@ -1,0 +1,347 @@
+//! The embedded MQTT broker of `palaver up`: rumqttd (MQTT 3.1.1) on one
+//! address, optionally with a user name and password.
+//!
+//! rumqttd binds its listener itself, on its own threads, and has no stop:
+//! [`start`] therefore picks the port (a free one when asked for port 0),
+//! and proves the listener is rumqttd's own before returning: a probe client
+//! connects over TCP and publishes a random token that a subscription inside
+//! the broker (a rumqttd "local link") must see. A failed bind ends rumqttd's
+//! server thread, which [`start`] notices and, for port 0, retries on another
+//! port. The broker stops when the process exits.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Packet, QoS};
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::{Broker, Config, ConnectionSettings, Notification, RouterConfig, ServerSettings};
+use tokio::time::Instant;
+
+/// Largest MQTT payload the broker accepts, in bytes (1 MiB). It is also
+/// what the gateway can read without dropping its connection (its default
+/// limit is 4 x 256 KiB + 1 KiB), and the largest reply it publishes.
+pub const MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
+/// Connections the router makes room for: far above the 64+ clients of a
+/// load test, still a small allocation.
+const MAX_CONNECTIONS: usize = 1024;
+/// Messages the router keeps per topic filter: `SEGMENT_BYTES` x
+/// `SEGMENTS`. rumqttd keeps a log per filter; a bound keeps a long-running
+/// local stack from growing without end.
+const SEGMENT_BYTES: usize = 4 * 1024 * 1024;
+const SEGMENTS: usize = 4;
+/// Packets read from one connection in a batch before handing them over.
+const READ_BATCH: usize = 500;
+/// How long a new TCP connection may take to send its CONNECT.
+const CONNECT_TIMEOUT_MS: u16 = 10_000;
+/// Ports tried when the caller lets us choose (port 0) and one was taken
+/// between our check and rumqttd's bind.
+const ATTEMPTS: usize = 5;
+/// How long one attempt may take to come up and answer the probe.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// Topic of the start-up probe: none of the topics a project uses (rumqttd
+/// refuses `$` filters, so it cannot hide there).
+const PROBE_TOPIC: &str = "palaver/broker-probe/start";
+
+/// What the embedded broker should be.
+#[derive(Debug, Clone)]
+pub struct BrokerSettings {
+    /// Address to listen on (loopback unless the user wants the LAN to connect).
+    pub ip: IpAddr,
+    /// Port; 0 picks a free one.
+    pub port: u16,
+    /// When set, every client must log in with exactly this user name and
+    /// password; others are refused (the connection is closed at CONNECT).
+    pub credentials: Option<(String, String)>,
+}
+
+/// Why the broker did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The chosen address cannot be bound (in use, no permission, ...).
+    #[error("cannot listen for MQTT on {addr}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The operating system's answer.
+        source: std::io::Error,
+    },
+    /// rumqttd did not come up in time or something else answered the probe.
+    #[error("the embedded MQTT broker did not start on {addr}: {why}")]
+    NotStarted {
+        /// The address tried last.
+        addr: SocketAddr,
+        /// What went wrong.
+        why: String,
+    },
+}
+
+/// A running embedded broker.
+pub struct EmbeddedBroker {
+    addr: SocketAddr,
+    /// The server thread; it ends only if rumqttd's listener fails.
+    server: JoinHandle<()>,
+    /// The probe's link into the router, kept open: closing a local link
+    /// is not a path rumqttd's router is built for.
+    _probe: (LinkTx, LinkRx),
+}
+
+impl EmbeddedBroker {
+    /// The address clients connect to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// False once rumqttd's listener has stopped (it never should).
+    pub fn is_running(&self) -> bool {
+        !self.server.is_finished()
+    }
+}
+
+/// rumqttd's configuration for one MQTT 3.1.1 listener on `addr`.
+pub fn config(addr: SocketAddr, credentials: Option<&(String, String)>) -> Config {
+    let mut server = ServerSettings {
+        name: "palaver-mqtt".into(),
+        listen: addr,
+        tls: None,
+        next_connection_delay_ms: 0,
+        connections: ConnectionSettings {
+            connection_timeout_ms: CONNECT_TIMEOUT_MS,
+            max_payload_size: MAX_PAYLOAD_BYTES,
+            max_inflight_count: READ_BATCH,
+            auth: None,
+            external_auth: None,
+            // Without it rumqttd disconnects a client that publishes to a
+            // topic nobody subscribed to (a reply whose client has gone, a
+            // status message before any monitor listens).
+            dynamic_filters: true,
+        },
+    };
+    if let Some((user, password)) = credentials.cloned() {
+        server.set_auth_handler(move |client_id: String, u: String, p: String| {
+            let ok = same_secret(&u, &user) & same_secret(&p, &password);
+            if !ok {
+                tracing::warn!(client_id = %client_id, user = %u, "MQTT login refused: wrong user name or password");
+            }
+            std::future::ready(ok)
+        });
+    }
+    Config {
+        id: 0,
+        router: RouterConfig {
+            max_connections: MAX_CONNECTIONS,
+            max_outgoing_packet_count: 200,
+            max_segment_size: SEGMENT_BYTES,
+            max_segment_count: SEGMENTS,
+            ..RouterConfig::default()
+        },
+        v4: Some(HashMap::from([("palaver".to_owned(), server)])),
+        ..Config::default()
+    }
+}
+
+/// Compares secrets in time independent of where they differ.
+fn same_secret(given: &str, expected: &str) -> bool {
+    let (a, b) = (given.as_bytes(), expected.as_bytes());
+    let mut diff = u8::from(a.len() != b.len());
+    for (i, x) in a.iter().enumerate() {
+        diff |= x ^ b.get(i).copied().unwrap_or(!x);
+    }
+    diff == 0
+}
+
+/// Starts the broker and returns once it answers on its address.
+pub async fn start(settings: &BrokerSettings) -> Result<EmbeddedBroker, BrokerError> {
+    let attempts = if settings.port == 0 { ATTEMPTS } else { 1 };
+    let mut last = None;
+    for _ in 0..attempts {
+        let addr = SocketAddr::new(settings.ip, settings.port);
+        // Bind once ourselves: an explicit port in use fails here with the
+        // operating system's words, and port 0 becomes a concrete free port.
+        let addr = TcpListener::bind(addr)
+            .and_then(|l| l.local_addr())
+            .map_err(|source| BrokerError::Bind { addr, source })?;
+        match start_on(addr, settings.credentials.as_ref()).await {
+            Ok(broker) => return Ok(broker),
+            Err(e) => {
+                tracing::debug!(error = %e, "embedded broker attempt failed");
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.expect("at least one attempt"))
+}
+
+async fn start_on(
+    addr: SocketAddr,
+    credentials: Option<&(String, String)>,
+) -> Result<EmbeddedBroker, BrokerError> {
+    let not_started = |why: String| BrokerError::NotStarted { addr, why };
+    let config = config(addr, credentials);
+    // Broker::new spawns the router thread and `link` waits for its answer:
+    // both block, so keep them off the async workers.
+    let (broker, link) = tokio::task::spawn_blocking(move || {
+        let broker = Broker::new(config);
+        let link = broker.link("palaver-broker-probe").map(|(mut tx, rx)| {
+            let subscribed = tx.subscribe(PROBE_TOPIC);
+            (tx, rx, subscribed)
+        });
+        (broker, link)
+    })
+    .await
+    .map_err(|e| not_started(format!("setup panicked: {e}")))?;
+    let (tx, mut rx) = match link {
+        Ok((tx, rx, Ok(_))) => (tx, rx),
+        Ok((_, _, Err(e))) | Err(e) => return Err(not_started(format!("local link: {e:?}"))),
+    };
+    let server = std::thread::Builder::new()
+        .name("mqtt-broker".into())
+        .spawn(move || {
+            let mut broker = broker;
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, "embedded MQTT broker failed");
+            }
+        })
+        .map_err(|e| not_started(format!("cannot spawn its thread: {e}")))?;
+
+    let token = format!("{:016x}", rand::random::<u64>());
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if server.is_finished() {
+            return Err(not_started(
+                "its listener stopped: the port was taken in the meantime".into(),
+            ));
+        }
+        if Instant::now() > deadline {
+            return Err(not_started(format!("no answer within {START_TIMEOUT:?}")));
+        }
+        match probe(addr, credentials, &token).await {
+            Ok(()) => break,
+            Err(ProbeError::NotListening) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(ProbeError::Other(why)) => return Err(not_started(why)),
+        }
+    }
+    // The probe published: our router must see the token, or the port
+    // belongs to another program.
+    let seen = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match rx.next().await {
+                Ok(Some(Notification::Forward(f)))
+                    if f.publish.payload[..] == *token.as_bytes() =>
+                {
+                    return true
+                }
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    })
+    .await;
+    if seen != Ok(true) {
+        return Err(not_started("another program answered on its port".into()));
+    }
+    Ok(EmbeddedBroker {
+        addr,
+        server,
+        _probe: (tx, rx),
+    })
+}
+
+enum ProbeError {
+    /// Nothing accepts connections on the address yet.
+    NotListening,
+    /// Something answered, but not as our broker would.
+    Other(String),
+}
+
+/// Connects to `addr`, publishes `token` on the probe topic and disconnects.
+async fn probe(
+    addr: SocketAddr,
+    credentials: Option<&(String, String)>,
+    token: &str,
+) -> Result<(), ProbeError> {
+    let mut opts = MqttOptions::new(
+        format!("palaver-probe-{token}"),
+        addr.ip().to_string(),
+        addr.port(),
+    );
+    opts.set_keep_alive(Duration::from_secs(5));
+    if let Some((user, password)) = credentials {
+        opts.set_credentials(user.clone(), password.clone());
+    }
+    let (client, mut events) = AsyncClient::new(opts, 10);
+    let run = async {
+        let mut published = false;
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    client
+                        .publish(
+                            PROBE_TOPIC,
+                            QoS::AtLeastOnce,
+                            false,
+                            token.as_bytes().to_vec(),
+                        )
+                        .await
+                        .map_err(|e| ProbeError::Other(e.to_string()))?;
+                    published = true;
+                }
+                Ok(Event::Incoming(Packet::PubAck(_))) if published => {
+                    let _ = client.disconnect().await;
+                    // Flush the DISCONNECT; the error that follows is the
+                    // connection closing as asked.
+                    let _ = tokio::time::timeout(Duration::from_millis(200), events.poll()).await;
+                    return Ok(());
+                }
+                Ok(_) => {}
+                Err(ConnectionError::Io(e))
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused =>
+                {
+                    return Err(ProbeError::NotListening)
+                }
+                Err(e) => return Err(ProbeError::Other(format!("probe client: {e}"))),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .unwrap_or_else(|_| Err(ProbeError::Other("the probe got no answer".into())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn never_claims_a_port_another_broker_serves() {
+        let other = palaver_testkit::process::Mosquitto::start().expect("mosquitto starts");
+        let addr = SocketAddr::from(([127, 0, 0, 1], other.port()));
+        // Skips our own bind check, as in the race it exists to survive.
+        let claimed = start_on(addr, None).await;
+        assert!(
+            matches!(claimed, Err(BrokerError::NotStarted { .. })),
+            "claimed mosquitto's port"
+        );
+        let ours = start(&BrokerSettings {
+            ip: IpAddr::from([127, 0, 0, 1]),
+            port: 0,
+            credentials: None,
+        })
+        .await
+        .expect("starts on a free port");
+        assert_ne!(ours.addr().port(), other.port());
+        assert!(ours.is_running());
+    }
+
+    #[test]
+    fn secrets_compare_exactly() {
+        assert!(same_secret("pw", "pw"));
+        assert!(same_secret("", ""));
+        assert!(!same_secret("pw", "pW"));
+        assert!(!same_secret("pw", "pw2"));
+        assert!(!same_secret("pw2", "pw"));
+        assert!(!same_secret("", "x"));
+        assert!(!same_secret("x", ""));
+    }
+}

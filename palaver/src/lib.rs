@@ -1,0 +1,17 @@
+//! The `palaver` command: the whole stack in one process (`palaver up`), a
+//! terminal chat client (`palaver chat`) and a one-shot client for scripts
+//! (`palaver send`).
+//!
+//! Modules, one per concern:
+//! - [`up`]: starts broker, session-svc, inference-svc and gateway together;
+//! - [`broker`]: the embedded MQTT broker (rumqttd);
+//! - [`client`]: the client side of the MQTT wire protocol;
+//! - [`chat`], [`send`]: the two clients built on it;
+//! - [`logging`]: where logs go and how much of them.
+
+pub mod broker;
+pub mod chat;
+pub mod client;
+pub mod logging;
+pub mod send;
+pub mod up;

@@ -1,0 +1,50 @@
+//! `palaver`: parses the command line and hands over to the library.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use palaver::{chat, logging, send, up};
+
+/// palaver: MQTT clients chat with an LLM.
+#[derive(Debug, Parser)]
+#[command(name = "palaver", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the whole stack in this process: MQTT broker, session-svc,
+    /// inference-svc (simulator unless --vllm-url) and gateway.
+    Up(up::UpArgs),
+    /// Chat with a project from the terminal (stdin may be a pipe).
+    Chat(chat::ChatArgs),
+    /// Send one message and print the reply; exit 0 reply, 1 error reply, 2 timeout or no connection.
+    Send(send::SendArgs),
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Up(args) => {
+            logging::init(logging::UP_FILTER);
+            match up::run(args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("palaver up: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Chat(args) => {
+            logging::init(logging::CLIENT_FILTER);
+            chat::run(args).await
+        }
+        Command::Send(args) => {
+            logging::init(logging::CLIENT_FILTER);
+            send::run(args).await
+        }
+    }
+}
