@@ -394,8 +394,16 @@ impl<S: Store> Sessions for SessionService<S> {
         let (tx, rx) = mpsc::channel(64);
         let this = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = this.stream_inner(req, &tx).await {
-                let _ = tx.send(Err(this.fail(e))).await;
+            tokio::select! {
+                outcome = this.stream_inner(req, &tx) => {
+                    if let Err(e) = outcome {
+                        let _ = tx.send(Err(this.fail(e))).await;
+                    }
+                }
+                // The caller left (deadline, disconnect): dropping the turn
+                // cancels the generation and takes the message back, as a
+                // dropped unary call does.
+                _ = tx.closed() => {}
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

@@ -227,12 +227,23 @@ impl<S: Store> Turns<S> {
                     pause = (pause * 2).min(Duration::from_millis(20));
                 }
                 Admit::Locked(mut dialog) => {
+                    // If this future is dropped before the commit returns
+                    // (the caller went away), release the lock now instead
+                    // of leaving the session blocked until the TTL.
+                    let held = HeldLock {
+                        store: self.store.clone(),
+                        project: id.project.to_owned(),
+                        session_id: id.session_id.to_owned(),
+                        token: token.clone(),
+                        armed: true,
+                    };
                     let acquired = Instant::now();
                     self.metrics
                         .lock_wait
                         .observe((acquired - first_try).as_secs_f64());
                     let out = f(&mut dialog);
                     let committed = self.store.commit(id, &token, dialog.as_ref(), ttl).await;
+                    held.disarm();
                     self.metrics
                         .lock_hold
                         .observe(acquired.elapsed().as_secs_f64());
@@ -255,6 +266,47 @@ impl<S: Store> Turns<S> {
             .phase
             .get_or_create(&PhaseLabel { phase })
             .observe(since.elapsed().as_secs_f64());
+    }
+}
+
+/// A lock held across an await: released from a spawned task if dropped
+/// while armed.
+struct HeldLock<S: Store> {
+    store: S,
+    project: String,
+    session_id: String,
+    token: String,
+    armed: bool,
+}
+
+impl<S: Store> HeldLock<S> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl<S: Store> Drop for HeldLock<S> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let store = self.store.clone();
+        let (project, session_id, token) = (
+            std::mem::take(&mut self.project),
+            std::mem::take(&mut self.session_id),
+            std::mem::take(&mut self.token),
+        );
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let id = SessionId {
+                    project: &project,
+                    session_id: &session_id,
+                };
+                if let Err(e) = store.release(id, &token).await {
+                    tracing::warn!(error = %e, "could not release an abandoned lock");
+                }
+            });
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -50,9 +50,15 @@ struct State {
     projects: HashMap<String, Project>,
 }
 
-/// Dialogs in this process's memory. Lost on restart, by design.
-#[derive(Default)]
+/// Dialogs in this process's memory. Lost on restart, by design. Clones
+/// share the same dialogs.
+#[derive(Default, Clone)]
 pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
     /// A plain mutex: it is never held across an await, only for a map update.
     state: Mutex<State>,
     /// Counts admits, to sweep expired sessions now and then.
@@ -67,7 +73,7 @@ impl MemoryStore {
     fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
         // A panic while holding the lock cannot leave a half-written dialog
         // (dialogs are replaced whole), so a poisoned lock is still usable.
-        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut guard)
     }
 
@@ -97,7 +103,7 @@ impl Store for MemoryStore {
         lock_ttl: Duration,
     ) -> Result<Admit, StoreError> {
         let now = Instant::now();
-        if self.admits.fetch_add(1, Ordering::Relaxed) % 4096 == 4095 {
+        if self.inner.admits.fetch_add(1, Ordering::Relaxed) % 4096 == 4095 {
             self.with(|st| Self::sweep(st, now));
         }
         Ok(self.with(|st| {

@@ -54,8 +54,9 @@ pub struct SessionId<'a> {
 ///
 /// `token` is a random value naming the lock holder: only the holder may
 /// write or release, so a holder that stalled past the lock TTL cannot
-/// overwrite a newer holder's work.
-pub trait Store: Send + Sync + 'static {
+/// overwrite a newer holder's work. Clones share one store (a connection or
+/// a map), so a clone can release a lock from a spawned task.
+pub trait Store: Clone + Send + Sync + 'static {
     /// Counts this request against `rate` (if given) and, unless limited,
     /// tries once to take the session's lock for `lock_ttl`, loading the
     /// dialog in the same step.
