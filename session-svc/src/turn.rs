@@ -10,6 +10,8 @@
 //! the same step that writes: a holder that stalled past its TTL writes
 //! nothing.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -230,12 +232,19 @@ impl<S: Store> Turns<S> {
                     // If this future is dropped before the commit returns
                     // (the caller went away), release the lock now instead
                     // of leaving the session blocked until the TTL.
-                    let held = HeldLock {
-                        store: self.store.clone(),
-                        project: id.project.to_owned(),
-                        session_id: id.session_id.to_owned(),
-                        token: token.clone(),
-                        armed: true,
+                    let held = {
+                        let (store, token) = (self.store.clone(), token.clone());
+                        let (project, session_id) =
+                            (id.project.to_owned(), id.session_id.to_owned());
+                        OnDrop::new(async move {
+                            let id = SessionId {
+                                project: &project,
+                                session_id: &session_id,
+                            };
+                            if let Err(e) = store.release(id, &token).await {
+                                tracing::warn!(error = %e, "could not release an abandoned lock");
+                            }
+                        })
                     };
                     let acquired = Instant::now();
                     self.metrics
@@ -269,92 +278,42 @@ impl<S: Store> Turns<S> {
     }
 }
 
-/// A lock held across an await: released from a spawned task if dropped
-/// while armed.
-struct HeldLock<S: Store> {
-    store: S,
-    project: String,
-    session_id: String,
-    token: String,
-    armed: bool,
-}
+/// Runs a clean-up future in the background if dropped before
+/// [`OnDrop::disarm`]: how a turn undoes what it started when its caller goes
+/// away in the middle of an await (a dropped future runs no more code).
+pub struct OnDrop(Option<Pin<Box<dyn Future<Output = ()> + Send>>>);
 
-impl<S: Store> HeldLock<S> {
-    fn disarm(mut self) {
-        self.armed = false;
-    }
-}
-
-impl<S: Store> Drop for HeldLock<S> {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let store = self.store.clone();
-        let (project, session_id, token) = (
-            std::mem::take(&mut self.project),
-            std::mem::take(&mut self.session_id),
-            std::mem::take(&mut self.token),
-        );
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                let id = SessionId {
-                    project: &project,
-                    session_id: &session_id,
-                };
-                if let Err(e) = store.release(id, &token).await {
-                    tracing::warn!(error = %e, "could not release an abandoned lock");
-                }
-            });
-        }
-    }
-}
-
-/// Takes back an unanswered turn if the caller went away mid-generation
-/// (client disconnected, deadline passed, process draining), so an orphaned
-/// message does not sit in the history forever.
-pub struct AbandonOnDrop<S: Store> {
-    turns: Arc<Turns<S>>,
-    project: String,
-    session_id: String,
-    seq: u64,
-    armed: bool,
-}
-
-impl<S: Store> AbandonOnDrop<S> {
-    pub fn new(turns: Arc<Turns<S>>, project: &str, session_id: &str, seq: u64) -> Self {
-        Self {
-            turns,
-            project: project.to_owned(),
-            session_id: session_id.to_owned(),
-            seq,
-            armed: true,
-        }
+impl OnDrop {
+    pub fn new(cleanup: impl Future<Output = ()> + Send + 'static) -> Self {
+        Self(Some(Box::pin(cleanup)))
     }
 
-    /// The turn ended normally; nothing to undo.
+    /// Finished normally: nothing to undo.
     pub fn disarm(mut self) {
-        self.armed = false;
+        self.0 = None;
     }
 }
 
-impl<S: Store> Drop for AbandonOnDrop<S> {
+impl Drop for OnDrop {
     fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let turns = self.turns.clone();
-        let (project, session_id, seq) = (
-            std::mem::take(&mut self.project),
-            std::mem::take(&mut self.session_id),
-            self.seq,
-        );
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                if let Err(e) = turns.abandon(&project, &session_id, seq).await {
-                    tracing::warn!(error = %e, "could not take back an abandoned turn");
-                }
-            });
+        if let (Some(cleanup), Ok(rt)) = (self.0.take(), tokio::runtime::Handle::try_current()) {
+            rt.spawn(cleanup);
         }
     }
+}
+
+/// Takes back turn `seq` if dropped before disarmed: a caller that went away
+/// mid-generation (disconnect, deadline, draining) leaves no orphaned message.
+pub fn abandon_on_drop<S: Store>(
+    turns: Arc<Turns<S>>,
+    project: &str,
+    session_id: &str,
+    seq: u64,
+) -> OnDrop {
+    let (project, session_id) = (project.to_owned(), session_id.to_owned());
+    OnDrop::new(async move {
+        if let Err(e) = turns.abandon(&project, &session_id, seq).await {
+            tracing::warn!(error = %e, "could not take back an abandoned turn");
+        }
+    })
 }
