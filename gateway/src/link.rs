@@ -118,8 +118,13 @@ pub fn mqtt_options(config: &Config, project: &str) -> MqttOptions {
 impl Link {
     /// Builds project number `index`'s connection (not connected yet).
     pub fn new(shared: Arc<Shared>, project: &str, index: usize) -> (Self, LinkHandle) {
-        let (client, eventloop) =
+        let (client, mut eventloop) =
             AsyncClient::new(mqtt_options(&shared.config, project), CLIENT_QUEUE);
+        // rumqttc leaves Nagle on. A reply is a small write that often
+        // follows the PUBACK of its request; with Nagle it waits for the
+        // broker to acknowledge that PUBACK, which a broker delaying its
+        // ACKs does only after ~40 ms.
+        eventloop.network_options.set_tcp_nodelay(true);
         let project: Arc<str> = Arc::from(project);
         let publisher = Publisher::new(
             client.clone(),

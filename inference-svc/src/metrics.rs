@@ -51,10 +51,12 @@ impl Metrics {
         let m = Self {
             in_flight: Gauge::default(),
             queue_depth: Gauge::default(),
-            // 1 ms .. ~33 s: the default queue timeout is 30 s.
-            queue_wait: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
-            // 50 ms .. ~7 min: the default request timeout is 5 min.
-            generation: Histogram::new(exponential_buckets(0.05, 2.0, 14)),
+            // 10 µs .. ~42 s: an admitted call usually waits not at all
+            // (a few µs), and the default queue timeout is 30 s.
+            queue_wait: Histogram::new(exponential_buckets(0.000_01, 2.0, 23)),
+            // 1 ms .. ~9 min: a fast or simulated model answers in
+            // milliseconds; the default request timeout is 5 min.
+            generation: Histogram::new(exponential_buckets(0.001, 2.0, 20)),
             requests: Family::default(),
             errors: Family::default(),
         };

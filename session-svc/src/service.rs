@@ -20,7 +20,7 @@ use crate::dialog::Role;
 use crate::error::SessionError;
 use crate::metrics::{KindLabel, OutcomeLabel};
 use crate::store::{SessionId, Store};
-use crate::turn::{AbandonOnDrop, NewTurn, Prepared, Turns};
+use crate::turn::{abandon_on_drop, NewTurn, Prepared, Turns};
 
 /// Longest accepted session id, request id and system prompt.
 const MAX_ID_BYTES: usize = 256;
@@ -162,7 +162,7 @@ impl<S: Store> SessionService<S> {
         seq: u64,
         request: inf::GenerateRequest,
     ) -> Result<pb::ChatReply, SessionError> {
-        let guard = AbandonOnDrop::new(self.turns.clone(), &req.project, &req.session_id, seq);
+        let guard = abandon_on_drop(self.turns.clone(), &req.project, &req.session_id, seq);
         let generated = Instant::now();
         let result = self.inference.clone().generate(request).await;
         self.turns.observe_phase("generate", generated);
@@ -192,7 +192,7 @@ impl<S: Store> SessionService<S> {
         if tx.send(Ok(accepted)).await.is_err() {
             // Gone before anything was generated: take the message back.
             if let Started::Generate { seq, .. } = started {
-                drop(AbandonOnDrop::new(
+                drop(abandon_on_drop(
                     self.turns.clone(),
                     &req.project,
                     &req.session_id,
@@ -215,7 +215,7 @@ impl<S: Store> SessionService<S> {
             let _ = tx.send(Ok(event_done(done))).await;
             return Ok(());
         }
-        let guard = AbandonOnDrop::new(self.turns.clone(), &req.project, &req.session_id, seq);
+        let guard = abandon_on_drop(self.turns.clone(), &req.project, &req.session_id, seq);
         let generated = Instant::now();
         let mut text = String::new();
         let mut finish = String::new();
@@ -375,6 +375,7 @@ impl<S: Store> Sessions for SessionService<S> {
         &self,
         request: Request<pb::ChatRequest>,
     ) -> Result<Response<pb::ChatReply>, Status> {
+        let _in_flight = self.turns.metrics().turn_started();
         self.chat_inner(request.into_inner())
             .await
             .map(Response::new)
@@ -393,7 +394,9 @@ impl<S: Store> Sessions for SessionService<S> {
         validate_chat(&req, settings.max_message_chars).map_err(|e| self.fail(e))?;
         let (tx, rx) = mpsc::channel(64);
         let this = self.clone();
+        let in_flight = self.turns.metrics().turn_started();
         tokio::spawn(async move {
+            let _in_flight = in_flight;
             tokio::select! {
                 outcome = this.stream_inner(req, &tx) => {
                     if let Err(e) = outcome {

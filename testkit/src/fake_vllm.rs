@@ -506,10 +506,42 @@ fn reply_pieces(config: &FakeVllmConfig, messages: &[Value]) -> Vec<String> {
     }
 }
 
-/// Sleeps `d`, or returns false early when the fake is shutting down.
+/// Margin left by the coarse part of a pause: tokio's timer ticks in whole
+/// milliseconds and rounds up, so its sleeps end up to ~2 ms late.
+const COARSE_MARGIN: Duration = Duration::from_millis(3);
+/// The last stretch of a pause, spent yielding on the worker that writes the
+/// reply: waking a parked thread takes tens of microseconds, and hundreds on
+/// a VM whose idle vCPUs halt, which a benchmark would charge to palaver.
+const SPIN: Duration = Duration::from_micros(300);
+
+/// Sleeps `d` — no more, so a benchmark knows the backend's latency; not at
+/// all when `d` is zero (an "instant" backend) — or returns false early
+/// when the fake is shutting down.
+///
+/// Three stages: tokio's timer up to [`COARSE_MARGIN`] before the end, then
+/// `std::thread::sleep` on a blocking thread (tens of microseconds late at
+/// most) up to [`SPIN`] before it, then yielding until the end.
 async fn pause(shutdown: &CancellationToken, d: Duration) -> bool {
+    if d.is_zero() {
+        return !shutdown.is_cancelled();
+    }
+    let deadline = tokio::time::Instant::now() + d;
+    let slept = async {
+        if let Some(coarse) = deadline.checked_sub(COARSE_MARGIN) {
+            tokio::time::sleep_until(coarse).await;
+        }
+        if let Some(fine) = deadline.checked_sub(SPIN) {
+            let rest = fine.saturating_duration_since(tokio::time::Instant::now());
+            if !rest.is_zero() {
+                let _ = tokio::task::spawn_blocking(move || std::thread::sleep(rest)).await;
+            }
+        }
+        while tokio::time::Instant::now() < deadline {
+            tokio::task::yield_now().await;
+        }
+    };
     tokio::select! {
-        _ = tokio::time::sleep(d) => true,
+        _ = slept => true,
         _ = shutdown.cancelled() => false,
     }
 }

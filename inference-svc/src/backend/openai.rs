@@ -541,8 +541,63 @@ struct ModelEntry {
     id: String,
 }
 
+/// A chunk read straight into its typed shape, with just enough of the
+/// error shapes to notice one.
+#[derive(Deserialize)]
+struct FastChunk<'a> {
+    #[serde(default)]
+    choices: Option<Vec<StreamChoice>>,
+    #[serde(default)]
+    usage: Option<UsageJson>,
+    /// vLLM's new error shape: any non-null `error`.
+    #[serde(default)]
+    error: Option<serde::de::IgnoredAny>,
+    /// vLLM's old error shape: `"object": "error"`.
+    #[serde(default, borrow)]
+    object: Option<std::borrow::Cow<'a, str>>,
+}
+
 /// Parses one `data:` payload; an error object in it becomes the error.
+///
+/// Every token of every reply comes through here. Going through a
+/// `serde_json::Value` first (a map allocation per object, then a second
+/// pass) was the largest single cost of inference-svc under load, so a
+/// chunk is read straight into its typed shape. Whatever that cannot take
+/// as an ordinary chunk — an error in either shape, a duplicate key, a
+/// field of an unexpected type, bad JSON — goes the general way below, so
+/// the outcome is the same as before for every input.
 fn parse_event(data: &str) -> Result<Event, InferenceError> {
+    match serde_json::from_str::<FastChunk<'_>>(data) {
+        Ok(c) if c.error.is_none() && c.object.as_deref() != Some("error") => {
+            Ok(event_of(c.choices, c.usage))
+        }
+        _ => parse_event_general(data),
+    }
+}
+
+/// What a chunk without an error contributes.
+fn event_of(choices: Option<Vec<StreamChoice>>, usage: Option<UsageJson>) -> Event {
+    let mut event = Event {
+        usage: usage.map(|u| Usage {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+        }),
+        ..Event::default()
+    };
+    for choice in choices.unwrap_or_default() {
+        if let Some(text) = choice.delta.and_then(|d| d.content) {
+            event.content.push_str(&text);
+        }
+        if choice.finish_reason.is_some() {
+            event.finish_reason = choice.finish_reason;
+        }
+    }
+    event
+}
+
+/// [`parse_event`] through a `Value`: finds errors in every shape and
+/// explains unreadable chunks.
+fn parse_event_general(data: &str) -> Result<Event, InferenceError> {
     let value: Value = serde_json::from_str(data).map_err(|e| {
         InferenceError::Backend(format!("the model server sent an unreadable chunk: {e}"))
     })?;
@@ -554,22 +609,7 @@ fn parse_event(data: &str) -> Result<Event, InferenceError> {
     let chunk: StreamChunk = serde_json::from_value(value).map_err(|e| {
         InferenceError::Backend(format!("the model server sent an unexpected chunk: {e}"))
     })?;
-    let mut event = Event {
-        usage: chunk.usage.map(|u| Usage {
-            prompt_tokens: u.prompt_tokens,
-            completion_tokens: u.completion_tokens,
-        }),
-        ..Event::default()
-    };
-    for choice in chunk.choices.unwrap_or_default() {
-        if let Some(text) = choice.delta.and_then(|d| d.content) {
-            event.content.push_str(&text);
-        }
-        if choice.finish_reason.is_some() {
-            event.finish_reason = choice.finish_reason;
-        }
-    }
-    Ok(event)
+    Ok(event_of(chunk.choices, chunk.usage))
 }
 
 /// Errors inside a stream: the same mapping as HTTP statuses, except that a
@@ -649,6 +689,26 @@ mod tests {
         );
         let null_usage = r#"{"choices":[{"delta":{"content":"x"}}],"usage":null}"#;
         assert_eq!(parse_event(null_usage).unwrap().content, "x");
+    }
+
+    #[test]
+    fn the_fast_path_reads_what_the_general_one_reads() {
+        let inputs = [
+            r#"{"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}"#,
+            r#"{"id":"x","object":"chat.completion.chunk","choices":[{"delta":{"content":"a\"b"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#,
+            r#"{"object":"chat\u002ecompletion.chunk","choices":[{"delta":{"content":"x"}}]}"#,
+            r#"{"choices":[],"usage":null,"error":null}"#,
+            r#"{"choices":[{"delta":{"content":"a"}}],"choices":[{"delta":{"content":"b"}}]}"#,
+            r#"{"object":7,"choices":[{"delta":{"content":"x"}}]}"#,
+            r#"{"error":{"message":"boom","code":500}}"#,
+            r#"{"error":"Unauthorized"}"#,
+            r#"{"object":"error","message":"old","code":400}"#,
+            r#"{"choices":"nope"}"#,
+            "{not json",
+        ];
+        for data in inputs {
+            assert_eq!(parse_event(data), parse_event_general(data), "{data}");
+        }
     }
 
     #[test]
