@@ -7,11 +7,15 @@
 //! - [`broker`]: the embedded MQTT broker (rumqttd);
 //! - [`client`]: the client side of the MQTT wire protocol;
 //! - [`chat`], [`send`]: the two clients built on it;
+//! - [`bench`]: the MQTT load generator (`palaver bench`);
+//! - [`fake_vllm`]: the test suite's fake vLLM as a process (`palaver fake-vllm`);
 //! - [`logging`]: where logs go and how much of them.
 
+pub mod bench;
 pub mod broker;
 pub mod chat;
 pub mod client;
+pub mod fake_vllm;
 pub mod logging;
 pub mod send;
 pub mod up;

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use palaver::{chat, logging, send, up};
+use palaver::{bench, chat, fake_vllm, logging, send, up};
 
 /// palaver: MQTT clients chat with an LLM.
 #[derive(Debug, Parser)]
@@ -22,6 +22,11 @@ enum Command {
     Chat(chat::ChatArgs),
     /// Send one message and print the reply; exit 0 reply, 1 error reply, 2 timeout or no connection.
     Send(send::SendArgs),
+    /// Load-test a running stack over MQTT: N sessions, closed or open loop;
+    /// prints throughput, errors by kind and end-to-end latency percentiles.
+    Bench(bench::BenchArgs),
+    /// Serve a fake OpenAI-compatible vLLM with a fixed latency, for benchmarks.
+    FakeVllm(fake_vllm::FakeVllmArgs),
 }
 
 #[tokio::main]
@@ -45,6 +50,14 @@ async fn main() -> ExitCode {
         Command::Send(args) => {
             logging::init(logging::CLIENT_FILTER);
             send::run(args).await
+        }
+        Command::Bench(args) => {
+            logging::init(logging::CLIENT_FILTER);
+            bench::run(args).await
+        }
+        Command::FakeVllm(args) => {
+            logging::init(logging::CLIENT_FILTER);
+            fake_vllm::run(args).await
         }
     }
 }

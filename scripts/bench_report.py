@@ -1,0 +1,468 @@
+#!/usr/bin/env python3
+"""Turns the raw results of scripts/bench.sh into BENCHMARKS.md and an SVG chart.
+
+Standard library only. Every number written comes from the files in the
+results directory; the only constants are the targets and the old server's
+figures, both quoted from the issue that set them.
+
+    python3 scripts/bench_report.py target/bench --markdown BENCHMARKS.md --svg docs/bench.svg
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+
+# Targets and the old Python server's figures (same machine, same fake), as
+# the issue states them; not measured here.
+OLD = {
+    "P1": "p50 5.0 ms, p99 7.7 ms",
+    "P1'": "p50 47.9 ms",
+    "P2": "74.5/s (93 %), p99 1.28 s",
+    "P3": "267 replies/s",
+    "P4": "(claimed ~12 ms)",
+    "P5": "—",
+}
+SLOTS, BACKEND_S = 8, 0.100
+P2_CEILING = SLOTS / BACKEND_S  # 80 replies/s
+SWEEP = [1, 8, 16, 32, 64]
+MIB = 1024
+
+
+def load(out, name):
+    path = os.path.join(out, name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def histogram(path, name):
+    """Cumulative buckets [(le, count)] of a Prometheus histogram in a scrape."""
+    if not os.path.exists(path):
+        return None
+    buckets = []
+    pattern = re.compile(r'^%s_bucket\{le="([^"]+)"\} (\S+)$' % re.escape(name))
+    with open(path) as f:
+        for line in f:
+            m = pattern.match(line.strip())
+            if m:
+                buckets.append((float(m.group(1)), float(m.group(2))))
+    return buckets or None
+
+
+def diff(after, before):
+    if before is None:
+        return after
+    return [(le, a - b) for (le, a), (_, b) in zip(after, before)]
+
+
+def quantile(buckets, q):
+    """(upper bound of the bucket holding quantile q, linear estimate inside it)."""
+    total = buckets[-1][1]
+    if total <= 0:
+        return None, None
+    target = q * total
+    prev_le, prev_c = 0.0, 0.0
+    for le, c in buckets:
+        if c >= target:
+            if math.isinf(le):
+                return le, prev_le
+            share = (target - prev_c) / (c - prev_c) if c > prev_c else 1.0
+            return le, prev_le + (le - prev_le) * share
+        prev_le, prev_c = le, c
+    return buckets[-1][0], buckets[-1][0]
+
+
+def share_at_most(buckets, bound):
+    total = buckets[-1][1]
+    for le, c in buckets:
+        if abs(le - bound) < 1e-12:
+            return c / total if total else None
+    return None
+
+
+def ms(v, digits=2):
+    return "—" if v is None else f"{v:.{digits}f} ms"
+
+
+def lat(run, key):
+    return None if run is None else run["latency_ms"].get(key)
+
+
+def verdict(ok):
+    if ok is None:
+        return "not measured"
+    return "**met**" if ok else "**not met**"
+
+
+def cpu_during(out):
+    before, after = (os.path.join(out, f"p3-cpu-{w}.txt") for w in ("before", "after"))
+    if not (os.path.exists(before) and os.path.exists(after)):
+        return None
+
+    def read(path):
+        with open(path) as f:
+            return dict(line.split() for line in f if line.strip())
+
+    b, a = read(before), read(after)
+    tck = float(a["clk_tck"])
+    seconds = float(a["uptime"]) - float(b["uptime"])
+    return {
+        k: (float(a[k]) - float(b[k])) / tck / seconds * 1000
+        for k in a
+        if k not in ("clk_tck", "uptime")
+    }, seconds
+
+
+def p4(out, before_name, after_name):
+    after = histogram(os.path.join(out, after_name), "palaver_session_lock_hold_seconds")
+    if after is None:
+        return None
+    before = histogram(os.path.join(out, before_name), "palaver_session_lock_hold_seconds")
+    b = diff(after, before)
+    p50 = quantile(b, 0.50)
+    p99 = quantile(b, 0.99)
+    return {
+        "count": int(b[-1][1]),
+        "share_1ms": share_at_most(b, 0.001),
+        "p50": p50,
+        "p99": p99,
+    }
+
+
+def p4_text(r):
+    if r is None or not r["count"]:
+        return "—"
+    le99, est99 = r["p99"]
+    share = r["share_1ms"]
+    return (
+        f"p99 ≤ {le99 * 1000:.3g} ms (bucket bound; ≈ {est99 * 1000:.2f} ms interpolated); "
+        f"{share * 100:.2f} % of {r['count']} holds ≤ 1 ms"
+    )
+
+
+def rss_text(p5):
+    if not p5:
+        return "—", None
+    parts, worst = [], 0
+    for name, v in p5.items():
+        if name == "fake-vllm":
+            continue
+        parts.append(f"{name} {v['rss_kib'] / MIB:.1f} MiB")
+        worst = max(worst, v["rss_kib"])
+    return ", ".join(parts), worst / MIB
+
+
+def svg_chart(runs, path):
+    """Two panels: throughput and latency against sessions, per backend."""
+    series = {
+        "instant backend": ["p1i"] + [f"sweep-instant-{n}" for n in SWEEP[1:-1]] + ["p3"],
+        "backend 100 ms": ["p1"] + [f"sweep-100ms-{n}" for n in SWEEP[1:-1]] + ["p2"],
+    }
+    colors = {"instant backend": "#1f77b4", "backend 100 ms": "#d62728"}
+    W, H = 960, 420
+    pw, ph = 380, 280
+    panels = [(70, 60), (560, 60)]
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
+        'font-family="sans-serif" font-size="12">',
+        f'<rect width="{W}" height="{H}" fill="white"/>',
+        f'<text x="{W / 2}" y="24" text-anchor="middle" font-size="15">'
+        "palaver, closed loop over MQTT (mosquitto), by number of sessions</text>",
+    ]
+
+    def xpos(x0, n):
+        return x0 + math.log2(n) / math.log2(64) * pw
+
+    def points(name, key):
+        pts = []
+        for n, label in zip(SWEEP, series[name]):
+            r = runs.get(label)
+            if r is None:
+                continue
+            v = r["replies_per_sec"] if key == "rps" else r["latency_ms"].get(key)
+            if v is not None and v > 0:
+                pts.append((n, v))
+        return pts
+
+    # Left: throughput, log axis (the 100 ms backend tops out at 80/s, the
+    # instant one in the thousands).
+    x0, y0 = panels[0]
+    all_rps = [v for s in series for _, v in points(s, "rps")] or [1]
+    rlo = 10 ** math.floor(math.log10(min(all_rps)))
+    rdec = max(1, math.ceil(math.log10(max(all_rps) / rlo)))
+
+    def yrps(v):
+        return y0 + ph - ph * (math.log10(v / rlo) / rdec)
+
+    out.append(f'<text x="{x0 + pw / 2}" y="{y0 - 12}" text-anchor="middle" font-size="13">'
+               "throughput (replies/s, log scale)</text>")
+    for d in range(rdec + 1):
+        v = rlo * 10 ** d
+        y = yrps(v)
+        out.append(f'<line x1="{x0}" y1="{y}" x2="{x0 + pw}" y2="{y}" stroke="#ddd"/>')
+        out.append(f'<text x="{x0 - 6}" y="{y + 4}" text-anchor="end">{v:g}</text>')
+    for s in series:
+        pts = points(s, "rps")
+        coords = [(xpos(x0, n), yrps(v)) for n, v in pts]
+        if coords:
+            out.append('<polyline fill="none" stroke-width="2" stroke="%s" points="%s"/>' % (
+                colors[s], " ".join(f"{x:.1f},{y:.1f}" for x, y in coords)))
+            for (x, y), (_, v) in zip(coords, pts):
+                out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{colors[s]}"/>')
+                out.append(f'<text x="{x:.1f}" y="{y - 7:.1f}" text-anchor="middle" font-size="10">{v:.0f}</text>')
+
+    # Right: latency p50 (solid) and p99 (dashed), log axis.
+    x1, y1 = panels[1]
+    lats = [v for s in series for k in ("p50", "p99") for _, v in points(s, k)] or [1]
+    lo = 10 ** math.floor(math.log10(min(lats)))
+    hi = 10 ** math.ceil(math.log10(max(lats)))
+    decades = max(1, round(math.log10(hi / lo)))
+
+    def ylog(v):
+        return y1 + ph - ph * (math.log10(v / lo) / decades)
+
+    out.append(f'<text x="{x1 + pw / 2}" y="{y1 - 12}" text-anchor="middle" font-size="13">'
+               "end-to-end latency (ms, log scale): p50 solid, p99 dashed</text>")
+    for d in range(decades + 1):
+        v = lo * 10 ** d
+        y = ylog(v)
+        out.append(f'<line x1="{x1}" y1="{y}" x2="{x1 + pw}" y2="{y}" stroke="#ddd"/>')
+        out.append(f'<text x="{x1 - 6}" y="{y + 4}" text-anchor="end">{v:g}</text>')
+    for s in series:
+        for key, dash in (("p50", ""), ("p99", ' stroke-dasharray="5,4"')):
+            pts = points(s, key)
+            coords = [(xpos(x1, n), ylog(v)) for n, v in pts]
+            if coords:
+                out.append('<polyline fill="none" stroke-width="2" stroke="%s"%s points="%s"/>' % (
+                    colors[s], dash, " ".join(f"{x:.1f},{y:.1f}" for x, y in coords)))
+                for x, y in coords:
+                    out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{colors[s]}"/>')
+
+    # Axes and legend.
+    for x0_, y0_ in panels:
+        out.append(f'<rect x="{x0_}" y="{y0_}" width="{pw}" height="{ph}" fill="none" stroke="#444"/>')
+        for n in SWEEP:
+            x = xpos(x0_, n)
+            out.append(f'<line x1="{x}" y1="{y0_ + ph}" x2="{x}" y2="{y0_ + ph + 5}" stroke="#444"/>')
+            out.append(f'<text x="{x}" y="{y0_ + ph + 18}" text-anchor="middle">{n}</text>')
+        out.append(f'<text x="{x0_ + pw / 2}" y="{y0_ + ph + 36}" text-anchor="middle">'
+                   "sessions (log scale)</text>")
+    lx = 70
+    for s in series:
+        out.append(f'<line x1="{lx}" y1="{H - 22}" x2="{lx + 24}" y2="{H - 22}" stroke="{colors[s]}" stroke-width="3"/>')
+        out.append(f'<text x="{lx + 30}" y="{H - 18}">{s}</text>')
+        lx += 200
+    out.append(f'<text x="{lx}" y="{H - 18}" fill="#555">backend 100 ms: at most {SLOTS} generations at once, '
+               f"so at most {P2_CEILING:.0f} replies/s</text>")
+    out.append("</svg>")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(out) + "\n")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("results", help="directory written by scripts/bench.sh")
+    ap.add_argument("--markdown", default="BENCHMARKS.md")
+    ap.add_argument("--svg", default="docs/bench.svg")
+    args = ap.parse_args()
+    out = args.results
+
+    names = ["p1i", "p1", "p2", "p3", "up-p1i", "up-p1", "up-p2", "up-p3"]
+    names += [f"sweep-instant-{n}" for n in SWEEP[1:-1]] + [f"sweep-100ms-{n}" for n in SWEEP[1:-1]]
+    runs = {n: load(out, n + ".json") for n in names}
+    runs = {k: v for k, v in runs.items() if v is not None}
+    if not runs:
+        sys.exit(f"no results in {out}")
+    machine = load(out, "machine.json") or {}
+    fake = {k: load(out, f"fake-{k}.json") for k in ("instant", "100ms")}
+
+    def p1(run):
+        if run is None:
+            return None, None
+        return lat(run, "p50") - BACKEND_S * 1000, lat(run, "p99") - BACKEND_S * 1000
+
+    rows = []
+    # P1
+    a50, a99 = p1(runs.get("p1"))
+    b50, b99 = p1(runs.get("up-p1"))
+    ok = None if a50 is None else (a50 <= 1.0 and a99 <= 3.0)
+    rows.append(("P1", "1 session, backend 100 ms: e2e minus 100 ms", "p50 ≤ 1 ms, p99 ≤ 3 ms",
+                 f"p50 {ms(a50)}, p99 {ms(a99)}", f"p50 {ms(b50)}, p99 {ms(b99)}", OLD["P1"], verdict(ok)))
+    # P1'
+    r, u = runs.get("p1i"), runs.get("up-p1i")
+    ok = None if r is None else lat(r, "p50") <= 1.0
+    rows.append(("P1'", "1 session, instant backend: e2e", "p50 ≤ 1 ms",
+                 f"p50 {ms(lat(r, 'p50'))}, p99 {ms(lat(r, 'p99'))}",
+                 f"p50 {ms(lat(u, 'p50'))}, p99 {ms(lat(u, 'p99'))}", OLD["P1'"], verdict(ok)))
+
+    # P2
+    def p2(run):
+        if run is None:
+            return "—", None
+        rps = run["replies_per_sec"]
+        return (f"{rps:.1f}/s ({rps / P2_CEILING * 100:.1f} %), p99 {lat(run, 'p99') / 1000:.3f} s",
+                rps / P2_CEILING)
+
+    t2, s2 = p2(runs.get("p2"))
+    tu2, _ = p2(runs.get("up-p2"))
+    rows.append(("P2", "64 sessions, backend 100 ms, limit 8", "≥ 99 % of 80 replies/s", t2, tu2,
+                 OLD["P2"], verdict(None if s2 is None else s2 >= 0.99)))
+    # P3
+    r, u = runs.get("p3"), runs.get("up-p3")
+    rows.append(("P3", "64 sessions, instant backend", "≥ 3,000 replies/s",
+                 "—" if r is None else f"{r['replies_per_sec']:.0f} replies/s, p99 {ms(lat(r, 'p99'), 1)}",
+                 "—" if u is None else f"{u['replies_per_sec']:.0f} replies/s, p99 {ms(lat(u, 'p99'), 1)}",
+                 OLD["P3"], verdict(None if r is None else r["replies_per_sec"] >= 3000)))
+    # P4
+    h = p4(out, "p3-session-before.metrics", "p3-session-after.metrics")
+    hu = p4(out, "up-p3-session-before.metrics", "up-p3-session-after.metrics")
+    ok = None if not h or not h["count"] else h["share_1ms"] >= 0.99
+    rows.append(("P4", "lock hold time under P3", "p99 ≤ 1 ms", p4_text(h), p4_text(hu), OLD["P4"], verdict(ok)))
+    # P5
+    rt, worst = rss_text(load(out, "p5.json"))
+    rtu, _ = rss_text(load(out, "up-p5.json"))
+    rows.append(("P5", "RSS of each service after P3", "≤ 64 MiB", rt, rtu + " (one process)" if rtu != "—" else rtu,
+                 OLD["P5"], verdict(None if worst is None else worst <= 64)))
+
+    svg_chart(runs, args.svg)
+    svg_rel = os.path.relpath(args.svg, os.path.dirname(os.path.abspath(args.markdown)) or ".")
+
+    L = []
+    L.append("# palaver benchmarks")
+    L.append("")
+    L.append("Written by `scripts/bench.sh` (through `scripts/bench_report.py`) from the runs of "
+             f"{machine.get('date', '?')} on commit `{machine.get('commit', '?')}`"
+             + (" with uncommitted changes" if machine.get("dirty") else "")
+             + ". Run the script again to reproduce every number here; it takes about five minutes.")
+    L.append("")
+    L.append("## Standard points")
+    L.append("")
+    L.append("| point | what | target | palaver: services + mosquitto | `palaver up` (embedded broker) "
+             "| old Python server, same machine, same fake | verdict |")
+    L.append("|---|---|---|---|---|---|---|")
+    for row in rows:
+        L.append("| " + " | ".join(row) + " |")
+    L.append("")
+    L.append("The verdict is for the production shape (separate services, mosquitto). "
+             "The old server's figures are quoted from the issue that set the targets, not measured here. "
+             "P4's p99 comes from the histogram `palaver_session_lock_hold_seconds` (half-octave buckets), "
+             "read over the P3 run only: the bucket's upper bound is an upper bound on the true p99, and "
+             "1 ms is a bucket bound, so the share of holds within 1 ms is exact.")
+    L.append("")
+    L.append(f"![throughput and latency against sessions]({svg_rel})")
+    L.append("")
+    L.append("## Sessions sweep (services + mosquitto)")
+    L.append("")
+    L.append("| sessions | instant: replies/s | p50 | p99 | lock hold p99 (share ≤ 1 ms) | "
+             "backend 100 ms: replies/s | p50 | p99 | errors |")
+    L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    inst = ["p1i"] + [f"sweep-instant-{n}" for n in SWEEP[1:-1]] + ["p3"]
+    slow = ["p1"] + [f"sweep-100ms-{n}" for n in SWEEP[1:-1]] + ["p2"]
+    for n, a, b in zip(SWEEP, inst, slow):
+        ra, rb = runs.get(a), runs.get(b)
+        cells = [str(n)]
+        for r, label in ((ra, a), (rb, b)):
+            if r is None:
+                cells += ["—"] * 3
+            else:
+                cells += [f"{r['replies_per_sec']:.1f}", ms(lat(r, "p50")), ms(lat(r, "p99"))]
+            if label == a:
+                hold = p4(out, f"{a}-session-before.metrics", f"{a}-session-after.metrics")
+                if hold and hold["count"]:
+                    cells.append(f"≤ {hold['p99'][0] * 1000:.3g} ms ({hold['share_1ms'] * 100:.1f} %)")
+                else:
+                    cells.append("—")
+        errs = sum(r["errors_total"] for r in (ra, rb) if r)
+        cells.append(str(errs))
+        L.append("| " + " | ".join(cells) + " |")
+    L.append("")
+    L.append("Lock hold p99 is the bucket bound from session-svc's histogram over that run alone; "
+             "in brackets the exact share of holds within 1 ms.")
+    L.append("")
+    errors = {k: v["errors"] for k, v in runs.items() if v["errors_total"]}
+    if errors:
+        L.append("Errors by kind: " + "; ".join(f"{k}: {json.dumps(v)}" for k, v in sorted(errors.items())))
+    else:
+        L.append("No run had an error reply or a missing reply.")
+    L.append("")
+    cpu = cpu_during(out)
+    if cpu:
+        use, seconds = cpu
+        L.append("## Where the CPU goes during P3")
+        L.append("")
+        L.append(f"CPU time per second of wall time over the P3 run ({seconds:.0f} s, warm-up included), "
+                 f"at {runs['p3']['replies_per_sec']:.0f} replies/s; the load generator takes the rest "
+                 f"of the {machine.get('nproc', '?')} cores.")
+        L.append("")
+        L.append("| process | CPU ms/s | µs per reply |")
+        L.append("|---|---:|---:|")
+        rps = runs["p3"]["replies_per_sec"]
+        for k, v in sorted(use.items(), key=lambda kv: -kv[1]):
+            L.append(f"| {k} | {v:.0f} | {v * 1000 / rps:.0f} |")
+        L.append("")
+    L.append("## Machine")
+    L.append("")
+    L.append(f"- {machine.get('nproc', '?')} cores (`nproc`), {machine.get('cpu', '?')}, "
+             f"{machine.get('memory_gib', '?')} GiB memory, Linux {machine.get('kernel', '?')}"
+             + (f", virtualization: {machine['virtualization']}" if machine.get("virtualization") else ""))
+    L.append(f"- {machine.get('rustc', '?')}; {machine.get('redis', '?')}; {machine.get('mosquitto', '?')}; "
+             f"Python {machine.get('python', '?')}")
+    L.append("- Everything runs on this one machine: broker, Redis, fake vLLM, services and load generator "
+             "share its cores.")
+    loop = load(out, "loopback.json")
+    if loop:
+        rt = loop["redis_ping_median_us_after_idle_ms"]
+        L.append("- One hop between two processes (a Redis PING round trip from Python, median): "
+                 + ", ".join(f"{v:.0f} µs after {k} ms idle" for k, v in rt.items())
+                 + ". A turn crosses some twenty such hops; idle CPUs make each one dearer.")
+    L.append("")
+    L.append("## How it is measured")
+    L.append("")
+    L.append("- **Load**: `palaver bench`, a closed-loop MQTT client speaking the wire protocol: each session "
+             "publishes to `bench/user_input` (QoS 1) with the reference client's reply topic "
+             "`bench/assistant_response/<sid>/<clientId>/<requestId>` and sends its next message when the reply "
+             "arrives. One MQTT connection per session, 64-byte messages. Latency is end to end, from handing "
+             "the publish to the MQTT client until the reply is read; every sample is kept and percentiles are "
+             "exact (nearest rank). Replies/s counts the replies that arrive inside the measured window, after "
+             "a warm-up. Sessions keep their history, trimmed to the project's 20 messages.")
+    f_i, f_s = fake.get("instant"), fake.get("100ms")
+    fake_line = ("- **Backend**: `palaver fake-vllm` (the test suite's fake vLLM as a process), streamed SSE replies "
+                 "of 16 words in vLLM's exact chunk shapes, `--tpot 0`; \"instant\" is `--ttft 0`, "
+                 "\"backend 100 ms\" is `--ttft 100`.")
+    if f_i and f_s:
+        fake_line += (f" Measured alone over HTTP (a Python client, no palaver): median "
+                      f"{f_i['median_ms']:.2f} ms instant, {f_s['median_ms']:.2f} ms for 100 ms. "
+                      "P1 subtracts the nominal 100 ms, so the fake's own overshoot counts against palaver.")
+    L.append(fake_line)
+    L.append("- **Project**: `scripts/bench-projects.toml` defines project `bench` with `rate_limit = 0`. "
+             "The shipped default (20 messages per 60 s per session) would answer almost every benchmark "
+             "request with \"Rate limit exceeded\"; the default itself is unchanged.")
+    L.append("- **Broker**: mosquitto with the test suite's settings (`max_inflight_messages 0`, "
+             "`max_queued_messages 100000`) plus `set_tcp_nodelay true`: mosquitto leaves Nagle's algorithm "
+             "on by default, and a reply written right after a PUBACK then waits for the peer's delayed ACK "
+             "(about 40 ms). `palaver up` runs rumqttd inside the process.")
+    L.append("- **Services**: the release binaries `gateway`, `session-svc`, `inference-svc` with default "
+             "settings (8 generations at once), Redis for dialogs, each serving `/metrics`. P4 reads "
+             "session-svc's lock histogram before and after P3; P5 reads `VmRSS` from `/proc/<pid>/status` "
+             "right after P3.")
+    L.append("")
+    commands = os.path.join(out, "commands.txt")
+    if os.path.exists(commands):
+        L.append("## Commands run")
+        L.append("")
+        L.append("```")
+        with open(commands) as f:
+            L.extend(line.rstrip("\n").replace(os.getcwd() + "/", "") for line in f)
+        L.append("```")
+        L.append("")
+    with open(args.markdown, "w") as f:
+        f.write("\n".join(L))
+
+
+if __name__ == "__main__":
+    main()
