@@ -16,6 +16,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+use palaver_core::projects::ProjectSettings;
+
 use crate::dialog::Role;
 use crate::error::SessionError;
 use crate::metrics::{KindLabel, OutcomeLabel};
@@ -133,6 +135,24 @@ impl<S: Store> SessionService<S> {
                 Err(SessionError::Inference(status))
             }
         }
+    }
+
+    /// A configured project's settings and a valid session address, or the
+    /// INVALID_ARGUMENT status saying which is wrong.
+    fn address<'a>(
+        &self,
+        project: &'a str,
+        session_id: &'a str,
+    ) -> Result<(&ProjectSettings, SessionId<'a>), Status> {
+        let settings = self.turns.project(project).map_err(|e| self.fail(e))?;
+        validate_session_id(session_id).map_err(|e| self.fail(e))?;
+        Ok((
+            settings,
+            SessionId {
+                project,
+                session_id,
+            },
+        ))
     }
 
     fn fail(&self, e: SessionError) -> Status {
@@ -417,12 +437,7 @@ impl<S: Store> Sessions for SessionService<S> {
         request: Request<pb::SessionRef>,
     ) -> Result<Response<pb::History>, Status> {
         let r = request.into_inner();
-        let settings = self.turns.project(&r.project).map_err(|e| self.fail(e))?;
-        validate_session_id(&r.session_id).map_err(|e| self.fail(e))?;
-        let id = SessionId {
-            project: &r.project,
-            session_id: &r.session_id,
-        };
+        let (settings, id) = self.address(&r.project, &r.session_id)?;
         let store = self.turns.store();
         let (dialog, project_prompt) =
             tokio::join!(store.load(id), store.project_prompt(&r.project));
@@ -444,12 +459,7 @@ impl<S: Store> Sessions for SessionService<S> {
         request: Request<pb::ResetSessionRequest>,
     ) -> Result<Response<pb::ResetSessionReply>, Status> {
         let r = request.into_inner();
-        let settings = self.turns.project(&r.project).map_err(|e| self.fail(e))?;
-        validate_session_id(&r.session_id).map_err(|e| self.fail(e))?;
-        let id = SessionId {
-            project: &r.project,
-            session_id: &r.session_id,
-        };
+        let (settings, id) = self.address(&r.project, &r.session_id)?;
         let (prompt, keep_history) = (r.system_prompt, r.keep_history);
         self.turns
             .locked(id, None, settings.session_ttl, move |d| {
@@ -470,12 +480,7 @@ impl<S: Store> Sessions for SessionService<S> {
         request: Request<pb::SessionRef>,
     ) -> Result<Response<pb::DeleteSessionReply>, Status> {
         let r = request.into_inner();
-        let settings = self.turns.project(&r.project).map_err(|e| self.fail(e))?;
-        validate_session_id(&r.session_id).map_err(|e| self.fail(e))?;
-        let id = SessionId {
-            project: &r.project,
-            session_id: &r.session_id,
-        };
+        let (settings, id) = self.address(&r.project, &r.session_id)?;
         let existed = self
             .turns
             .locked(id, None, settings.session_ttl, |d| d.take().is_some())

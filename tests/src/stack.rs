@@ -42,6 +42,22 @@ impl Default for StackOptions {
     }
 }
 
+impl StackOptions {
+    /// Production defaults against a fake vLLM that waits `ttft`, then
+    /// `tpot` between each of `tokens` words (latency ttft + (tokens-1)·tpot).
+    pub fn with_backend(ttft: Duration, tpot: Duration, tokens: usize) -> Self {
+        Self {
+            vllm: FakeVllmConfig {
+                ttft,
+                tpot,
+                tokens,
+                ..FakeVllmConfig::default()
+            },
+            ..Self::default()
+        }
+    }
+}
+
 /// A running pipeline. Dropping it stops everything.
 pub struct Stack {
     pub redis: RedisServer,

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use palaver_testkit::fake_vllm::FakeVllmConfig;
 use palaver_tests::{Received, Stack, StackOptions};
 use serde_json::json;
 
@@ -186,15 +185,11 @@ fn allowed(topic: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_the_right_answer_or_a_counted_drop_and_nothing_escapes() {
-    let stack = Stack::start(StackOptions {
-        vllm: FakeVllmConfig {
-            ttft: Duration::from_millis(5),
-            tpot: Duration::ZERO,
-            tokens: 2,
-            ..FakeVllmConfig::default()
-        },
-        ..StackOptions::default()
-    })
+    let stack = Stack::start(StackOptions::with_backend(
+        Duration::from_millis(5),
+        Duration::ZERO,
+        2,
+    ))
     .await;
     let mut sniffer = stack.mqtt().await;
     sniffer.subscribe("#").await;

@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use palaver_proto::session::v1::{ChatRequest, SessionRef};
-use palaver_testkit::fake_vllm::FakeVllmConfig;
 use palaver_tests::{Stack, StackOptions};
 use tokio::time::Instant;
 
@@ -18,13 +17,11 @@ async fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_leaving_mid_generation_frees_the_slot_and_takes_the_message_back() {
-    let stack = Stack::start(StackOptions {
-        vllm: FakeVllmConfig {
-            ttft: Duration::from_secs(30),
-            ..FakeVllmConfig::default()
-        },
-        ..StackOptions::default()
-    })
+    let stack = Stack::start(StackOptions::with_backend(
+        Duration::from_secs(30),
+        Duration::from_millis(5),
+        16,
+    ))
     .await;
     let mut client = stack.sessions(0).await;
     let request = ChatRequest {

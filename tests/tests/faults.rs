@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use palaver_testkit::fake_vllm::{FakeVllmConfig, Fault};
+use palaver_testkit::fake_vllm::Fault;
 use palaver_tests::{Stack, StackOptions, TestClient};
 use serde_json::json;
 use tokio::time::Instant;
@@ -14,18 +14,12 @@ const TIMEOUT: Duration = Duration::from_millis(1500);
 
 async fn stack() -> Stack {
     Stack::start(StackOptions {
-        vllm: FakeVllmConfig {
-            ttft: Duration::from_millis(20),
-            tpot: Duration::from_millis(5),
-            tokens: 6,
-            ..FakeVllmConfig::default()
-        },
         inference: Box::new(|c| {
             c.first_token_timeout = TIMEOUT;
             c.idle_timeout = TIMEOUT;
             c.request_timeout = TIMEOUT * 4;
         }),
-        ..StackOptions::default()
+        ..StackOptions::with_backend(Duration::from_millis(20), Duration::from_millis(5), 6)
     })
     .await
 }

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use palaver_proto::session::v1::{chat_event, ChatRequest, Role, SessionRef};
-use palaver_testkit::fake_vllm::FakeVllmConfig;
 use palaver_tests::{Stack, StackOptions};
 use serde_json::json;
 use tokio::time::Instant;
@@ -18,15 +17,7 @@ use tokio::time::Instant;
 const L: Duration = Duration::from_millis(800);
 
 fn slow_backend() -> StackOptions {
-    StackOptions {
-        vllm: FakeVllmConfig {
-            ttft: L,
-            tpot: Duration::ZERO,
-            tokens: 4,
-            ..FakeVllmConfig::default()
-        },
-        ..StackOptions::default()
-    }
+    StackOptions::with_backend(L, Duration::ZERO, 4)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,16 +183,7 @@ async fn ten_streamed_turns_hold_their_slot_until_the_last_token() {
     // waits ttft, then tpot between tokens: L = ttft + (tokens - 1) * tpot.
     let (ttft, tpot, tokens) = (Duration::from_millis(30), Duration::from_millis(110), 8);
     let latency = ttft + tpot * (tokens as u32 - 1);
-    let stack = Stack::start(StackOptions {
-        vllm: FakeVllmConfig {
-            ttft,
-            tpot,
-            tokens,
-            ..FakeVllmConfig::default()
-        },
-        ..StackOptions::default()
-    })
-    .await;
+    let stack = Stack::start(StackOptions::with_backend(ttft, tpot, tokens)).await;
     let client = stack.sessions(0).await;
     let t0 = Instant::now();
     let turns = (0..10).map(|i| {

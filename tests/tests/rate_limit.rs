@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use palaver_testkit::fake_vllm::FakeVllmConfig;
 use palaver_tests::{Stack, StackOptions};
 use serde_json::json;
 
@@ -10,15 +9,11 @@ const RATE_LIMITED: &str = "Error: Rate limit exceeded. Please slow down your re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_21st_message_in_a_minute_is_refused_and_other_sessions_are_not() {
-    let stack = Stack::start(StackOptions {
-        vllm: FakeVllmConfig {
-            ttft: Duration::from_millis(5),
-            tpot: Duration::ZERO,
-            tokens: 2,
-            ..FakeVllmConfig::default()
-        },
-        ..StackOptions::default()
-    })
+    let stack = Stack::start(StackOptions::with_backend(
+        Duration::from_millis(5),
+        Duration::ZERO,
+        2,
+    ))
     .await;
     let mut c = stack.mqtt().await;
     c.subscribe("general/assistant_response/#").await;

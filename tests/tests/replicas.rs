@@ -7,7 +7,6 @@ use std::time::Duration;
 use futures::future::join_all;
 use palaver_core::projects::Projects;
 use palaver_proto::session::v1::{ChatRequest, Role, SessionRef};
-use palaver_testkit::fake_vllm::FakeVllmConfig;
 use palaver_tests::{Stack, StackOptions};
 use session_svc::keys::KeySpace;
 use tokio::time::Instant;
@@ -23,15 +22,9 @@ fn roomy_projects() -> Projects {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_concurrent_turns_on_one_session_across_two_replicas_lose_nothing() {
     let stack = Stack::start(StackOptions {
-        vllm: FakeVllmConfig {
-            ttft: Duration::from_millis(30),
-            tpot: Duration::from_millis(2),
-            tokens: 3,
-            ..FakeVllmConfig::default()
-        },
         projects: roomy_projects(),
         session_replicas: 2,
-        ..StackOptions::default()
+        ..StackOptions::with_backend(Duration::from_millis(30), Duration::from_millis(2), 3)
     })
     .await;
     let clients = [stack.sessions(0).await, stack.sessions(1).await];
@@ -86,15 +79,11 @@ async fn fifty_concurrent_turns_on_one_session_across_two_replicas_lose_nothing(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_left_by_a_dead_holder_frees_itself_after_its_ttl() {
-    let stack = Stack::start(StackOptions {
-        vllm: FakeVllmConfig {
-            ttft: Duration::from_millis(10),
-            tpot: Duration::ZERO,
-            tokens: 2,
-            ..FakeVllmConfig::default()
-        },
-        ..StackOptions::default()
-    })
+    let stack = Stack::start(StackOptions::with_backend(
+        Duration::from_millis(10),
+        Duration::ZERO,
+        2,
+    ))
     .await;
     // A replica took the lock and died: nobody will ever release it.
     let ttl = Duration::from_millis(1000);
