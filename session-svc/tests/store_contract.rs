@@ -173,7 +173,65 @@ async fn project_index_and_prompt<S: Store>(s: &S) {
     assert_eq!(s.project_prompt("npc").await.unwrap(), None);
 }
 
+/// The turn engine on top of the store: idempotent retries and replies
+/// stored after their own message, whatever order they finish in.
+async fn turns_keep_order_and_do_not_repeat_retries<S: Store>(s: &S) {
+    use palaver_core::projects::Projects;
+    use session_svc::turn::{LockConfig, NewTurn, Prepared, Turns};
+
+    let metrics = std::sync::Arc::new(session_svc::metrics::Metrics::new(
+        &mut prometheus_client::registry::Registry::default(),
+    ));
+    let turns = Turns::new(
+        s.clone(),
+        Projects::builtin(),
+        LockConfig::default(),
+        metrics,
+    );
+    let turn = |message: &'static str, request_id: &'static str| NewTurn {
+        project: "general",
+        session_id: "engine",
+        message,
+        request_id: Some(request_id),
+        system_prompt: None,
+    };
+    let seq = |p: Prepared| match p {
+        Prepared::Generate { seq, messages } => {
+            assert_eq!(messages[0].0, session_svc::dialog::Role::System);
+            seq
+        }
+        Prepared::Replay(r) => panic!("unexpected replay {r}"),
+    };
+    let s1 = seq(turns.prepare(&turn("u1", "r1")).await.unwrap());
+    let s2 = seq(turns.prepare(&turn("u2", "r2")).await.unwrap());
+    // A retry of r1 while it is still generating reuses its turn.
+    assert_eq!(seq(turns.prepare(&turn("u1", "r1")).await.unwrap()), s1);
+    turns
+        .store_reply("general", "engine", s2, "a2")
+        .await
+        .unwrap();
+    turns
+        .store_reply("general", "engine", s1, "a1")
+        .await
+        .unwrap();
+    match turns.prepare(&turn("u1", "r1")).await.unwrap() {
+        Prepared::Replay(r) => assert_eq!(r, "a1"),
+        other => panic!("a finished retry must replay, got {other:?}"),
+    }
+    let history: Vec<String> = s
+        .load(sid("engine"))
+        .await
+        .unwrap()
+        .unwrap()
+        .history()
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect();
+    assert_eq!(history, ["u1", "a1", "u2", "a2"]);
+}
+
 async fn contract<S: Store>(s: S) {
+    turns_keep_order_and_do_not_repeat_retries(&s).await;
     lock_excludes_others_and_only_the_holder_writes(&s).await;
     a_dead_holders_lock_expires_and_its_late_write_is_refused(&s).await;
     sessions_expire_after_their_ttl(&s).await;
