@@ -341,13 +341,8 @@ impl Inner {
 
     /// One mapping for HTTP errors and errors inside the stream.
     fn api_error(&self, code: u16, message: &str) -> InferenceError {
-        if message
-            .to_ascii_lowercase()
-            .contains("maximum context length")
-        {
-            return InferenceError::InvalidArgument(
-                "the conversation is too long for the model".into(),
-            );
+        if let Some(e) = context_too_long(message) {
+            return e;
         }
         let quoted = quote(message);
         match StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR) {
@@ -615,13 +610,8 @@ fn parse_event_general(data: &str) -> Result<Event, InferenceError> {
 /// Errors inside a stream: the same mapping as HTTP statuses, except that a
 /// 404 cannot happen there.
 fn mid_stream_error(code: u16, message: &str) -> InferenceError {
-    if message
-        .to_ascii_lowercase()
-        .contains("maximum context length")
-    {
-        return InferenceError::InvalidArgument(
-            "the conversation is too long for the model".into(),
-        );
+    if let Some(e) = context_too_long(message) {
+        return e;
     }
     let quoted = quote(message);
     if (400..500).contains(&code) {
@@ -631,6 +621,17 @@ fn mid_stream_error(code: u16, message: &str) -> InferenceError {
             "the model server failed in the middle of a reply: {quoted}"
         ))
     }
+}
+
+/// vLLM's "prompt + max_tokens > max_model_len" refusal, wherever it comes:
+/// the client's fault (a conversation too long), not the server's.
+fn context_too_long(message: &str) -> Option<InferenceError> {
+    message
+        .to_ascii_lowercase()
+        .contains("maximum context length")
+        .then(|| {
+            InferenceError::InvalidArgument("the conversation is too long for the model".into())
+        })
 }
 
 /// A peer's message made fit for one line of ours: whitespace collapsed,

@@ -2,7 +2,7 @@
 //! semantics (locks with holder tokens and TTLs, expiring sessions, the same
 //! sliding-window rate limit).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -41,7 +41,20 @@ impl Session {
 #[derive(Default)]
 struct Project {
     prompt: Option<String>,
-    sessions: HashMap<String, Instant>,
+    /// Like the Redis set: one TTL for the whole index, refreshed whenever a
+    /// session is touched (so touching costs O(1), not O(sessions)).
+    sessions: HashSet<String>,
+    sessions_expire: Option<Instant>,
+}
+
+impl Project {
+    /// Forgets the index once its TTL has passed.
+    fn expire(&mut self, now: Instant) {
+        if self.sessions_expire.is_some_and(|exp| exp <= now) {
+            self.sessions.clear();
+            self.sessions_expire = None;
+        }
+    }
 }
 
 #[derive(Default)]
@@ -85,7 +98,7 @@ impl MemoryStore {
         }
         state.sessions.retain(|_, s| !s.is_empty(now));
         for p in state.projects.values_mut() {
-            p.sessions.retain(|_, exp| *exp > now);
+            p.expire(now);
         }
     }
 }
@@ -174,11 +187,8 @@ impl Store for MemoryStore {
         let exp = Instant::now() + ttl;
         self.with(|st| {
             let p = st.projects.entry(id.project.to_owned()).or_default();
-            // Like the Redis set's TTL, touching refreshes every member.
-            for e in p.sessions.values_mut() {
-                *e = exp;
-            }
-            p.sessions.insert(id.session_id.to_owned(), exp);
+            p.sessions.insert(id.session_id.to_owned());
+            p.sessions_expire = Some(exp);
         });
         Ok(())
     }
@@ -186,12 +196,9 @@ impl Store for MemoryStore {
     async fn sessions(&self, project: &str) -> Result<Vec<String>, StoreError> {
         let now = Instant::now();
         Ok(self.with(|st| {
-            st.projects.get(project).map_or_else(Vec::new, |p| {
-                p.sessions
-                    .iter()
-                    .filter(|(_, exp)| **exp > now)
-                    .map(|(id, _)| id.clone())
-                    .collect()
+            st.projects.get_mut(project).map_or_else(Vec::new, |p| {
+                p.expire(now);
+                p.sessions.iter().cloned().collect()
             })
         }))
     }
