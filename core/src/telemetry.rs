@@ -48,6 +48,32 @@ pub async fn spawn_metrics(
     Ok(local)
 }
 
+/// Why `/metrics` could not be served.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot serve metrics on {addr}: {source}")]
+pub struct MetricsError {
+    addr: SocketAddr,
+    source: std::io::Error,
+}
+
+/// What every service binary does with its `--metrics-listen` flag: nothing
+/// without an address, else serve `registry` there in the background and log
+/// where. Returns the bound address.
+pub async fn serve_metrics_flag(
+    addr: Option<SocketAddr>,
+    registry: Registry,
+    shutdown: CancellationToken,
+) -> Result<Option<SocketAddr>, MetricsError> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let bound = spawn_metrics(addr, Arc::new(registry), shutdown)
+        .await
+        .map_err(|source| MetricsError { addr, source })?;
+    tracing::info!(addr = %bound, "metrics at /metrics");
+    Ok(Some(bound))
+}
+
 async fn render(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
     let mut body = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut body, &registry) {

@@ -2,7 +2,6 @@
 //! wiring lives in the library.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
@@ -28,13 +27,8 @@ async fn main() -> anyhow::Result<()> {
     let mut registry = Registry::default();
     let gateway = gateway::Gateway::new(config, &mut registry).context("gateway settings")?;
     let shutdown = palaver_core::shutdown::on_signal();
-    if let Some(addr) = cli.metrics_listen {
-        let bound =
-            palaver_core::telemetry::spawn_metrics(addr, Arc::new(registry), shutdown.clone())
-                .await
-                .with_context(|| format!("cannot serve metrics on {addr}"))?;
-        tracing::info!(%bound, "serving metrics");
-    }
+    palaver_core::telemetry::serve_metrics_flag(cli.metrics_listen, registry, shutdown.clone())
+        .await?;
     gateway.run(shutdown).await?;
     Ok(())
 }

@@ -1,7 +1,6 @@
 //! inference-svc binary: parse the configuration, bind, serve until SIGTERM.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -45,13 +44,8 @@ async fn main() -> anyhow::Result<()> {
     let mut registry = Registry::default();
     let server = Server::new(config, &mut registry)?;
     let shutdown = palaver_core::shutdown::on_signal();
-    if let Some(addr) = cli.metrics_listen {
-        let bound =
-            palaver_core::telemetry::spawn_metrics(addr, Arc::new(registry), shutdown.clone())
-                .await
-                .with_context(|| format!("cannot serve metrics on {addr}"))?;
-        tracing::info!(%bound, "metrics on /metrics");
-    }
+    palaver_core::telemetry::serve_metrics_flag(cli.metrics_listen, registry, shutdown.clone())
+        .await?;
     let listener = tokio::net::TcpListener::bind(cli.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cli.listen))?;

@@ -1,13 +1,15 @@
 //! session-svc: parses flags, opens the store, serves.
 
-use std::sync::Arc;
+use std::net::SocketAddr;
 
 use anyhow::Context;
 use clap::Parser;
 use palaver_core::{shutdown, telemetry};
 use prometheus_client::registry::Registry;
 use session_svc::keys::KeySpace;
-use session_svc::{ListenArgs, MemoryStore, RedisStore, Server, SessionArgs};
+use session_svc::{Config, ListenArgs, MemoryStore, RedisStore, Server, SessionArgs, Store};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 /// palaver's session service: dialogs in Redis under short per-session locks.
 #[derive(Debug, Parser)]
@@ -25,43 +27,45 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = cli.session.config()?;
     let stop = shutdown::on_signal();
-    let mut registry = Registry::default();
-    let listener = tokio::net::TcpListener::bind(cli.listen.listen)
+    let listener = TcpListener::bind(cli.listen.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cli.listen.listen))?;
     tracing::info!(addr = %cli.listen.listen, "session-svc listening");
 
-    let serving = match &cli.session.redis_url {
+    match &cli.session.redis_url {
         Some(url) => {
             let store = RedisStore::connect(url, KeySpace::new(&cli.session.key_prefix))
                 .await
                 .with_context(|| format!("cannot reach Redis at {url}"))?;
-            let server = Server::new(config, store, &mut registry)?;
-            start_metrics(&cli.listen, registry, &stop).await?;
-            server.serve(listener, stop).await
+            serve(config, store, cli.listen.metrics_listen, listener, stop).await?;
         }
         None => {
             tracing::warn!("no --redis-url: dialogs are kept in memory and lost on restart");
-            let server = Server::new(config, MemoryStore::new(), &mut registry)?;
-            start_metrics(&cli.listen, registry, &stop).await?;
-            server.serve(listener, stop).await
+            serve(
+                config,
+                MemoryStore::new(),
+                cli.listen.metrics_listen,
+                listener,
+                stop,
+            )
+            .await?;
         }
-    };
-    serving?;
+    }
     tracing::info!("session-svc stopped");
     Ok(())
 }
 
-async fn start_metrics(
-    listen: &ListenArgs,
-    registry: Registry,
-    stop: &tokio_util::sync::CancellationToken,
+/// The rest of `main`, once per store type (the server is generic over it).
+async fn serve<S: Store>(
+    config: Config,
+    store: S,
+    metrics_listen: Option<SocketAddr>,
+    listener: TcpListener,
+    stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    if let Some(addr) = listen.metrics_listen {
-        let bound = telemetry::spawn_metrics(addr, Arc::new(registry), stop.clone())
-            .await
-            .with_context(|| format!("cannot serve metrics on {addr}"))?;
-        tracing::info!(addr = %bound, "metrics at /metrics");
-    }
+    let mut registry = Registry::default();
+    let server = Server::new(config, store, &mut registry)?;
+    telemetry::serve_metrics_flag(metrics_listen, registry, stop.clone()).await?;
+    server.serve(listener, stop).await?;
     Ok(())
 }
