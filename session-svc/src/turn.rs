@@ -211,6 +211,24 @@ impl<S: Store> Turns<S> {
         let deadline = first_try + self.lock.wait;
         let mut rate = rate;
         let mut pause = Duration::from_micros(250);
+        // If this future is dropped while the lock may be ours — an admit in
+        // flight, or between admit and commit — release it at once rather
+        // than leave the session blocked until the TTL. Built before the
+        // first attempt so that nothing is allocated inside the lock window;
+        // releasing a lock we do not hold is a no-op (compare-and-delete).
+        let held = {
+            let (store, token) = (self.store.clone(), token.clone());
+            let (project, session_id) = (id.project.to_owned(), id.session_id.to_owned());
+            OnDrop::new(async move {
+                let id = SessionId {
+                    project: &project,
+                    session_id: &session_id,
+                };
+                if let Err(e) = store.release(id, &token).await {
+                    tracing::warn!(error = %e, "could not release an abandoned lock");
+                }
+            })
+        };
         loop {
             // The rate limit is counted on the first attempt only.
             match self
@@ -218,9 +236,13 @@ impl<S: Store> Turns<S> {
                 .admit(id, rate.take(), &token, self.lock.ttl)
                 .await?
             {
-                Admit::RateLimited => return Err(SessionError::RateLimited),
+                Admit::RateLimited => {
+                    held.disarm();
+                    return Err(SessionError::RateLimited);
+                }
                 Admit::Busy => {
                     if Instant::now() + pause > deadline {
+                        held.disarm();
                         return Err(SessionError::LockTimeout);
                     }
                     // Jitter keeps contending turns from retrying in step.
@@ -229,23 +251,6 @@ impl<S: Store> Turns<S> {
                     pause = (pause * 2).min(Duration::from_millis(20));
                 }
                 Admit::Locked(mut dialog) => {
-                    // If this future is dropped before the commit returns
-                    // (the caller went away), release the lock now instead
-                    // of leaving the session blocked until the TTL.
-                    let held = {
-                        let (store, token) = (self.store.clone(), token.clone());
-                        let (project, session_id) =
-                            (id.project.to_owned(), id.session_id.to_owned());
-                        OnDrop::new(async move {
-                            let id = SessionId {
-                                project: &project,
-                                session_id: &session_id,
-                            };
-                            if let Err(e) = store.release(id, &token).await {
-                                tracing::warn!(error = %e, "could not release an abandoned lock");
-                            }
-                        })
-                    };
                     let acquired = Instant::now();
                     self.metrics
                         .lock_wait
