@@ -20,10 +20,10 @@ use palaver_proto::session::v1::{
     ResetSessionReply, ResetSessionRequest, SessionAction, SessionRef, UpdateProjectReply,
     UpdateProjectRequest,
 };
+use palaver_testkit::mqtt::{Received, TestClient};
 use palaver_testkit::process::{free_port, Mosquitto};
 use prometheus_client::registry::Registry;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -211,67 +211,33 @@ fn config(broker: &Broker, session: SocketAddr, projects: &[&str]) -> Config {
 }
 
 /// A client that sees every message on the broker.
-struct Client {
-    client: AsyncClient,
-    rx: mpsc::UnboundedReceiver<(String, String)>,
-}
+/// The shared test client, subscribed to everything.
+struct Client(TestClient);
 
 impl Client {
     async fn connect(port: u16) -> Client {
-        let mut opts = MqttOptions::new(
-            format!("test-{:08x}", rand::random::<u32>()),
-            "127.0.0.1",
-            port,
-        );
-        opts.set_max_packet_size(1 << 20, 1 << 20);
-        let (client, mut eventloop) = AsyncClient::new(opts, 256);
-        let (tx, rx) = mpsc::unbounded_channel();
-        let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
-        client.subscribe("#", QoS::AtLeastOnce).await.unwrap();
-        tokio::spawn(async move {
-            let mut subscribed = Some(subscribed_tx);
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        if let Some(s) = subscribed.take() {
-                            let _ = s.send(());
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let text = String::from_utf8_lossy(&p.payload).into_owned();
-                        if tx.send((p.topic.clone(), text)).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                }
-            }
-        });
-        tokio::time::timeout(WAIT, subscribed_rx)
-            .await
-            .unwrap()
-            .unwrap();
-        Client { client, rx }
+        let id = format!("test-{:08x}", rand::random::<u32>());
+        let mut c = TestClient::connect(port, &id).await;
+        c.subscribe("#").await;
+        Client(c)
     }
 
     async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
-        self.client
-            .publish(topic, QoS::AtLeastOnce, false, payload)
-            .await
-            .unwrap();
+        self.0.publish(topic, payload).await;
     }
 
     /// The next message whose topic satisfies `pick` (others are skipped).
     async fn next_on(&mut self, pick: impl Fn(&str) -> bool) -> (String, String) {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let msg = tokio::time::timeout_at(deadline, self.rx.recv())
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let msg = self
+                .0
+                .recv(left)
                 .await
-                .expect("expected message did not arrive")
-                .expect("client closed");
-            if pick(&msg.0) {
-                return msg;
+                .expect("expected message did not arrive");
+            if pick(&msg.topic) {
+                return (msg.topic, msg.payload);
             }
         }
     }
@@ -282,10 +248,7 @@ impl Client {
 
     /// Asserts nothing arrives under `prefix` for a short while.
     async fn nothing_on(&mut self, prefix: &str, wait: Duration) {
-        let deadline = tokio::time::Instant::now() + wait;
-        while let Ok(Some((topic, payload))) =
-            tokio::time::timeout_at(deadline, self.rx.recv()).await
-        {
+        for Received { topic, payload, .. } in self.0.drain(wait).await {
             assert!(
                 !topic.starts_with(prefix),
                 "unexpected {payload:?} on {topic}"
@@ -529,15 +492,8 @@ async fn retained_requests_are_not_replayed() {
     let session = start_fake(fake.clone()).await;
     let mut c = Client::connect(broker.port()).await;
     // Retained before the gateway subscribes: the broker replays it on SUBSCRIBE.
-    c.client
-        .publish(
-            "p/clear_history",
-            QoS::AtLeastOnce,
-            true,
-            r#"{"target":"all"}"#,
-        )
-        .await
-        .unwrap();
+    c.0.publish_retained("p/clear_history", r#"{"target":"all"}"#)
+        .await;
     let _ = c.next_on(|t| t == "p/clear_history").await;
     let gw = start_gateway(config(&broker, session, &["p"])).await;
     c.nothing_on("p/hint/", Duration::from_millis(500)).await;

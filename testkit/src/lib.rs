@@ -4,7 +4,9 @@
 //!   ports and killed on drop — integration tests use the real thing, never
 //!   a mock;
 //! - `fake_vllm`: an OpenAI-compatible HTTP server with configurable latency
-//!   that counts requests in flight.
+//!   that counts requests in flight;
+//! - [`mqtt`]: a test client that queues what the broker delivers.
 
 pub mod fake_vllm;
+pub mod mqtt;
 pub mod process;

@@ -4,10 +4,9 @@
 //! over HTTP, inference-svc, session-svc and the gateway — and [`TestClient`]
 //! talks to it the way the old server's clients do.
 
-pub mod mqtt;
 pub mod stack;
 
-pub use mqtt::{Received, TestClient};
+pub use palaver_testkit::mqtt::{Received, TestClient};
 pub use stack::{Stack, StackOptions};
 
 /// Logs to the test's output when `RUST_LOG` is set.

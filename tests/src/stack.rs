@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::mqtt::TestClient;
+use palaver_testkit::mqtt::TestClient;
 
 /// How to build a stack; `Default` is the production defaults against a fast fake.
 pub struct StackOptions {

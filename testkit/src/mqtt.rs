@@ -1,4 +1,5 @@
-//! A test client that speaks the old clients' wire protocol over a real broker.
+//! An MQTT client for tests: everything the broker delivers queues up for
+//! the test to read, with a timestamp.
 
 use std::time::Duration;
 
@@ -84,6 +85,15 @@ impl TestClient {
     pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
         self.client
             .publish(topic, QoS::AtLeastOnce, false, payload.into())
+            .await
+            .expect("publish queued");
+    }
+
+    /// Publishes at QoS 1 with the retain flag: the broker keeps it and
+    /// replays it to every later subscriber.
+    pub async fn publish_retained(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, true, payload.into())
             .await
             .expect("publish queued");
     }
