@@ -65,6 +65,40 @@ pub enum Begin {
     Replay { reply: String },
 }
 
+/// A user message that opens a turn, with everything the store needs to
+/// take it in one atomic step.
+#[derive(Debug, Clone, Copy)]
+pub struct Opening<'a> {
+    pub message: &'a str,
+    pub request_id: Option<&'a str>,
+    /// A new system prompt for the session from this turn on.
+    pub system_prompt: Option<&'a str>,
+    pub limits: Limits,
+}
+
+/// What opening a turn produced.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Opened {
+    /// Generate turn `seq` from `history` (without the system prompt);
+    /// `system_prompt` is the session's own, if it has one.
+    Generate {
+        seq: u64,
+        system_prompt: Option<String>,
+        history: Vec<(Role, String)>,
+    },
+    /// A retried request whose reply is already stored.
+    Replay(String),
+}
+
+/// How a turn ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending<'a> {
+    /// The reply was generated: store it after its message.
+    Reply(&'a str),
+    /// Generation failed or its caller left: take the message back.
+    Abandon,
+}
+
 /// History limits of a project.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -184,6 +218,36 @@ impl Dialog {
             }
         }
         out
+    }
+
+    /// Phase 1 as one step: begins the turn, trims to `limits` (never the
+    /// turn itself) and snapshots what the model is to see. The Redis store
+    /// runs the same rules as a script (`store/redis.rs`); the store contract
+    /// tests hold the two together.
+    pub fn open(&mut self, o: &Opening<'_>) -> Opened {
+        match self.begin(o.message, o.request_id, o.system_prompt) {
+            Begin::Replay { reply } => Opened::Replay(reply),
+            Begin::Generate { seq } => {
+                self.trim(o.limits, Some(seq));
+                Opened::Generate {
+                    seq,
+                    system_prompt: self.system_prompt.clone(),
+                    history: self.prompt_for(seq),
+                }
+            }
+        }
+    }
+
+    /// Phase 3 as one step.
+    pub fn end(&mut self, seq: u64, ending: Ending<'_>) {
+        match ending {
+            Ending::Reply(text) => {
+                self.complete(seq, text);
+            }
+            Ending::Abandon => {
+                self.abandon(seq);
+            }
+        }
     }
 
     /// The stored history, oldest first, unanswered messages included.

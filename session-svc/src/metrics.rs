@@ -9,7 +9,8 @@ use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PhaseLabel {
-    /// prepare (lock, append, trim), generate (no lock), store (lock, save).
+    /// prepare (append, trim: one atomic step), generate (nothing held),
+    /// store (save the reply: one atomic step).
     pub phase: &'static str,
 }
 
@@ -25,9 +26,13 @@ pub struct KindLabel {
 
 /// What session-svc measures.
 pub struct Metrics {
-    /// Time a session lock is held: the design's one rule, measured.
+    /// Time a session is held exclusively: the design's one rule, measured.
+    /// For a turn's one-step changes, the compare-and-set's run inside the
+    /// store (by Redis's clock); for two-step changes, the lock from taken
+    /// to released.
     pub lock_hold: Histogram,
-    /// Time from the first attempt to take a lock until it is ours.
+    /// Time from the first attempt at a change until it got through (one
+    /// round trip when the session is free).
     pub lock_wait: Histogram,
     /// Turn latency by phase.
     pub phase: Family<PhaseLabel, Histogram>,
@@ -63,13 +68,13 @@ impl Metrics {
         let r = registry.sub_registry_with_prefix("palaver_session");
         r.register_with_unit(
             "lock_hold",
-            "Time a session lock was held",
+            "Time a session was held exclusively by one change",
             prometheus_client::registry::Unit::Seconds,
             m.lock_hold.clone(),
         );
         r.register_with_unit(
             "lock_wait",
-            "Time spent waiting for a session lock",
+            "Time from the first attempt at a session change until it got through",
             prometheus_client::registry::Unit::Seconds,
             m.lock_wait.clone(),
         );

@@ -462,7 +462,7 @@ impl<S: Store> Sessions for SessionService<S> {
         let (settings, id) = self.address(&r.project, &r.session_id)?;
         let (prompt, keep_history) = (r.system_prompt, r.keep_history);
         self.turns
-            .locked(id, None, settings.session_ttl, move |d| {
+            .locked(id, settings.session_ttl, move |d| {
                 if let Some(p) = prompt {
                     d.get_or_insert_with(Default::default).system_prompt = Some(p);
                 }
@@ -483,7 +483,7 @@ impl<S: Store> Sessions for SessionService<S> {
         let (settings, id) = self.address(&r.project, &r.session_id)?;
         let existed = self
             .turns
-            .locked(id, None, settings.session_ttl, |d| d.take().is_some())
+            .locked(id, settings.session_ttl, |d| d.take().is_some())
             .await
             .map_err(|e| self.fail(e))?;
         self.turns
@@ -531,7 +531,7 @@ impl<S: Store> Sessions for SessionService<S> {
             };
             let changed = self
                 .turns
-                .locked(id, None, settings.session_ttl, |d| match action {
+                .locked(id, settings.session_ttl, |d| match action {
                     pb::SessionAction::Delete => d.take().is_some(),
                     _ => match d {
                         Some(d) => {

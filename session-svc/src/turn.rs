@@ -1,14 +1,18 @@
 //! The three-phase turn: the one rule of the design lives here.
 //!
-//! 1. **prepare** — lock, load, append the user message, trim, snapshot the
-//!    history for the model, store, unlock;
-//! 2. **generate** — no lock held (done by the caller);
-//! 3. **store** — lock, put the reply right after its message, store, unlock.
+//! 1. **prepare** — append the user message, trim, snapshot the history for
+//!    the model, store: one atomic step of the store;
+//! 2. **generate** — nothing held (done by the caller);
+//! 3. **store** — put the reply right after its message, store: one atomic
+//!    step.
 //!
-//! A lock is taken with a random holder token and a TTL, retried with short
-//! jittered sleeps up to a deadline, and released by a compare-and-delete in
-//! the same step that writes: a holder that stalled past its TTL writes
-//! nothing.
+//! The session is held exclusively only while a step runs inside the store,
+//! never across a round trip (see `store/mod.rs` for why). Rarer two-step
+//! changes (reset, delete, clear) take the session's lock with a random
+//! holder token and a TTL, and release it by a compare-and-delete in the
+//! same step that writes: a holder that stalled past its TTL writes nothing.
+//! Both kinds retry a busy session with short jittered sleeps up to a
+//! deadline.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -19,19 +23,19 @@ use palaver_core::projects::{ProjectSettings, Projects};
 use rand::Rng;
 use tokio::time::Instant;
 
-use crate::dialog::{Begin, Dialog, Limits, Role};
+use crate::dialog::{Dialog, Ending, Limits, Opened, Opening, Role};
 use crate::error::SessionError;
 use crate::metrics::{Metrics, PhaseLabel};
-use crate::store::{Admit, RateLimit, SessionId, Store};
+use crate::store::{Admit, RateLimit, SessionId, Step, Store, StoreError};
 
 /// Lock timing.
 #[derive(Debug, Clone, Copy)]
 pub struct LockConfig {
-    /// How long a lock lives if its holder dies. Far above any real hold
-    /// time (well under a millisecond), short enough that a crash frees a
-    /// session quickly.
+    /// How long a two-step change's lock lives if its holder dies. Far above
+    /// any real hold time (a round trip to the store), short enough that a
+    /// crash frees a session quickly.
     pub ttl: Duration,
-    /// How long a turn waits for a busy session before giving up (ABORTED).
+    /// How long a change waits for a busy session before giving up (ABORTED).
     pub wait: Duration,
 }
 
@@ -116,27 +120,32 @@ impl<S: Store> Turns<S> {
             max_messages: settings.max_history_messages,
             max_tokens: settings.max_history_tokens,
         };
-        // The project's run-time prompt and the session index are read and
-        // written beside the locked step, not under it: they cost no lock time.
-        let (project_prompt, indexed, locked) = tokio::join!(
+        let opening = Opening {
+            message: t.message,
+            request_id: t.request_id,
+            system_prompt: t.system_prompt,
+            limits,
+        };
+        // The project's run-time prompt and the session index live under
+        // other keys (another hash slot): read and written beside the turn's
+        // step, not inside it.
+        let (project_prompt, indexed, opened) = tokio::join!(
             self.store.project_prompt(t.project),
             self.store.touch_index(id, settings.session_ttl),
-            self.locked(id, rate, settings.session_ttl, |d| {
-                let d = d.get_or_insert_with(Dialog::default);
-                match d.begin(t.message, t.request_id, t.system_prompt) {
-                    Begin::Replay { reply } => Err(reply),
-                    Begin::Generate { seq } => {
-                        d.trim(limits, Some(seq));
-                        Ok((seq, d.system_prompt.clone(), d.prompt_for(seq)))
-                    }
-                }
+            self.one_step(rate, |rate| {
+                self.store
+                    .open_turn(id, rate, &opening, settings.session_ttl)
             })
         );
         indexed?;
-        let prepared = match locked? {
-            Err(reply) => Prepared::Replay(reply),
-            Ok((seq, own_prompt, history)) => {
-                let system = own_prompt
+        let prepared = match opened? {
+            Opened::Replay(reply) => Prepared::Replay(reply),
+            Opened::Generate {
+                seq,
+                system_prompt,
+                history,
+            } => {
+                let system = system_prompt
                     .or(project_prompt?)
                     .unwrap_or_else(|| settings.system_prompt.clone());
                 let mut messages = Vec::with_capacity(history.len() + 1);
@@ -166,10 +175,9 @@ impl<S: Store> Turns<S> {
             project,
             session_id,
         };
-        self.locked(id, None, settings.session_ttl, |d| {
-            if let Some(d) = d {
-                d.complete(seq, reply);
-            }
+        self.one_step(None, |_| {
+            self.store
+                .end_turn(id, seq, Ending::Reply(reply), settings.session_ttl)
         })
         .await?;
         self.observe_phase("store", started);
@@ -188,29 +196,55 @@ impl<S: Store> Turns<S> {
             project,
             session_id,
         };
-        self.locked(id, None, settings.session_ttl, |d| {
-            if let Some(d) = d {
-                d.abandon(seq);
-            }
+        self.one_step(None, |_| {
+            self.store
+                .end_turn(id, seq, Ending::Abandon, settings.session_ttl)
         })
         .await
     }
 
-    /// Runs `f` on the session's dialog (`None`: no session) under the
-    /// session's lock, then stores what `f` left (`None` deletes). This is the
-    /// only place a lock is taken.
+    /// Runs a one-step change, retrying while a two-step change holds the
+    /// session. `attempt` gets the rate limit to count: on the first attempt
+    /// only.
+    async fn one_step<T, F, Fut>(
+        &self,
+        rate: Option<RateLimit>,
+        mut attempt: F,
+    ) -> Result<T, SessionError>
+    where
+        F: FnMut(Option<RateLimit>) -> Fut,
+        Fut: Future<Output = Result<Step<T>, StoreError>>,
+    {
+        let first_try = Instant::now();
+        let mut busy = Backoff::until(first_try + self.lock.wait);
+        let mut rate = rate;
+        loop {
+            match attempt(rate.take()).await? {
+                Step::RateLimited => return Err(SessionError::RateLimited),
+                Step::Busy => busy.pause().await?,
+                Step::Done { value, held } => {
+                    self.metrics
+                        .lock_wait
+                        .observe(first_try.elapsed().as_secs_f64());
+                    self.metrics.lock_hold.observe(held.as_secs_f64());
+                    return Ok(value);
+                }
+            }
+        }
+    }
+
+    /// A two-step change: runs `f` on the session's dialog (`None`: no
+    /// session) under the session's lock, then stores what `f` left (`None`
+    /// deletes). This is the only place a lock is taken.
     pub async fn locked<R>(
         &self,
         id: SessionId<'_>,
-        rate: Option<RateLimit>,
         ttl: Duration,
         f: impl FnOnce(&mut Option<Dialog>) -> R,
     ) -> Result<R, SessionError> {
         let token = format!("{:032x}", rand::rng().random::<u128>());
         let first_try = Instant::now();
-        let deadline = first_try + self.lock.wait;
-        let mut rate = rate;
-        let mut pause = Duration::from_micros(250);
+        let mut busy = Backoff::until(first_try + self.lock.wait);
         // If this future is dropped while the lock may be ours — an admit in
         // flight, or between admit and commit — release it at once rather
         // than leave the session blocked until the TTL. Built before the
@@ -230,25 +264,12 @@ impl<S: Store> Turns<S> {
             })
         };
         loop {
-            // The rate limit is counted on the first attempt only.
-            match self
-                .store
-                .admit(id, rate.take(), &token, self.lock.ttl)
-                .await?
-            {
-                Admit::RateLimited => {
-                    held.disarm();
-                    return Err(SessionError::RateLimited);
-                }
+            match self.store.admit(id, &token, self.lock.ttl).await? {
                 Admit::Busy => {
-                    if Instant::now() + pause > deadline {
+                    if let Err(e) = busy.pause().await {
                         held.disarm();
-                        return Err(SessionError::LockTimeout);
+                        return Err(e);
                     }
-                    // Jitter keeps contending turns from retrying in step.
-                    let jittered = pause.mul_f64(rand::rng().random_range(0.5..1.5));
-                    tokio::time::sleep(jittered).await;
-                    pause = (pause * 2).min(Duration::from_millis(20));
                 }
                 Admit::Locked(mut dialog) => {
                     let acquired = Instant::now();
@@ -280,6 +301,35 @@ impl<S: Store> Turns<S> {
             .phase
             .get_or_create(&PhaseLabel { phase })
             .observe(since.elapsed().as_secs_f64());
+    }
+}
+
+/// Short jittered sleeps between attempts at a busy session, doubling up to
+/// 20 ms, until a deadline.
+struct Backoff {
+    pause: Duration,
+    deadline: Instant,
+}
+
+impl Backoff {
+    fn until(deadline: Instant) -> Self {
+        Self {
+            pause: Duration::from_micros(250),
+            deadline,
+        }
+    }
+
+    /// Sleeps before the next attempt, or gives up (ABORTED) when that
+    /// would pass the deadline.
+    async fn pause(&mut self) -> Result<(), SessionError> {
+        if Instant::now() + self.pause > self.deadline {
+            return Err(SessionError::LockTimeout);
+        }
+        // Jitter keeps contending changes from retrying in step.
+        let jittered = self.pause.mul_f64(rand::rng().random_range(0.5..1.5));
+        tokio::time::sleep(jittered).await;
+        self.pause = (self.pause * 2).min(Duration::from_millis(20));
+        Ok(())
     }
 }
 

@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use palaver_testkit::process::RedisServer;
-use session_svc::dialog::Dialog;
+use session_svc::dialog::{Dialog, Ending, Limits, Opened, Opening};
 use session_svc::keys::KeySpace;
-use session_svc::store::{Admit, RateLimit, SessionId, Store};
+use session_svc::store::{Admit, RateLimit, SessionId, Step, Store};
 use session_svc::{MemoryStore, RedisStore};
 
 const TTL: Duration = Duration::from_secs(60);
@@ -27,31 +27,25 @@ fn dialog_with(msg: &str) -> Dialog {
 async fn lock_excludes_others_and_only_the_holder_writes<S: Store>(s: &S) {
     let id = sid("lock-basic");
     assert!(matches!(
-        s.admit(id, None, "a", TTL).await.unwrap(),
+        s.admit(id, "a", TTL).await.unwrap(),
         Admit::Locked(None)
     ));
-    assert!(matches!(
-        s.admit(id, None, "b", TTL).await.unwrap(),
-        Admit::Busy
-    ));
+    assert!(matches!(s.admit(id, "b", TTL).await.unwrap(), Admit::Busy));
     let d = dialog_with("hello");
     assert!(
         !s.commit(id, "b", Some(&d), TTL).await.unwrap(),
         "non-holder wrote"
     );
     assert!(s.commit(id, "a", Some(&d), TTL).await.unwrap());
-    match s.admit(id, None, "b", TTL).await.unwrap() {
+    match s.admit(id, "b", TTL).await.unwrap() {
         Admit::Locked(Some(got)) => assert_eq!(got, d),
         other => panic!("expected the stored dialog, got {other:?}"),
     }
     s.release(id, "a").await.unwrap(); // not the holder: no effect
-    assert!(matches!(
-        s.admit(id, None, "c", TTL).await.unwrap(),
-        Admit::Busy
-    ));
+    assert!(matches!(s.admit(id, "c", TTL).await.unwrap(), Admit::Busy));
     s.release(id, "b").await.unwrap();
     assert!(matches!(
-        s.admit(id, None, "c", TTL).await.unwrap(),
+        s.admit(id, "c", TTL).await.unwrap(),
         Admit::Locked(Some(_))
     ));
     assert!(s.commit(id, "c", None, TTL).await.unwrap(), "delete");
@@ -62,16 +56,16 @@ async fn a_dead_holders_lock_expires_and_its_late_write_is_refused<S: Store>(s: 
     let id = sid("lock-ttl");
     let short = Duration::from_millis(150);
     assert!(matches!(
-        s.admit(id, None, "dead", short).await.unwrap(),
+        s.admit(id, "dead", short).await.unwrap(),
         Admit::Locked(_)
     ));
     assert!(matches!(
-        s.admit(id, None, "next", TTL).await.unwrap(),
+        s.admit(id, "next", TTL).await.unwrap(),
         Admit::Busy
     ));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(matches!(
-        s.admit(id, None, "next", TTL).await.unwrap(),
+        s.admit(id, "next", TTL).await.unwrap(),
         Admit::Locked(None)
     ));
     let d = dialog_with("late");
@@ -82,7 +76,7 @@ async fn a_dead_holders_lock_expires_and_its_late_write_is_refused<S: Store>(s: 
 async fn sessions_expire_after_their_ttl<S: Store>(s: &S) {
     let id = sid("expiry");
     assert!(matches!(
-        s.admit(id, None, "t", TTL).await.unwrap(),
+        s.admit(id, "t", TTL).await.unwrap(),
         Admit::Locked(None)
     ));
     let d = dialog_with("soon gone");
@@ -95,55 +89,220 @@ async fn sessions_expire_after_their_ttl<S: Store>(s: &S) {
     assert_eq!(s.load(id).await.unwrap(), None);
 }
 
+const WIDE: Limits = Limits {
+    max_messages: 100,
+    max_tokens: 100_000,
+};
+
+fn opening(message: &str) -> Opening<'_> {
+    Opening {
+        message,
+        request_id: None,
+        system_prompt: None,
+        limits: WIDE,
+    }
+}
+
+/// Opens a turn of `id` counted against `rate`: "ok", "limited" or "busy".
+async fn try_open<S: Store>(s: &S, id: SessionId<'_>, rate: RateLimit) -> &'static str {
+    match s
+        .open_turn(id, Some(rate), &opening("m"), TTL)
+        .await
+        .unwrap()
+    {
+        Step::Done { .. } => "ok",
+        Step::RateLimited => "limited",
+        Step::Busy => "busy",
+    }
+}
+
 async fn rate_limit_is_a_sliding_window_per_session<S: Store>(s: &S) {
     let rate = RateLimit {
         limit: 3,
         window: Duration::from_millis(600),
     };
     let (a, b) = (sid("rate-a"), sid("rate-b"));
-    for i in 0..3 {
-        match s.admit(a, Some(rate), "t", TTL).await.unwrap() {
-            Admit::Locked(_) => s.release(a, "t").await.unwrap(),
-            other => panic!("request {i} refused: {other:?}"),
-        }
+    for _ in 0..3 {
+        assert_eq!(try_open(s, a, rate).await, "ok");
     }
-    assert!(matches!(
-        s.admit(a, Some(rate), "t", TTL).await.unwrap(),
-        Admit::RateLimited
-    ));
-    // A refused request takes no lock.
-    assert!(matches!(
-        s.admit(a, None, "u", TTL).await.unwrap(),
-        Admit::Locked(_)
-    ));
-    s.release(a, "u").await.unwrap();
+    assert_eq!(try_open(s, a, rate).await, "limited");
+    // A refused request opened no turn.
+    let turns = s.load(a).await.unwrap().unwrap().turns.len();
+    assert_eq!(turns, 3);
     // Another session is unaffected.
-    assert!(matches!(
-        s.admit(b, Some(rate), "t", TTL).await.unwrap(),
-        Admit::Locked(_)
-    ));
-    s.release(b, "t").await.unwrap();
+    assert_eq!(try_open(s, b, rate).await, "ok");
     tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(try_open(s, a, rate).await, "ok");
+    assert_eq!(try_open(s, a, rate).await, "ok");
+    // A request that finds the session locked still counts.
     assert!(matches!(
-        s.admit(a, Some(rate), "t", TTL).await.unwrap(),
+        s.admit(a, "holder", TTL).await.unwrap(),
         Admit::Locked(_)
     ));
-    s.release(a, "t").await.unwrap();
+    assert_eq!(try_open(s, a, rate).await, "busy");
+    s.release(a, "holder").await.unwrap();
+    assert_eq!(try_open(s, a, rate).await, "limited");
     // forget() clears the window.
-    for _ in 0..2 {
-        s.admit(a, Some(rate), "x", TTL).await.unwrap();
-        s.release(a, "x").await.unwrap();
-    }
-    assert!(matches!(
-        s.admit(a, Some(rate), "t", TTL).await.unwrap(),
-        Admit::RateLimited
-    ));
     s.forget(a).await.unwrap();
+    assert_eq!(try_open(s, a, rate).await, "ok");
+}
+
+/// What a one-step change returned, without the hold time.
+fn done<T: std::fmt::Debug>(step: Step<T>) -> T {
+    match step {
+        Step::Done { value, .. } => value,
+        other => panic!("expected Done, got {other:?}"),
+    }
+}
+
+/// A turn step for [`apply_on_both`]: open a turn, or end the n-th turn
+/// opened so far.
+type TurnStep<'a> = Result<Opening<'a>, (usize, Ending<'a>)>;
+
+/// Applies `steps` to a plain `Dialog` and to session `id` of the store,
+/// checking after each that both returned and hold the same; returns the
+/// dialog.
+async fn apply_on_both<S: Store>(s: &S, id: SessionId<'_>, steps: Vec<TurnStep<'_>>) -> Dialog {
+    let mut want = Dialog::default();
+    let mut seqs = Vec::new();
+    for (i, step) in steps.into_iter().enumerate() {
+        match step {
+            Ok(o) => {
+                let expected = want.open(&o);
+                let got = done(s.open_turn(id, None, &o, TTL).await.unwrap());
+                assert_eq!(got, expected, "{}: step {i}", id.session_id);
+                if let Opened::Generate { seq, .. } = got {
+                    if !seqs.contains(&seq) {
+                        seqs.push(seq);
+                    }
+                }
+            }
+            Err((n, ending)) => {
+                let seq = seqs.get(n).copied().unwrap_or(n as u64);
+                want.end(seq, ending);
+                done(s.end_turn(id, seq, ending, TTL).await.unwrap());
+            }
+        }
+        let stored = s.load(id).await.unwrap();
+        assert_eq!(stored.as_ref(), Some(&want), "{}: step {i}", id.session_id);
+    }
+    want
+}
+
+/// The one-step turn changes follow dialog.rs's rules exactly (the Redis
+/// store runs them as Lua): the same openings and endings, applied to a
+/// plain `Dialog` and to the store, return the same snapshots and leave the
+/// same dialog — trimming by messages and by tokens (characters, not
+/// bytes), retries, replays, prompts, and text JSON must escape.
+async fn one_step_changes_follow_the_dialog_rules<S: Store>(s: &S) {
+    let open = |limits: Limits| {
+        move |message, request_id, system_prompt| Opening {
+            message,
+            request_id,
+            system_prompt,
+            limits,
+        }
+    };
+    let wide = open(Limits {
+        max_messages: 5,
+        max_tokens: 16,
+    });
+    let long = "x".repeat(30);
+    let odd = "quotes \" \\ / tab\t newline\n nul\u{0} ünïcödé 🎉";
+    let want = apply_on_both(
+        s,
+        sid("rules"),
+        vec![
+            Ok(wide("first", Some("r1"), Some("be brief"))),
+            Ok(wide("second", Some("r2"), None)),
+            Err((1, Ending::Reply("a2"))),
+            Ok(wide("first", Some("r1"), None)), // retry while generating
+            Err((0, Ending::Reply(odd))),
+            Ok(wide("ignored", Some("r1"), Some("ignored"))), // replay
+            Ok(wide("third", None, Some(odd))),               // trims by tokens
+            Err((2, Ending::Reply("a3"))),
+            Ok(wide(&long, Some("r4"), None)),
+            Err((3, Ending::Abandon)),
+            Err((99, Ending::Reply("nobody's"))),
+            Ok(wide("fifth", None, None)),
+            Err((4, Ending::Reply("a5"))),
+            Ok(wide("sixth", None, None)), // trims by messages
+        ],
+    )
+    .await;
+    assert!(want.turns[0].seq > 1, "the steps must have trimmed");
+
+    // Tokens count characters: 8 two-byte characters are 2 tokens, not 4,
+    // so with a budget of 6 nothing is dropped.
+    let tight = open(Limits {
+        max_messages: 10,
+        max_tokens: 6,
+    });
+    let want = apply_on_both(
+        s,
+        sid("rules-chars"),
+        vec![
+            Ok(tight("éééééééé", None, None)),
+            Err((0, Ending::Reply("éééééééé"))),
+            Ok(tight("ab", None, None)),
+        ],
+    )
+    .await;
+    assert_eq!(want.turns.len(), 2, "nothing to trim by characters");
+
+    // A message over the whole budget drops everything before it, not itself.
+    let huge = "y".repeat(40);
+    let want = apply_on_both(
+        s,
+        sid("rules-keep"),
+        vec![
+            Ok(tight("ab", None, None)),
+            Err((0, Ending::Reply("cd"))),
+            Ok(tight(&huge, None, None)),
+        ],
+    )
+    .await;
+    assert_eq!(want.turns.len(), 1, "only the new turn is left");
+
+    // A dialog whose last turn was taken back has no turns, and reads back.
+    let empty = sid("rules-empty");
+    let Opened::Generate { seq, .. } =
+        done(s.open_turn(empty, None, &opening("x"), TTL).await.unwrap())
+    else {
+        panic!("a new turn generates");
+    };
+    done(s.end_turn(empty, seq, Ending::Abandon, TTL).await.unwrap());
+    let d = s.load(empty).await.unwrap().expect("kept");
+    assert!(d.turns.is_empty());
+    assert_eq!(d.next_seq, seq + 1);
+
+    // Ending a turn of a session that is gone writes nothing.
+    let gone = sid("rules-gone");
+    done(
+        s.end_turn(gone, 0, Ending::Reply("late"), TTL)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(s.load(gone).await.unwrap(), None);
+}
+
+/// A one-step change waits for a two-step change's lock.
+async fn one_step_changes_respect_the_lock<S: Store>(s: &S) {
+    let id = sid("rules-locked");
     assert!(matches!(
-        s.admit(a, Some(rate), "t", TTL).await.unwrap(),
-        Admit::Locked(_)
+        s.admit(id, "holder", TTL).await.unwrap(),
+        Admit::Locked(None)
     ));
-    s.release(a, "t").await.unwrap();
+    assert_eq!(
+        s.open_turn(id, None, &opening("x"), TTL).await.unwrap(),
+        Step::Busy
+    );
+    assert_eq!(
+        s.end_turn(id, 0, Ending::Abandon, TTL).await.unwrap(),
+        Step::Busy
+    );
+    assert!(s.commit(id, "holder", None, TTL).await.unwrap());
+    done(s.open_turn(id, None, &opening("x"), TTL).await.unwrap());
 }
 
 async fn project_index_and_prompt<S: Store>(s: &S) {
@@ -236,6 +395,8 @@ async fn contract<S: Store>(s: S) {
     a_dead_holders_lock_expires_and_its_late_write_is_refused(&s).await;
     sessions_expire_after_their_ttl(&s).await;
     rate_limit_is_a_sliding_window_per_session(&s).await;
+    one_step_changes_follow_the_dialog_rules(&s).await;
+    one_step_changes_respect_the_lock(&s).await;
     project_index_and_prompt(&s).await;
 }
 
@@ -251,4 +412,58 @@ async fn redis_store_meets_the_contract() {
         .await
         .expect("connect");
     contract(store).await;
+}
+
+/// Two replicas on one Redis take turns on one session: each one's idea of
+/// the dialog goes stale whenever the other writes, and nothing is lost or
+/// numbered twice.
+#[tokio::test]
+async fn redis_replicas_interleaving_on_one_session_lose_nothing() {
+    let redis = RedisServer::start().expect("redis-server");
+    let a = RedisStore::connect(&redis.url(), KeySpace::default())
+        .await
+        .expect("connect");
+    let b = RedisStore::connect(&redis.url(), KeySpace::default())
+        .await
+        .expect("connect");
+    let id = sid("two-replicas");
+    let mut want = Dialog::default();
+    for i in 0..6 {
+        let (store, other) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
+        let message = format!("u{i}");
+        let o = opening(&message);
+        let expected = want.open(&o);
+        assert_eq!(
+            done(store.open_turn(id, None, &o, TTL).await.unwrap()),
+            expected
+        );
+        let Opened::Generate { seq, .. } = expected else {
+            panic!("a new message generates");
+        };
+        // The reply is stored by the other replica.
+        let reply = format!("a{i}");
+        want.end(seq, Ending::Reply(&reply));
+        done(
+            other
+                .end_turn(id, seq, Ending::Reply(&reply), TTL)
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(a.load(id).await.unwrap(), Some(want.clone()));
+    // And a two-step change by one is seen by the other's next turn.
+    let token = "reset";
+    assert!(matches!(
+        a.admit(id, token, TTL).await.unwrap(),
+        Admit::Locked(_)
+    ));
+    assert!(a.commit(id, token, None, TTL).await.unwrap());
+    let o = opening("after reset");
+    match done(b.open_turn(id, None, &o, TTL).await.unwrap()) {
+        Opened::Generate { seq, history, .. } => {
+            assert_eq!(seq, 0, "a deleted session starts over");
+            assert_eq!(history.len(), 1);
+        }
+        other => panic!("expected a new turn, got {other:?}"),
+    }
 }

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Admit, RateLimit, SessionId, Store, StoreError};
-use crate::dialog::Dialog;
+use super::{Admit, RateLimit, SessionId, Step, Store, StoreError};
+use crate::dialog::{Dialog, Ending, Opened, Opening};
 
 #[derive(Default)]
 struct Session {
@@ -25,6 +25,25 @@ impl Session {
             self.dialog = None;
         }
         self.dialog.as_ref().map(|(d, _)| d)
+    }
+
+    fn locked(&self, now: Instant) -> bool {
+        matches!(&self.lock, Some((_, exp)) if *exp > now)
+    }
+
+    /// Counts a request against `rate`; false if it is over the limit.
+    fn count(&mut self, rate: RateLimit, now: Instant) -> bool {
+        // `rate` holds the instants at which each entry leaves the window.
+        while self.rate.front().is_some_and(|t| *t <= now) {
+            self.rate.pop_front();
+        }
+        if rate.limit > 0 {
+            if self.rate.len() >= rate.limit as usize {
+                return false;
+            }
+            self.rate.push_back(now + rate.window);
+        }
+        true
     }
 
     fn holds(&self, token: &str, now: Instant) -> bool {
@@ -74,8 +93,8 @@ pub struct MemoryStore {
 struct Inner {
     /// A plain mutex: it is never held across an await, only for a map update.
     state: Mutex<State>,
-    /// Counts admits, to sweep expired sessions now and then.
-    admits: AtomicU64,
+    /// Counts turns opened, to sweep expired sessions now and then.
+    opened: AtomicU64,
 }
 
 impl MemoryStore {
@@ -108,32 +127,79 @@ fn key(id: SessionId<'_>) -> (String, String) {
 }
 
 impl Store for MemoryStore {
-    async fn admit(
+    async fn open_turn(
         &self,
         id: SessionId<'_>,
         rate: Option<RateLimit>,
+        opening: &Opening<'_>,
+        ttl: Duration,
+    ) -> Result<Step<Opened>, StoreError> {
+        let now = Instant::now();
+        if self.inner.opened.fetch_add(1, Ordering::Relaxed) % 4096 == 4095 {
+            self.with(|st| Self::sweep(st, now));
+        }
+        Ok(self.with(|st| {
+            let entered = Instant::now();
+            let s = st.sessions.entry(key(id)).or_default();
+            if let Some(r) = rate {
+                if !s.count(r, now) {
+                    return Step::RateLimited;
+                }
+            }
+            if s.locked(now) {
+                return Step::Busy;
+            }
+            let mut dialog = s.live_dialog(now).cloned().unwrap_or_default();
+            let value = dialog.open(opening);
+            s.dialog = Some((dialog, now + ttl));
+            Step::Done {
+                value,
+                held: entered.elapsed(),
+            }
+        }))
+    }
+
+    async fn end_turn(
+        &self,
+        id: SessionId<'_>,
+        seq: u64,
+        ending: Ending<'_>,
+        ttl: Duration,
+    ) -> Result<Step<()>, StoreError> {
+        let now = Instant::now();
+        Ok(self.with(|st| {
+            let entered = Instant::now();
+            let Some(s) = st.sessions.get_mut(&key(id)) else {
+                return Step::Done {
+                    value: (),
+                    held: entered.elapsed(),
+                };
+            };
+            if s.locked(now) {
+                return Step::Busy;
+            }
+            s.live_dialog(now);
+            if let Some((dialog, exp)) = &mut s.dialog {
+                dialog.end(seq, ending);
+                *exp = now + ttl;
+            }
+            Step::Done {
+                value: (),
+                held: entered.elapsed(),
+            }
+        }))
+    }
+
+    async fn admit(
+        &self,
+        id: SessionId<'_>,
         token: &str,
         lock_ttl: Duration,
     ) -> Result<Admit, StoreError> {
         let now = Instant::now();
-        if self.inner.admits.fetch_add(1, Ordering::Relaxed) % 4096 == 4095 {
-            self.with(|st| Self::sweep(st, now));
-        }
         Ok(self.with(|st| {
             let s = st.sessions.entry(key(id)).or_default();
-            if let Some(r) = rate {
-                // `rate` holds the instants at which each entry leaves the window.
-                while s.rate.front().is_some_and(|t| *t <= now) {
-                    s.rate.pop_front();
-                }
-                if r.limit > 0 {
-                    if s.rate.len() >= r.limit as usize {
-                        return Admit::RateLimited;
-                    }
-                    s.rate.push_back(now + r.window);
-                }
-            }
-            if matches!(&s.lock, Some((_, exp)) if *exp > now) {
+            if s.locked(now) {
                 return Admit::Busy;
             }
             s.lock = Some((token.to_owned(), now + lock_ttl));

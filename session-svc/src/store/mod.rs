@@ -1,10 +1,20 @@
 //! Where dialogs live: Redis in production, memory for the local stack.
 //!
 //! A store offers the few atomic steps the turn engine needs and nothing
-//! more. Both implementations keep the same semantics — a short per-session
-//! lock with a holder token and a TTL, TTLs on session data, a sliding-window
-//! rate limit — and one contract test suite (`tests/store_contract.rs`) runs
+//! more. Both implementations keep the same semantics — one-step turn
+//! changes, a short per-session lock with a holder token and a TTL for the
+//! rarer two-step changes, TTLs on session data, a sliding-window rate
+//! limit — and one contract test suite (`tests/store_contract.rs`) runs
 //! against both.
+//!
+//! Why two kinds of change: the two locked phases of a turn (open, end) are
+//! each one atomic step inside the store (a Lua script in Redis), so a
+//! session is held only while its data changes, never for a round trip
+//! between processes. Under load a single round trip on a busy host takes
+//! milliseconds (see BENCHMARKS.md); a lock spanning one would too. Control
+//! actions (reset, delete, clear) are rare and free-form, so they load,
+//! change and store under the lock, and the one-step changes wait for that
+//! lock like any other holder.
 
 mod memory;
 mod redis;
@@ -14,7 +24,7 @@ use std::time::Duration;
 
 pub use self::memory::MemoryStore;
 pub use self::redis::RedisStore;
-use crate::dialog::Dialog;
+use crate::dialog::{Dialog, Ending, Opened, Opening};
 
 /// A sliding-window rate limit: at most `limit` requests per `window`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,15 +33,26 @@ pub struct RateLimit {
     pub window: Duration,
 }
 
-/// Outcome of one attempt at entering a session.
+/// Outcome of one attempt at taking a session's lock.
 #[derive(Debug)]
 pub enum Admit {
-    /// The request was over the session's rate limit; nothing was locked.
-    RateLimited,
-    /// Another turn holds the lock. A rate limit, if asked for, was counted.
+    /// Another change holds the lock.
     Busy,
     /// The lock is ours; here is the dialog (`None`: no such session yet).
     Locked(Option<Dialog>),
+}
+
+/// Outcome of one attempt at a one-step change.
+#[derive(Debug, PartialEq)]
+pub enum Step<T> {
+    /// The request was over the session's rate limit; nothing changed.
+    RateLimited,
+    /// A two-step change holds the session's lock; nothing changed (a rate
+    /// limit, if asked for, was counted).
+    Busy,
+    /// Done. `held` is how long the session was held exclusively for it, by
+    /// the store's own clock.
+    Done { value: T, held: Duration },
 }
 
 /// Why a store call failed.
@@ -57,13 +78,33 @@ pub struct SessionId<'a> {
 /// overwrite a newer holder's work. Clones share one store (a connection or
 /// a map), so a clone can release a lock from a spawned task.
 pub trait Store: Clone + Send + Sync + 'static {
-    /// Counts this request against `rate` (if given) and, unless limited,
-    /// tries once to take the session's lock for `lock_ttl`, loading the
+    /// Phase 1 of a turn in one atomic step: counts the request against
+    /// `rate` (if given); unless limited or locked, opens the turn
+    /// ([`Dialog::open`]) and stores the dialog with `ttl`.
+    fn open_turn(
+        &self,
+        id: SessionId<'_>,
+        rate: Option<RateLimit>,
+        opening: &Opening<'_>,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Step<Opened>, StoreError>> + Send;
+
+    /// Phase 3 of a turn in one atomic step: unless locked, ends turn `seq`
+    /// ([`Dialog::end`]) and stores the dialog with `ttl`. A session that
+    /// is gone (deleted, expired) stays gone.
+    fn end_turn(
+        &self,
+        id: SessionId<'_>,
+        seq: u64,
+        ending: Ending<'_>,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Step<()>, StoreError>> + Send;
+
+    /// Tries once to take the session's lock for `lock_ttl`, loading the
     /// dialog in the same step.
     fn admit(
         &self,
         id: SessionId<'_>,
-        rate: Option<RateLimit>,
         token: &str,
         lock_ttl: Duration,
     ) -> impl Future<Output = Result<Admit, StoreError>> + Send;

@@ -1,24 +1,36 @@
 //! The Redis store: each step is one Lua script, so a step is one round trip
-//! and atomic.
+//! and atomic. A turn's steps are a compare-and-set of the dialog (rules
+//! applied here, in Rust), so no lock is held across a round trip.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 
-use super::{Admit, RateLimit, SessionId, Store, StoreError};
-use crate::dialog::Dialog;
+use super::{Admit, RateLimit, SessionId, Step, Store, StoreError};
+use crate::dialog::{Dialog, Ending, Opened, Opening};
 use crate::keys::KeySpace;
 
-/// Rate check, then lock, then read — one round trip.
+/// A one-step change: the rate check, then — unless a two-step change holds
+/// the lock — compare-and-set of the whole dialog.
 ///
-/// The window is kept as a sorted set of request times (the server's clock, so
-/// replicas with skewed clocks enforce one limit). A limited request takes no
-/// lock and adds no entry.
-const ADMIT: &str = r"
+/// The new dialog was computed from `ARGV[4]` (`''`: no dialog) by the rules
+/// of `dialog.rs`, in session-svc; it is written only if that is still what
+/// is stored. Interned Lua strings make the comparison cheap, so the session
+/// is held for a few microseconds, whatever the round trip costs.
+///
+/// The window is kept as a sorted set of request times (the server's clock,
+/// so replicas with skewed clocks enforce one limit). A limited request
+/// changes nothing else.
+///
+/// Replies: `{0}` limited, `{1}` busy, `{2, µs held}` written,
+/// `{3, current dialog or ''}` someone else changed it first.
+const SWAP: &str = r"
+local t0 = redis.call('TIME')
 if tonumber(ARGV[1]) > 0 then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local now = tonumber(t0[1]) * 1000 + math.floor(tonumber(t0[2]) / 1000)
   local window = tonumber(ARGV[2])
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
   if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
@@ -27,10 +39,24 @@ if tonumber(ARGV[1]) > 0 then
   redis.call('ZADD', KEYS[1], now, ARGV[3])
   redis.call('PEXPIRE', KEYS[1], window)
 end
-if not redis.call('SET', KEYS[2], ARGV[4], 'NX', 'PX', ARGV[5]) then
+if redis.call('EXISTS', KEYS[2]) == 1 then return {1} end
+local current = redis.call('GET', KEYS[3]) or ''
+if current ~= ARGV[4] then return {3, current} end
+if ARGV[5] == '' then
+  redis.call('DEL', KEYS[3])
+else
+  redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[6])
+end
+local t1 = redis.call('TIME')
+return {2, (tonumber(t1[1]) - tonumber(t0[1])) * 1000000 + tonumber(t1[2]) - tonumber(t0[2])}
+";
+
+/// Lock, then read — one round trip.
+const ADMIT: &str = r"
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return {1}
 end
-local d = redis.call('GET', KEYS[3])
+local d = redis.call('GET', KEYS[2])
 if d then return {2, d} end
 return {2}
 ";
@@ -59,6 +85,12 @@ pub struct RedisStore {
     /// Reconnects by itself; cloning shares one multiplexed connection.
     conn: ConnectionManager,
     keys: KeySpace,
+    /// The dialog this process last read or wrote, per session: the
+    /// expected value of the next compare-and-set, so a one-step change is
+    /// one round trip. A stale entry costs one more (the swap answers with
+    /// what is stored); it is never trusted without the swap.
+    seen: Arc<Mutex<Seen>>,
+    swap: Script,
     admit: Script,
     commit: Script,
     release: Script,
@@ -72,6 +104,8 @@ impl RedisStore {
         Ok(Self {
             conn,
             keys,
+            seen: Arc::default(),
+            swap: Script::new(SWAP),
             admit: Script::new(ADMIT),
             commit: Script::new(COMMIT),
             release: Script::new(RELEASE),
@@ -91,43 +125,205 @@ fn parse_dialog(bytes: &[u8]) -> Result<Dialog, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Corrupt(format!("unexpected reply to the {what} script"))
+}
+
+fn int(v: Option<&Value>) -> Option<i64> {
+    match v {
+        Some(Value::Int(i)) => Some(*i),
+        _ => None,
+    }
+}
+
+fn micros(v: Option<&Value>) -> Option<Duration> {
+    int(v).map(|us| Duration::from_micros(us.max(0) as u64))
+}
+
 fn parse_admit(v: Value) -> Result<Admit, StoreError> {
-    let bad = || StoreError::Corrupt("unexpected reply to the admit script".into());
+    let bad = || corrupt("admit");
     let Value::Array(items) = v else {
         return Err(bad());
     };
-    let code = match items.first() {
-        Some(Value::Int(c)) => *c,
-        _ => return Err(bad()),
-    };
-    match (code, items.get(1)) {
-        (0, _) => Ok(Admit::RateLimited),
-        (1, _) => Ok(Admit::Busy),
-        (2, None) => Ok(Admit::Locked(None)),
-        (2, Some(Value::BulkString(b))) => Ok(Admit::Locked(Some(parse_dialog(b)?))),
+    match (int(items.first()), items.get(1)) {
+        (Some(1), _) => Ok(Admit::Busy),
+        (Some(2), None) => Ok(Admit::Locked(None)),
+        (Some(2), Some(Value::BulkString(b))) => Ok(Admit::Locked(Some(parse_dialog(b)?))),
         _ => Err(bad()),
     }
 }
 
+/// What the swap script answered.
+enum Swapped {
+    RateLimited,
+    Busy,
+    Written {
+        held: Duration,
+    },
+    /// The stored dialog (empty: none) was not the expected one.
+    Changed(Vec<u8>),
+}
+
+fn parse_swap(v: Value) -> Result<Swapped, StoreError> {
+    let bad = || corrupt("swap");
+    let Value::Array(mut items) = v else {
+        return Err(bad());
+    };
+    match int(items.first()) {
+        Some(0) => Ok(Swapped::RateLimited),
+        Some(1) => Ok(Swapped::Busy),
+        Some(2) => Ok(Swapped::Written {
+            held: micros(items.get(1)).ok_or_else(bad)?,
+        }),
+        Some(3) => match items.swap_remove(1) {
+            Value::BulkString(b) => Ok(Swapped::Changed(b)),
+            _ => Err(bad()),
+        },
+        _ => Err(bad()),
+    }
+}
+
+/// Dialogs as last seen by this process, by dialog key (raw JSON; empty:
+/// no dialog). Bounded: past [`SEEN_CAPACITY`] an arbitrary entry goes,
+/// which costs its session one extra round trip at most.
+#[derive(Default)]
+struct Seen(HashMap<String, Vec<u8>>);
+
+/// Sessions remembered by [`Seen`]: enough for every session with a turn in
+/// flight on a busy replica, a few MiB at most.
+const SEEN_CAPACITY: usize = 4096;
+
+impl Seen {
+    fn get(&self, key: &str) -> Option<Vec<u8>> {
+        self.0.get(key).cloned()
+    }
+
+    fn put(&mut self, key: &str, raw: Vec<u8>) {
+        if self.0.len() >= SEEN_CAPACITY && !self.0.contains_key(key) {
+            if let Some(victim) = self.0.keys().next().cloned() {
+                self.0.remove(&victim);
+            }
+        }
+        self.0.insert(key.to_owned(), raw);
+    }
+}
+
+fn parse_stored(raw: &[u8]) -> Result<Option<Dialog>, StoreError> {
+    if raw.is_empty() {
+        Ok(None)
+    } else {
+        parse_dialog(raw).map(Some)
+    }
+}
+
+fn to_json(dialog: Option<&Dialog>) -> Result<Vec<u8>, StoreError> {
+    dialog.map_or(Ok(Vec::new()), |d| {
+        serde_json::to_vec(d).map_err(|e| StoreError::Corrupt(e.to_string()))
+    })
+}
+
+impl RedisStore {
+    fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
+        // A cache: a panic elsewhere cannot leave it wrong, only stale.
+        self.seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A one-step change: applies `f` to the dialog as last seen (read
+    /// first if unknown) and swaps the result in; when the stored dialog
+    /// turns out to be another one, applies `f` to that instead.
+    async fn change<R>(
+        &self,
+        id: SessionId<'_>,
+        mut rate: Option<RateLimit>,
+        ttl: Duration,
+        f: impl Fn(&mut Option<Dialog>) -> R,
+    ) -> Result<Step<R>, StoreError> {
+        let k = self.keys.session(id.project, id.session_id);
+        let known = self.seen().get(&k.dialog);
+        let mut expected = match known {
+            Some(raw) => raw,
+            None => {
+                let raw: Option<Vec<u8>> = redis::cmd("GET")
+                    .arg(&k.dialog)
+                    .query_async(&mut self.conn.clone())
+                    .await
+                    .map_err(unavailable)?;
+                raw.unwrap_or_default()
+            }
+        };
+        loop {
+            let mut dialog = parse_stored(&expected)?;
+            let value = f(&mut dialog);
+            let new = to_json(dialog.as_ref())?;
+            let (limit, window) = rate.take().map_or((0, 1), |r| (r.limit, millis(r.window)));
+            let member: u64 = rand::random();
+            let v: Value = self
+                .swap
+                .key(&k.rate)
+                .key(&k.lock)
+                .key(&k.dialog)
+                .arg(limit)
+                .arg(window)
+                .arg(format!("{member:016x}"))
+                .arg(&expected)
+                .arg(&new)
+                .arg(millis(ttl))
+                .invoke_async(&mut self.conn.clone())
+                .await
+                .map_err(unavailable)?;
+            match parse_swap(v)? {
+                Swapped::RateLimited => return Ok(Step::RateLimited),
+                Swapped::Busy => return Ok(Step::Busy),
+                Swapped::Written { held } => {
+                    self.seen().put(&k.dialog, new);
+                    return Ok(Step::Done { value, held });
+                }
+                Swapped::Changed(current) => expected = current,
+            }
+        }
+    }
+}
+
 impl Store for RedisStore {
-    async fn admit(
+    async fn open_turn(
         &self,
         id: SessionId<'_>,
         rate: Option<RateLimit>,
+        opening: &Opening<'_>,
+        ttl: Duration,
+    ) -> Result<Step<Opened>, StoreError> {
+        self.change(id, rate, ttl, |d| {
+            d.get_or_insert_with(Dialog::default).open(opening)
+        })
+        .await
+    }
+
+    async fn end_turn(
+        &self,
+        id: SessionId<'_>,
+        seq: u64,
+        ending: Ending<'_>,
+        ttl: Duration,
+    ) -> Result<Step<()>, StoreError> {
+        self.change(id, None, ttl, |d| {
+            if let Some(d) = d {
+                d.end(seq, ending);
+            }
+        })
+        .await
+    }
+
+    async fn admit(
+        &self,
+        id: SessionId<'_>,
         token: &str,
         lock_ttl: Duration,
     ) -> Result<Admit, StoreError> {
         let k = self.keys.session(id.project, id.session_id);
-        let (limit, window) = rate.map_or((0, 1), |r| (r.limit, millis(r.window)));
-        let member: u64 = rand::random();
         let v: Value = self
             .admit
-            .key(&k.rate)
             .key(&k.lock)
             .key(&k.dialog)
-            .arg(limit)
-            .arg(window)
-            .arg(format!("{member:016x}"))
             .arg(token)
             .arg(millis(lock_ttl))
             .invoke_async(&mut self.conn.clone())
@@ -154,20 +350,20 @@ impl Store for RedisStore {
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         let k = self.keys.session(id.project, id.session_id);
-        let json = match dialog {
-            Some(d) => serde_json::to_string(d).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-            None => String::new(),
-        };
+        let json = to_json(dialog)?;
         let ok: i64 = self
             .commit
             .key(&k.lock)
             .key(&k.dialog)
             .arg(token)
-            .arg(json)
+            .arg(&json)
             .arg(millis(ttl))
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(unavailable)?;
+        if ok == 1 {
+            self.seen().put(&k.dialog, json);
+        }
         Ok(ok == 1)
     }
 
