@@ -24,6 +24,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use futures::Stream;
+use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -92,7 +93,9 @@ struct Shared {
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
     requests: AtomicUsize,
-    last_request: Mutex<Option<Value>>,
+    /// The raw body: parsed only when a test asks, so that a benchmark's
+    /// fake does not copy every request.
+    last_request: Mutex<Option<Bytes>>,
     last_request_id: Mutex<Option<String>>,
     shutdown: CancellationToken,
 }
@@ -192,7 +195,8 @@ impl FakeVllm {
 
     /// JSON body of the last chat completion request.
     pub fn last_request(&self) -> Option<Value> {
-        lock(&self.shared.last_request).clone()
+        let body = lock(&self.shared.last_request).clone()?;
+        serde_json::from_slice(&body).ok()
     }
 
     /// `X-Request-Id` header of the last chat completion request.
@@ -331,7 +335,7 @@ async fn chat_completions(
             )
         }
     };
-    *lock(&shared.last_request) = Some(request.clone());
+    *lock(&shared.last_request) = Some(body.clone());
     *lock(&shared.last_request_id) = headers
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
@@ -451,16 +455,69 @@ struct Generated {
     prompt_tokens: usize,
 }
 
+/// One streamed event's JSON, in vLLM's key order. Typed rather than built
+/// with `json!`: a benchmark's fake must not spend the CPU that palaver is
+/// being measured on.
+#[derive(Serialize)]
+struct ChunkJson<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: &'a [ChoiceJson<'a>],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Value>,
+}
+
+#[derive(Serialize)]
+struct ChoiceJson<'a> {
+    index: u32,
+    delta: DeltaJson<'a>,
+    logprobs: Option<()>,
+    finish_reason: Option<&'a str>,
+    /// Present (as null) on the chunk that finishes, absent before.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stop_reason: Option<Value>,
+}
+
+#[derive(Serialize)]
+struct DeltaJson<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    content: &'a str,
+}
+
 impl Generated {
-    fn chunk(&self, choices: Value) -> Bytes {
-        let v = json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        });
-        Bytes::from(format!("data: {v}\n\n"))
+    /// A `data:` event with one choice: `content` as the delta (after the
+    /// assistant role on the first chunk), finishing the reply if `finish`.
+    fn chunk(&self, content: &str, first: bool, finish: bool) -> Bytes {
+        let choice = ChoiceJson {
+            index: 0,
+            delta: DeltaJson {
+                role: first.then_some("assistant"),
+                content,
+            },
+            logprobs: None,
+            finish_reason: finish.then_some(self.finish),
+            stop_reason: finish.then_some(Value::Null),
+        };
+        self.event(&[choice], None)
+    }
+
+    fn event(&self, choices: &[ChoiceJson<'_>], usage: Option<Value>) -> Bytes {
+        let json = ChunkJson {
+            id: &self.id,
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: &self.model,
+            choices,
+            usage,
+        };
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(b"data: ");
+        serde_json::to_writer(&mut out, &json).expect("a chunk serializes");
+        out.extend_from_slice(b"\n\n");
+        Bytes::from(out)
     }
 
     fn usage(&self) -> Value {
@@ -571,18 +628,11 @@ fn reply_events(
             yield Err(aborted());
             return;
         }
-        yield Ok(reply.chunk(json!([{
-            "index": 0,
-            "delta": {"role": "assistant", "content": ""},
-            "logprobs": null,
-            "finish_reason": null,
-        }])));
+        yield Ok(reply.chunk("", true, false));
         let n = reply.pieces.len();
         if fault == Fault::ErrorMidStream {
             for piece in reply.pieces.iter().take(3) {
-                yield Ok(reply.chunk(json!([{
-                    "index": 0, "delta": {"content": piece}, "logprobs": null, "finish_reason": null,
-                }])));
+                yield Ok(reply.chunk(piece, false, false));
             }
             let error = json!({"error": {
                 "message": "The engine failed while generating (fault: error mid-stream).",
@@ -599,29 +649,13 @@ fn reply_events(
                 return;
             }
             // vLLM sends the last token together with the finish reason.
-            let choice = if i + 1 == n {
-                json!([{"index": 0, "delta": {"content": piece}, "logprobs": null,
-                        "finish_reason": reply.finish, "stop_reason": null}])
-            } else {
-                json!([{"index": 0, "delta": {"content": piece}, "logprobs": null,
-                        "finish_reason": null}])
-            };
-            yield Ok(reply.chunk(choice));
+            yield Ok(reply.chunk(piece, false, i + 1 == n));
         }
         if n == 0 {
-            yield Ok(reply.chunk(json!([{"index": 0, "delta": {"content": ""}, "logprobs": null,
-                                         "finish_reason": reply.finish, "stop_reason": null}])));
+            yield Ok(reply.chunk("", false, true));
         }
         if include_usage {
-            let v = json!({
-                "id": reply.id,
-                "object": "chat.completion.chunk",
-                "created": reply.created,
-                "model": reply.model,
-                "choices": [],
-                "usage": reply.usage(),
-            });
-            yield Ok(Bytes::from(format!("data: {v}\n\n")));
+            yield Ok(reply.event(&[], Some(reply.usage())));
         }
         yield Ok(Bytes::from_static(b"data: [DONE]\n\n"));
     }
@@ -744,7 +778,20 @@ mod tests {
         assert_eq!(reply, "reply to: hello there word1 word2");
         let finish = &events[events.len() - 2]["choices"][0];
         assert_eq!(finish["finish_reason"], "length");
+        assert_eq!(finish["stop_reason"], Value::Null);
         assert_eq!(events.last().unwrap()["usage"]["completion_tokens"], 6);
+        assert_eq!(events.last().unwrap()["choices"], json!([]));
+        // vLLM's exact keys: unset keys are omitted, not null, until the end.
+        let middle = events[1].as_object().unwrap();
+        let keys: Vec<&str> = middle.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["choices", "created", "id", "model", "object"]);
+        let choice = events[1]["choices"][0].as_object().unwrap();
+        let keys: Vec<&str> = choice.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["delta", "finish_reason", "index", "logprobs"]);
+        assert_eq!(
+            events[1]["choices"][0]["delta"],
+            json!({"content": "reply"})
+        );
     }
 
     #[tokio::test]
