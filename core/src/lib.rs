@@ -2,10 +2,12 @@
 //!
 //! - [`projects`]: the projects file (system prompts, history limits, rate
 //!   limits, sampling defaults per project);
+//! - [`runtime`]: the tokio runtime of every binary (one worker by default);
 //! - [`shutdown`]: one cancellation token tripped by SIGINT/SIGTERM;
 //! - [`telemetry`]: logging setup and the Prometheus `/metrics` endpoint.
 
 pub mod projects;
+pub mod runtime;
 pub mod shutdown;
 pub mod telemetry;
 

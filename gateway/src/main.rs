@@ -18,6 +18,9 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(version, about, long_about = None)]
 struct Cli {
     #[command(flatten)]
+    runtime: palaver_core::runtime::RuntimeArgs,
+
+    #[command(flatten)]
     gateway: gateway::GatewayArgs,
 
     /// Serve Prometheus metrics on this address (GET /metrics), e.g. 0.0.0.0:9100.
@@ -25,10 +28,14 @@ struct Cli {
     metrics_listen: Option<SocketAddr>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    palaver_core::telemetry::init_logging();
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let runtime = cli.runtime.clone();
+    runtime.run(run(cli))?
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    palaver_core::telemetry::init_logging();
     let config = cli.gateway.into_config().context("gateway settings")?;
     let mut registry = Registry::default();
     let gateway = gateway::Gateway::new(config, &mut registry).context("gateway settings")?;

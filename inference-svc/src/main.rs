@@ -19,6 +19,9 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(name = "inference-svc", version, about)]
 struct Cli {
     #[command(flatten)]
+    runtime: palaver_core::runtime::RuntimeArgs,
+
+    #[command(flatten)]
     inference: InferenceArgs,
 
     /// Address to serve gRPC on.
@@ -42,10 +45,14 @@ struct Cli {
     drain_timeout_ms: u64,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    palaver_core::telemetry::init_logging();
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let runtime = cli.runtime.clone();
+    runtime.run(run(cli))?
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    palaver_core::telemetry::init_logging();
     let config = cli.inference.into_config()?;
     let mut registry = Registry::default();
     let server = Server::new(config, &mut registry)?;

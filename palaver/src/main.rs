@@ -17,6 +17,8 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    runtime: palaver_core::runtime::RuntimeArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -35,10 +37,19 @@ enum Command {
     FakeVllm(fake_vllm::FakeVllmArgs),
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    match cli.runtime.run(run(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("palaver: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> ExitCode {
+    match command {
         Command::Up(args) => {
             logging::init(logging::UP_FILTER);
             match up::run(args).await {

@@ -22,15 +22,22 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(name = "session-svc", version, about)]
 struct Cli {
     #[command(flatten)]
+    runtime: palaver_core::runtime::RuntimeArgs,
+
+    #[command(flatten)]
     listen: ListenArgs,
     #[command(flatten)]
     session: SessionArgs,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    telemetry::init_logging();
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let runtime = cli.runtime.clone();
+    runtime.run(run(cli))?
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    telemetry::init_logging();
     let config = cli.session.config()?;
     let stop = shutdown::on_signal();
     let listener = TcpListener::bind(cli.listen.listen)

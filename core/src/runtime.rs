@@ -1,0 +1,61 @@
+//! The tokio runtime every palaver binary runs on.
+//!
+//! One worker thread by default. A turn costs each service tens of
+//! microseconds of CPU, while the GPU behind it spends seconds, so a replica
+//! never needs many cores; what it does need is a short path. With more
+//! workers, tokio wakes idle ones to share every burst of work: on the
+//! 2-core benchmark machine that doubled the context switches per turn and
+//! cost about a fifth of one session's latency and of the CPU per reply
+//! (BENCHMARKS.md). Serve more load with more replicas, or raise
+//! `--worker-threads` for one replica on a many-core host. (linkerd2-proxy
+//! makes the same choice for the same reason.)
+
+use std::future::Future;
+use std::num::NonZeroUsize;
+
+/// Runtime flags shared by the binaries.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RuntimeArgs {
+    /// Threads running the service's tasks (blocking work has its own pool).
+    /// One is the lowest latency and CPU per turn; add threads only for a
+    /// replica that serves thousands of turns per second on a many-core host.
+    #[arg(
+        long,
+        env = "PALAVER_WORKER_THREADS",
+        default_value = "1",
+        global = true
+    )]
+    pub worker_threads: NonZeroUsize,
+}
+
+impl Default for RuntimeArgs {
+    fn default() -> Self {
+        Self {
+            worker_threads: NonZeroUsize::MIN,
+        }
+    }
+}
+
+impl RuntimeArgs {
+    /// Runs `main` to completion on a runtime of `worker_threads` workers.
+    ///
+    /// `main` is spawned rather than polled by `block_on`, so that it runs on
+    /// a worker too: the gateway's MQTT loop, for one, then hands each
+    /// message to a task on its own thread instead of waking another.
+    pub fn run<F>(&self, main: F) -> std::io::Result<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(self.worker_threads.get())
+            .enable_all()
+            .build()?;
+        let main = runtime.spawn(main);
+        match runtime.block_on(main) {
+            Ok(output) => Ok(output),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(std::io::Error::other(e)),
+        }
+    }
+}
