@@ -323,6 +323,9 @@ async fn chat_completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    // Time to first token counts from arrival, as vLLM's does: parsing the
+    // request is part of it, not added to it.
+    let arrived = tokio::time::Instant::now();
     shared.requests.fetch_add(1, Ordering::SeqCst);
     let guard = InFlight::enter(&shared);
     let request: Value = match serde_json::from_slice(&body) {
@@ -430,9 +433,9 @@ async fn chat_completions(
         return sse_response(Body::from_stream(body));
     }
     if !stream {
-        return unary_reply(&shared, reply, fault, guard).await;
+        return unary_reply(&shared, arrived, reply, fault, guard).await;
     }
-    let events = reply_events(shared.clone(), reply, include_usage, fault, guard);
+    let events = reply_events(shared.clone(), arrived, reply, include_usage, fault, guard);
     sse_response(Body::from_stream(events))
 }
 
@@ -520,6 +523,27 @@ impl Generated {
         Bytes::from(out)
     }
 
+    /// The whole stream: the role chunk, one chunk per token (the last with
+    /// the finish reason; an empty one if there are no tokens), the usage
+    /// chunk if asked for, and `[DONE]`.
+    fn events(&self, include_usage: bool) -> Vec<Bytes> {
+        let n = self.pieces.len();
+        let mut out = Vec::with_capacity(n + 3);
+        out.push(self.chunk("", true, false));
+        for (i, piece) in self.pieces.iter().enumerate() {
+            // vLLM sends the last token together with the finish reason.
+            out.push(self.chunk(piece, false, i + 1 == n));
+        }
+        if n == 0 {
+            out.push(self.chunk("", false, true));
+        }
+        if include_usage {
+            out.push(self.event(&[], Some(self.usage())));
+        }
+        out.push(Bytes::from_static(b"data: [DONE]\n\n"));
+        out
+    }
+
     fn usage(&self) -> Value {
         let completion = self.pieces.len();
         json!({
@@ -579,10 +603,14 @@ const SPIN: Duration = Duration::from_micros(300);
 /// `std::thread::sleep` on a blocking thread (tens of microseconds late at
 /// most) up to [`SPIN`] before it, then yielding until the end.
 async fn pause(shutdown: &CancellationToken, d: Duration) -> bool {
-    if d.is_zero() {
+    pause_until(shutdown, tokio::time::Instant::now() + d).await
+}
+
+/// [`pause`] until `deadline`; not at all if it has passed.
+async fn pause_until(shutdown: &CancellationToken, deadline: tokio::time::Instant) -> bool {
+    if deadline <= tokio::time::Instant::now() {
         return !shutdown.is_cancelled();
     }
-    let deadline = tokio::time::Instant::now() + d;
     let slept = async {
         if let Some(coarse) = deadline.checked_sub(COARSE_MARGIN) {
             tokio::time::sleep_until(coarse).await;
@@ -610,6 +638,7 @@ fn aborted() -> io::Error {
 /// The SSE body of a streamed reply, holding `guard` until it ends or is dropped.
 fn reply_events(
     shared: Arc<Shared>,
+    arrived: tokio::time::Instant,
     reply: Generated,
     include_usage: bool,
     fault: Fault,
@@ -624,13 +653,12 @@ fn reply_events(
             yield Err(aborted());
             return;
         }
-        if !pause(&shutdown, config.ttft).await {
-            yield Err(aborted());
-            return;
-        }
-        yield Ok(reply.chunk("", true, false));
-        let n = reply.pieces.len();
         if fault == Fault::ErrorMidStream {
+            if !pause_until(&shutdown, arrived + config.ttft).await {
+                yield Err(aborted());
+                return;
+            }
+            yield Ok(reply.chunk("", true, false));
             for piece in reply.pieces.iter().take(3) {
                 yield Ok(reply.chunk(piece, false, false));
             }
@@ -643,26 +671,39 @@ fn reply_events(
             yield Ok(Bytes::from(format!("data: {error}\n\ndata: [DONE]\n\n")));
             return;
         }
-        for (i, piece) in reply.pieces.iter().enumerate() {
-            if i > 0 && !pause(&shutdown, config.tpot).await {
+        // Rendered while "the model runs", so that writing them costs the
+        // fake nothing after the pause it promised.
+        let events = reply.events(include_usage);
+        if !pause_until(&shutdown, arrived + config.ttft).await {
+            yield Err(aborted());
+            return;
+        }
+        if config.tpot.is_zero() {
+            // Every token at once: one write, as they would reach a client.
+            yield Ok(Bytes::from(events.concat()));
+            return;
+        }
+        let tokens = events.len() - 2 - usize::from(include_usage);
+        for (i, event) in events.into_iter().enumerate() {
+            // A pause before each token after the first; none before the
+            // role chunk, the usage chunk or [DONE].
+            if (2..=tokens).contains(&i) && !pause(&shutdown, config.tpot).await {
                 yield Err(aborted());
                 return;
             }
-            // vLLM sends the last token together with the finish reason.
-            yield Ok(reply.chunk(piece, false, i + 1 == n));
+            yield Ok(event);
         }
-        if n == 0 {
-            yield Ok(reply.chunk("", false, true));
-        }
-        if include_usage {
-            yield Ok(reply.event(&[], Some(reply.usage())));
-        }
-        yield Ok(Bytes::from_static(b"data: [DONE]\n\n"));
     }
 }
 
 /// A non-streamed reply: the whole generation time, then one JSON body.
-async fn unary_reply(shared: &Shared, reply: Generated, fault: Fault, guard: InFlight) -> Response {
+async fn unary_reply(
+    shared: &Shared,
+    arrived: tokio::time::Instant,
+    reply: Generated,
+    fault: Fault,
+    guard: InFlight,
+) -> Response {
     let _guard = guard;
     let config = &shared.config;
     let steps = u32::try_from(reply.pieces.len().saturating_sub(1)).unwrap_or(u32::MAX);
@@ -671,7 +712,7 @@ async fn unary_reply(shared: &Shared, reply: Generated, fault: Fault, guard: InF
         _ => Some(config.ttft + config.tpot * steps),
     };
     let finished = match wait {
-        Some(d) => pause(&shared.shutdown, d).await,
+        Some(d) => pause_until(&shared.shutdown, arrived + d).await,
         None => {
             shared.shutdown.cancelled().await;
             false
