@@ -59,3 +59,33 @@ impl RuntimeArgs {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::RuntimeArgs;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        runtime: RuntimeArgs,
+    }
+
+    #[test]
+    fn zero_workers_are_refused_and_main_runs_on_a_worker() {
+        assert!(Cli::try_parse_from(["x", "--worker-threads", "0"]).is_err());
+        for n in ["1", "2"] {
+            let cli = Cli::try_parse_from(["x", "--worker-threads", n]).unwrap();
+            let caller = std::thread::current().id();
+            let ran_on = cli
+                .runtime
+                .run(async { std::thread::current().id() })
+                .unwrap();
+            assert_ne!(
+                ran_on, caller,
+                "{n} worker(s): main ran on the calling thread"
+            );
+        }
+    }
+}
