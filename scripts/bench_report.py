@@ -389,7 +389,8 @@ def main():
         L.append(f"This VM halts an idle vCPU at once (`guest_halt_poll_ns` = {poll['was']}). Rerun with "
                  f"`BENCH_GUEST_HALT_POLL_NS={poll['guest_halt_poll_ns']}` (idle vCPUs poll "
                  f"{poll['guest_halt_poll_ns'] / 1000:.0f} µs before halting), services + mosquitto, "
-                 "nothing else changed. Not a verdict: it shows what the machine, not palaver, costs.")
+                 "nothing else changed. Not a verdict: a check of how much of the one-session latency is the "
+                 "VM's idle halting rather than palaver's work.")
         L.append("")
         L.append("| point | as measured above | with idle polling |")
         L.append("|---|---|---|")
