@@ -184,27 +184,43 @@ fn parse_swap(v: Value) -> Result<Swapped, StoreError> {
 }
 
 /// Dialogs as last seen by this process, by dialog key (raw JSON; empty:
-/// no dialog). Bounded: past [`SEEN_CAPACITY`] an arbitrary entry goes,
-/// which costs its session one extra round trip at most.
+/// no dialog). Bounded in bytes: past [`SEEN_BYTES`] arbitrary entries go,
+/// which costs each of their sessions one extra round trip at most.
 #[derive(Default)]
-struct Seen(HashMap<String, Vec<u8>>);
+struct Seen {
+    dialogs: HashMap<String, Vec<u8>>,
+    /// Keys and dialogs held, in bytes.
+    bytes: usize,
+}
 
-/// Sessions remembered by [`Seen`]: enough for every session with a turn in
-/// flight on a busy replica, a few MiB at most.
-const SEEN_CAPACITY: usize = 4096;
+/// Memory for [`Seen`]: some thousands of typical dialogs (a few KiB each),
+/// and still only hundreds of the largest (a full history of long messages,
+/// tens of KiB), within the services' memory budget.
+const SEEN_BYTES: usize = 8 << 20;
 
 impl Seen {
     fn get(&self, key: &str) -> Option<Vec<u8>> {
-        self.0.get(key).cloned()
+        self.dialogs.get(key).cloned()
     }
 
     fn put(&mut self, key: &str, raw: Vec<u8>) {
-        if self.0.len() >= SEEN_CAPACITY && !self.0.contains_key(key) {
-            if let Some(victim) = self.0.keys().next().cloned() {
-                self.0.remove(&victim);
+        if let Some(old) = self.dialogs.remove(key) {
+            self.bytes -= key.len() + old.len();
+        }
+        let size = key.len() + raw.len();
+        if size > SEEN_BYTES {
+            return;
+        }
+        while self.bytes + size > SEEN_BYTES {
+            let Some(victim) = self.dialogs.keys().next().cloned() else {
+                break;
+            };
+            if let Some(v) = self.dialogs.remove(&victim) {
+                self.bytes -= victim.len() + v.len();
             }
         }
-        self.0.insert(key.to_owned(), raw);
+        self.bytes += size;
+        self.dialogs.insert(key.to_owned(), raw);
     }
 }
 
@@ -437,5 +453,30 @@ impl Store for RedisStore {
             .query_async(&mut self.conn.clone())
             .await
             .map_err(unavailable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seen_dialogs_stay_within_their_byte_budget() {
+        let mut seen = Seen::default();
+        let big = vec![b'x'; SEEN_BYTES / 4];
+        for i in 0..10 {
+            seen.put(&format!("k{i}"), big.clone());
+            assert!(seen.bytes <= SEEN_BYTES, "{} bytes after {i}", seen.bytes);
+            assert_eq!(seen.get(&format!("k{i}")).as_deref(), Some(&big[..]));
+        }
+        let held: usize = seen.dialogs.iter().map(|(k, v)| k.len() + v.len()).sum();
+        assert_eq!(held, seen.bytes);
+        // Replacing an entry counts its new size only.
+        seen.put("k9", b"small".to_vec());
+        let held: usize = seen.dialogs.iter().map(|(k, v)| k.len() + v.len()).sum();
+        assert_eq!(held, seen.bytes);
+        // Something larger than the whole budget is not kept at all.
+        seen.put("huge", vec![0; SEEN_BYTES + 1]);
+        assert_eq!(seen.get("huge"), None);
     }
 }
