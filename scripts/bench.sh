@@ -352,8 +352,8 @@ stop_stack
 # --- diagnostic: the one-session points without idle halting --------------
 # This VM halts an idle vCPU at once (guest_halt_poll_ns=0), and waking one
 # costs far more than a hop itself (see the loopback round trips). Letting
-# idle vCPUs poll shows what the same code does on a machine that does not
-# charge for that; the verdicts stay on the machine as it was.
+# idle vCPUs poll checks how much of the one-session latency that is; the
+# verdicts stay on the machine as it was.
 if [ -n "${BENCH_GUEST_HALT_POLL_NS:-}" ]; then
   if [ -w "$HALT_POLL" ]; then
     OLD_HALT_POLL=$(cat "$HALT_POLL")

