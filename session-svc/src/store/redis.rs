@@ -186,9 +186,12 @@ fn parse_swap(v: Value) -> Result<Swapped, StoreError> {
 /// Dialogs as last seen by this process, by dialog key (raw JSON; empty:
 /// no dialog). Bounded in bytes: past [`SEEN_BYTES`] arbitrary entries go,
 /// which costs each of their sessions one extra round trip at most.
+///
+/// Entries are shared, not copied: a change takes its expected value from
+/// here without copying the dialog.
 #[derive(Default)]
 struct Seen {
-    dialogs: HashMap<String, Vec<u8>>,
+    dialogs: HashMap<String, Arc<Vec<u8>>>,
     /// Keys and dialogs held, in bytes.
     bytes: usize,
 }
@@ -199,11 +202,11 @@ struct Seen {
 const SEEN_BYTES: usize = 8 << 20;
 
 impl Seen {
-    fn get(&self, key: &str) -> Option<Vec<u8>> {
+    fn get(&self, key: &str) -> Option<Arc<Vec<u8>>> {
         self.dialogs.get(key).cloned()
     }
 
-    fn put(&mut self, key: &str, raw: Vec<u8>) {
+    fn put(&mut self, key: &str, raw: Arc<Vec<u8>>) {
         if let Some(old) = self.dialogs.remove(key) {
             self.bytes -= key.len() + old.len();
         }
@@ -264,7 +267,7 @@ impl RedisStore {
                     .query_async(&mut self.conn.clone())
                     .await
                     .map_err(unavailable)?;
-                raw.unwrap_or_default()
+                Arc::new(raw.unwrap_or_default())
             }
         };
         loop {
@@ -281,7 +284,7 @@ impl RedisStore {
                 .arg(limit)
                 .arg(window)
                 .arg(format!("{member:016x}"))
-                .arg(&expected)
+                .arg(expected.as_slice())
                 .arg(&new)
                 .arg(millis(ttl))
                 .invoke_async(&mut self.conn.clone())
@@ -291,10 +294,10 @@ impl RedisStore {
                 Swapped::RateLimited => return Ok(Step::RateLimited),
                 Swapped::Busy => return Ok(Step::Busy),
                 Swapped::Written { held } => {
-                    self.seen().put(&k.dialog, new);
+                    self.seen().put(&k.dialog, Arc::new(new));
                     return Ok(Step::Done { value, held });
                 }
-                Swapped::Changed(current) => expected = current,
+                Swapped::Changed(current) => expected = Arc::new(current),
             }
         }
     }
@@ -378,7 +381,7 @@ impl Store for RedisStore {
             .await
             .map_err(unavailable)?;
         if ok == 1 {
-            self.seen().put(&k.dialog, json);
+            self.seen().put(&k.dialog, Arc::new(json));
         }
         Ok(ok == 1)
     }
@@ -463,20 +466,20 @@ mod tests {
     #[test]
     fn seen_dialogs_stay_within_their_byte_budget() {
         let mut seen = Seen::default();
-        let big = vec![b'x'; SEEN_BYTES / 4];
+        let big = Arc::new(vec![b'x'; SEEN_BYTES / 4]);
         for i in 0..10 {
             seen.put(&format!("k{i}"), big.clone());
             assert!(seen.bytes <= SEEN_BYTES, "{} bytes after {i}", seen.bytes);
-            assert_eq!(seen.get(&format!("k{i}")).as_deref(), Some(&big[..]));
+            assert_eq!(seen.get(&format!("k{i}")), Some(big.clone()));
         }
         let held: usize = seen.dialogs.iter().map(|(k, v)| k.len() + v.len()).sum();
         assert_eq!(held, seen.bytes);
         // Replacing an entry counts its new size only.
-        seen.put("k9", b"small".to_vec());
+        seen.put("k9", Arc::new(b"small".to_vec()));
         let held: usize = seen.dialogs.iter().map(|(k, v)| k.len() + v.len()).sum();
         assert_eq!(held, seen.bytes);
         // Something larger than the whole budget is not kept at all.
-        seen.put("huge", vec![0; SEEN_BYTES + 1]);
+        seen.put("huge", Arc::new(vec![0; SEEN_BYTES + 1]));
         assert_eq!(seen.get("huge"), None);
     }
 }
