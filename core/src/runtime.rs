@@ -1,16 +1,25 @@
-//! The tokio runtime every palaver binary runs on.
+//! How every palaver binary runs: its allocator and its tokio runtime.
+//!
+//! The allocator is mimalloc, for every binary that links this crate (the
+//! services, `palaver`, and the tests): a turn allocates many small,
+//! short-lived buffers, and under load glibc's malloc, free and arena
+//! upkeep took a sixth of session-svc's and inference-svc's CPU (perf).
 //!
 //! One worker thread by default. A turn costs each service tens of
 //! microseconds of CPU, while the GPU behind it spends seconds, so a replica
 //! never needs many cores; what it does need is a short path. With more
 //! workers, tokio wakes idle ones to share every burst of work: on the
 //! 2-core benchmark machine that doubled the context switches per turn, and
-//! cost 13 % of one session's latency and 18 % more CPU per reply. Serve more load with more replicas, or raise
-//! `--worker-threads` for one replica on a many-core host. (linkerd2-proxy
-//! makes the same choice for the same reason.)
+//! cost 13 % of one session's latency and 18 % more CPU per reply. Serve
+//! more load with more replicas, or raise `--worker-threads` for one replica
+//! on a many-core host. (linkerd2-proxy makes the same choice for the same
+//! reason.)
 
 use std::future::Future;
 use std::num::NonZeroUsize;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Runtime flags shared by the binaries.
 #[derive(Debug, Clone, clap::Args)]
@@ -25,14 +34,6 @@ pub struct RuntimeArgs {
         global = true
     )]
     pub worker_threads: NonZeroUsize,
-}
-
-impl Default for RuntimeArgs {
-    fn default() -> Self {
-        Self {
-            worker_threads: NonZeroUsize::MIN,
-        }
-    }
 }
 
 impl RuntimeArgs {

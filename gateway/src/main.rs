@@ -7,12 +7,6 @@ use anyhow::Context;
 use clap::Parser;
 use prometheus_client::registry::Registry;
 
-/// mimalloc instead of glibc's malloc: a turn allocates many small, short-lived
-/// buffers on several threads, and glibc's arenas spent a sixth of this
-/// service's CPU on them under load (perf, BENCHMARKS.md).
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// palaver gateway: MQTT clients in, session-svc (gRPC) out.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]

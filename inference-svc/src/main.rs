@@ -8,12 +8,6 @@ use clap::Parser;
 use inference_svc::{InferenceArgs, Server};
 use prometheus_client::registry::Registry;
 
-/// mimalloc instead of glibc's malloc: a turn allocates many small, short-lived
-/// buffers on several threads, and glibc's arenas spent a sixth of this
-/// service's CPU on them under load (perf, BENCHMARKS.md).
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// gRPC Inference service: at most N generations at once in front of vLLM.
 #[derive(Parser)]
 #[command(name = "inference-svc", version, about)]

@@ -5,12 +5,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use palaver::{bench, chat, fake_vllm, logging, send, up};
 
-/// mimalloc instead of glibc's malloc: a turn allocates many small, short-lived
-/// buffers on several threads, and glibc's arenas spent a sixth of this
-/// service's CPU on them under load (perf, BENCHMARKS.md).
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// palaver: MQTT clients chat with an LLM.
 #[derive(Debug, Parser)]
 #[command(name = "palaver", version, about, long_about = None)]

@@ -11,12 +11,6 @@ use session_svc::{Config, ListenArgs, MemoryStore, RedisStore, Server, SessionAr
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// mimalloc instead of glibc's malloc: a turn allocates many small, short-lived
-/// buffers on several threads, and glibc's arenas spent a sixth of this
-/// service's CPU on them under load (perf, BENCHMARKS.md).
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// palaver's session service: dialogs in Redis under short per-session locks.
 #[derive(Debug, Parser)]
 #[command(name = "session-svc", version, about)]
