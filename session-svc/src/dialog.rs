@@ -356,6 +356,26 @@ mod tests {
     }
 
     #[test]
+    fn tokens_count_characters_not_bytes() {
+        assert_eq!(approx_tokens("éééééééé"), 2, "8 two-byte characters");
+        assert_eq!(approx_tokens("🎉"), 1);
+        assert_eq!(approx_tokens(""), 1, "at least one per message");
+        // So a budget of 6 keeps 8 + 8 such characters and a short message.
+        let mut d = Dialog::default();
+        let s = gen(d.begin("éééééééé", None, None));
+        d.complete(s, "éééééééé");
+        let cur = gen(d.begin("ab", None, None));
+        d.trim(
+            Limits {
+                max_messages: 10,
+                max_tokens: 6,
+            },
+            Some(cur),
+        );
+        assert_eq!(d.turns.len(), 2, "nothing to trim by characters");
+    }
+
+    #[test]
     fn abandon_removes_only_an_unanswered_turn() {
         let mut d = Dialog::default();
         let s1 = gen(d.begin("u1", None, None));
