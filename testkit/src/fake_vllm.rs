@@ -653,11 +653,16 @@ fn reply_events(
             yield Err(aborted());
             return;
         }
-        if fault == Fault::ErrorMidStream {
-            if !pause_until(&shutdown, arrived + config.ttft).await {
-                yield Err(aborted());
-                return;
-            }
+        // Rendered while "the model runs", so that writing them costs the
+        // fake nothing after the pause it promised.
+        let events = (fault != Fault::ErrorMidStream).then(|| reply.events(include_usage));
+        if !pause_until(&shutdown, arrived + config.ttft).await {
+            yield Err(aborted());
+            return;
+        }
+        let Some(events) = events else {
+            // The role chunk and up to three tokens, none finishing, then
+            // the engine fails.
             yield Ok(reply.chunk("", true, false));
             for piece in reply.pieces.iter().take(3) {
                 yield Ok(reply.chunk(piece, false, false));
@@ -670,24 +675,16 @@ fn reply_events(
             }});
             yield Ok(Bytes::from(format!("data: {error}\n\ndata: [DONE]\n\n")));
             return;
-        }
-        // Rendered while "the model runs", so that writing them costs the
-        // fake nothing after the pause it promised.
-        let events = reply.events(include_usage);
-        if !pause_until(&shutdown, arrived + config.ttft).await {
-            yield Err(aborted());
-            return;
-        }
+        };
         if config.tpot.is_zero() {
             // Every token at once: one write, as they would reach a client.
             yield Ok(Bytes::from(events.concat()));
             return;
         }
-        let tokens = events.len() - 2 - usize::from(include_usage);
         for (i, event) in events.into_iter().enumerate() {
-            // A pause before each token after the first; none before the
-            // role chunk, the usage chunk or [DONE].
-            if (2..=tokens).contains(&i) && !pause(&shutdown, config.tpot).await {
+            // Event i (1-based after the role chunk) is token i: pause before
+            // every token but the first, never before usage or [DONE].
+            if (2..=reply.pieces.len()).contains(&i) && !pause(&shutdown, config.tpot).await {
                 yield Err(aborted());
                 return;
             }
