@@ -169,19 +169,15 @@ impl Store for MemoryStore {
         let now = Instant::now();
         Ok(self.with(|st| {
             let entered = Instant::now();
-            let Some(s) = st.sessions.get_mut(&key(id)) else {
-                return Step::Done {
-                    value: (),
-                    held: entered.elapsed(),
-                };
-            };
-            if s.locked(now) {
-                return Step::Busy;
-            }
-            s.live_dialog(now);
-            if let Some((dialog, exp)) = &mut s.dialog {
-                dialog.end(seq, ending);
-                *exp = now + ttl;
+            if let Some(s) = st.sessions.get_mut(&key(id)) {
+                if s.locked(now) {
+                    return Step::Busy;
+                }
+                s.live_dialog(now);
+                if let Some((dialog, exp)) = &mut s.dialog {
+                    dialog.end(seq, ending);
+                    *exp = now + ttl;
+                }
             }
             Step::Done {
                 value: (),
