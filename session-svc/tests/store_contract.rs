@@ -376,13 +376,17 @@ async fn memory_store_meets_the_contract() {
     contract(MemoryStore::new()).await;
 }
 
+/// A store on `redis`, as a session-svc replica would open it.
+async fn connect(redis: &RedisServer) -> RedisStore {
+    RedisStore::connect(&redis.url(), KeySpace::default())
+        .await
+        .expect("connect")
+}
+
 #[tokio::test]
 async fn redis_store_meets_the_contract() {
     let redis = RedisServer::start().expect("redis-server");
-    let store = RedisStore::connect(&redis.url(), KeySpace::default())
-        .await
-        .expect("connect");
-    contract(store).await;
+    contract(connect(&redis).await).await;
 }
 
 /// Two replicas on one Redis take turns on one session: each one's idea of
@@ -391,12 +395,8 @@ async fn redis_store_meets_the_contract() {
 #[tokio::test]
 async fn redis_replicas_interleaving_on_one_session_lose_nothing() {
     let redis = RedisServer::start().expect("redis-server");
-    let a = RedisStore::connect(&redis.url(), KeySpace::default())
-        .await
-        .expect("connect");
-    let b = RedisStore::connect(&redis.url(), KeySpace::default())
-        .await
-        .expect("connect");
+    let a = connect(&redis).await;
+    let b = connect(&redis).await;
     let id = sid("two-replicas");
     let mut want = Dialog::default();
     for i in 0..6 {
