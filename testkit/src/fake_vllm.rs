@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::pause;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -587,46 +588,15 @@ fn reply_pieces(config: &FakeVllmConfig, messages: &[Value]) -> Vec<String> {
     }
 }
 
-/// Margin left by the coarse part of a pause: tokio's timer ticks in whole
-/// milliseconds and rounds up, so its sleeps end up to ~2 ms late.
-const COARSE_MARGIN: Duration = Duration::from_millis(3);
-/// The last stretch of a pause, spent yielding on the worker that writes the
-/// reply: waking a parked thread takes tens of microseconds, and hundreds on
-/// a VM whose idle vCPUs halt, which a benchmark would charge to palaver.
-const SPIN: Duration = Duration::from_micros(300);
-
-/// Sleeps `d` — no more, so a benchmark knows the backend's latency; not at
-/// all when `d` is zero (an "instant" backend) — or returns false early
-/// when the fake is shutting down.
-///
-/// Three stages: tokio's timer up to [`COARSE_MARGIN`] before the end, then
-/// `std::thread::sleep` on a blocking thread (tens of microseconds late at
-/// most) up to [`SPIN`] before it, then yielding until the end.
+/// [`pause::pause`] `d`, or false early when the fake is shutting down.
 async fn pause(shutdown: &CancellationToken, d: Duration) -> bool {
     pause_until(shutdown, tokio::time::Instant::now() + d).await
 }
 
-/// [`pause`] until `deadline`; not at all if it has passed.
+/// [`pause::until`] `deadline`, or false early when the fake is shutting down.
 async fn pause_until(shutdown: &CancellationToken, deadline: tokio::time::Instant) -> bool {
-    if deadline <= tokio::time::Instant::now() {
-        return !shutdown.is_cancelled();
-    }
-    let slept = async {
-        if let Some(coarse) = deadline.checked_sub(COARSE_MARGIN) {
-            tokio::time::sleep_until(coarse).await;
-        }
-        if let Some(fine) = deadline.checked_sub(SPIN) {
-            let rest = fine.saturating_duration_since(tokio::time::Instant::now());
-            if !rest.is_zero() {
-                let _ = tokio::task::spawn_blocking(move || std::thread::sleep(rest)).await;
-            }
-        }
-        while tokio::time::Instant::now() < deadline {
-            tokio::task::yield_now().await;
-        }
-    };
     tokio::select! {
-        _ = slept => true,
+        _ = pause::until(deadline) => true,
         _ = shutdown.cancelled() => false,
     }
 }

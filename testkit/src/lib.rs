@@ -5,8 +5,10 @@
 //!   a mock;
 //! - `fake_vllm`: an OpenAI-compatible HTTP server with configurable latency
 //!   that counts requests in flight;
-//! - [`mqtt`]: a test client that queues what the broker delivers.
+//! - [`mqtt`]: a test client that queues what the broker delivers;
+//! - [`pause`]: sleeping a given time and no longer, for the fake's latency.
 
 pub mod fake_vllm;
 pub mod mqtt;
+pub mod pause;
 pub mod process;
