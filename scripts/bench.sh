@@ -239,7 +239,7 @@ REDIS_URL="redis://127.0.0.1:$REDIS_PORT/"
 
 # What one hop between two processes costs on this machine: a Redis PING
 # round trip back to back, and after the processes sat idle for a while
-# (a turn is some twenty such hops, and P1's reply path starts after
+# (a turn is fourteen such hops, and P1's reply path starts after
 # 100 ms of idleness).
 echo "== loopback round trips"
 python3 - "$REDIS_PORT" "$OUT/loopback.json" <<'EOF'
@@ -262,6 +262,27 @@ for gap_ms in (0, 1, 10, 100):
 json.dump({"redis_ping_median_us_after_idle_ms": result}, open(sys.argv[2], "w"))
 print("   Redis PING median:", ", ".join(f"{v:.0f} µs after {k} ms idle" for k, v in result.items()))
 EOF
+
+# The same fourteen hops a turn crosses, with no work at any of them:
+# `palaver floor` sends a frame through six relay processes (tokio, like the
+# services) and back, the backend's relay pausing as the fake does. What
+# one session could cost here at best, to hold P1' and P1 against.
+echo "== floor: a turn's hops with no work"
+floor() {
+  local label=$1
+  shift
+  local cmd=("$BIN/palaver" floor --label "$label" --json "$@")
+  echo "${cmd[*]}" >>"$OUT/commands.txt"
+  "${cmd[@]}" >"$OUT/$label.json"
+  python3 - "$OUT/$label.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+l = r["latency_ms"]
+print(f"   backend {r['backend_ms']:g} ms: {r['round_trips']} round trips, p50 {l['p50']:.3f} p99 {l['p99']:.3f} ms")
+PY
+}
+floor floor-instant --backend-ms 0 --warmup "$WARMUP" --duration "$DURATION"
+floor floor-100ms --backend-ms 100 --warmup "$WARMUP" --duration "$LONG"
 
 MQTT_PORT=$(free_port)
 # The test suite's settings, plus TCP_NODELAY: mosquitto leaves Nagle on by

@@ -92,7 +92,7 @@ def lat(run, key):
     return None if run is None else run["latency_ms"].get(key)
 
 
-def misses_notes(runs, loop, fake):
+def misses_notes(runs, loop, fake, floors):
     """Why the one-session points cost what they cost on this machine, from the data."""
     r1, ri = runs.get("p1"), runs.get("p1i")
     if not (r1 and ri and loop):
@@ -100,17 +100,46 @@ def misses_notes(runs, loop, fake):
     rt = loop["redis_ping_median_us_after_idle_ms"]
     gap = lat(r1, "p50") - BACKEND_S * 1000 - lat(ri, "p50")
     out = ["### Where one session's time goes", ""]
-    out.append(f"A turn crosses about fourteen process hops (broker twice each way, gateway, session-svc, "
+    out.append(f"A turn crosses fourteen process hops (the broker twice each way, gateway, session-svc, "
                f"Redis once per held phase, inference-svc, the backend). On this machine one hop between "
                f"processes (a Redis PING, median) costs {rt['0']:.0f} µs back to back and {rt['100']:.0f} µs "
-               f"after 100 ms idle: an idle vCPU halts, and waking it and refilling its caches is most of a "
-               f"hop. P1' pays the warm price on every hop; P1's reply path starts after 100 ms of idleness, "
-               f"so every process on it wakes cold: P1 minus P1' is {gap:.2f} ms at the median.")
+               f"after 100 ms idle. P1' pays the warm price on every hop; P1's reply path starts after "
+               f"100 ms of idleness, so every process on it wakes cold: P1 minus P1' is {gap:.2f} ms at the "
+               f"median.")
+    fi, f1 = floors.get("instant"), floors.get("100ms")
+    if fi and f1:
+        out.append("")
+        out.append("`palaver floor` sends a 128-byte frame along the same fourteen hops through six relay "
+                   "processes (tokio programs on the services' runtime) that forward it the moment it "
+                   "arrives, the backend's relay pausing with the fake's own pause code: what one session "
+                   "costs here when no hop does any work, the floor for any stack of this shape on this "
+                   "machine. It is a lower bound: palaver also sends acknowledgements off the critical "
+                   "path (MQTT PUBACKs, HTTP/2 window updates).")
+        out.append("")
+        out.append("| point | palaver: services + mosquitto | floor: the same hops, no work | palaver above the floor |")
+        out.append("|---|---|---|---|")
+        for name, run, floor, sub in (("P1' e2e", ri, fi, 0.0), ("P1 e2e − 100 ms", r1, f1, BACKEND_S * 1000)):
+            cells = []
+            for q in ("p50", "p99"):
+                a, b = lat(run, q) - sub, floor["latency_ms"][q] - sub
+                cells.append((q, a, b))
+            out.append(f"| {name} | " + ", ".join(f"{q} {ms(a)}" for q, a, _ in cells)
+                       + " | " + ", ".join(f"{q} {ms(b)}" for q, _, b in cells)
+                       + " | " + ", ".join(f"{q} {ms(a - b)}" for q, a, b in cells) + " |")
+        out.append("")
+        cold_floor = (f1["latency_ms"]["p50"] - BACKEND_S * 1000) - fi["latency_ms"]["p50"]
+        line = (f"100 ms of idleness costs the bare hops {cold_floor:.2f} ms at the median and palaver "
+                f"{gap:.2f} ms")
+        if gap > 2 * cold_floor:
+            line += (": waking up is not what makes P1 dear here, the work each process does once awake, "
+                     "on cold caches, is")
+        out.append(line + ".")
     f100 = fake.get("100ms") if fake else None
     if f100:
-        out.append(f"The fake alone, timed from Python over HTTP, answers in {f100['median_ms']:.2f} ms for "
-                   f"its nominal 100 ms; P1 subtracts the nominal 100 ms, so that overshoot counts "
-                   f"against palaver.")
+        out.append("")
+        out.append(f"The fake alone, timed from Python over HTTP (Python's own time included), answers in "
+                   f"{f100['median_ms']:.2f} ms for its nominal 100 ms; P1 subtracts the nominal 100 ms, so "
+                   f"any overshoot counts against palaver (the floor's backend pauses the same way).")
     out.append("")
     return out
 
@@ -380,7 +409,8 @@ def main():
              "time by Redis's own clock (control actions, absent here, record their lock from taken to "
              "released).")
     L.append("")
-    L.extend(misses_notes(runs, load(out, "loopback.json"), fake))
+    floors = {k: load(out, f"floor-{k}.json") for k in ("instant", "100ms")}
+    L.extend(misses_notes(runs, load(out, "loopback.json"), fake, floors))
     poll = load(out, "poll.json")
     if poll and (runs.get("poll-p1i") or runs.get("poll-p1")):
         pi, pp = runs.get("poll-p1i"), runs.get("poll-p1")
@@ -467,7 +497,7 @@ def main():
         rt = loop["redis_ping_median_us_after_idle_ms"]
         L.append("- One hop between two processes (a Redis PING round trip from Python, median): "
                  + ", ".join(f"{v:.0f} µs after {k} ms idle" for k, v in rt.items())
-                 + ". A turn crosses some twenty such hops; idle CPUs make each one dearer.")
+                 + ". A turn crosses fourteen such hops on its critical path; idle CPUs make each one dearer.")
     L.append("")
     L.append("## How it is measured")
     L.append("")

@@ -561,7 +561,7 @@ pub struct Report {
 }
 
 /// Exact nearest-rank percentiles of sorted nanosecond samples, in ms.
-fn percentile_ms(sorted: &[u64], q: f64) -> Option<f64> {
+pub(crate) fn percentile_ms(sorted: &[u64], q: f64) -> Option<f64> {
     if sorted.is_empty() {
         return None;
     }

@@ -9,6 +9,7 @@
 //! - [`chat`], [`send`]: the two clients built on it;
 //! - [`bench`]: the MQTT load generator (`palaver bench`);
 //! - [`fake_vllm`]: the test suite's fake vLLM as a process (`palaver fake-vllm`);
+//! - [`floor`]: a turn's process hops with no work at them (`palaver floor`);
 //! - [`logging`]: where logs go and how much of them.
 
 pub mod bench;
@@ -16,6 +17,7 @@ pub mod broker;
 pub mod chat;
 pub mod client;
 pub mod fake_vllm;
+pub mod floor;
 pub mod logging;
 pub mod send;
 pub mod up;

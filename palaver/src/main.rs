@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use palaver::{bench, chat, fake_vllm, logging, send, up};
+use palaver::{bench, chat, fake_vllm, floor, logging, send, up};
 
 /// palaver: MQTT clients chat with an LLM.
 #[derive(Debug, Parser)]
@@ -29,6 +29,12 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Serve a fake OpenAI-compatible vLLM with a fixed latency, for benchmarks.
     FakeVllm(fake_vllm::FakeVllmArgs),
+    /// Time a turn's fourteen process hops with no work at any of them, on
+    /// relay processes over loopback: the floor for one-session latency here.
+    Floor(floor::FloorArgs),
+    /// One relay of `palaver floor` (started by it).
+    #[command(hide = true)]
+    FloorRelay,
 }
 
 fn main() -> ExitCode {
@@ -70,5 +76,7 @@ async fn run(command: Command) -> ExitCode {
             logging::init(logging::CLIENT_FILTER);
             fake_vllm::run(args).await
         }
+        Command::Floor(args) => floor::run(args).await,
+        Command::FloorRelay => floor::relay().await,
     }
 }
