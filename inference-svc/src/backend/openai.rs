@@ -19,8 +19,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use reqwest::header::HeaderValue;
 use reqwest::{RequestBuilder, Response, StatusCode, Url};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use tokio::sync::Mutex;
 use tokio::time::{timeout_at, Instant};
 
@@ -67,6 +67,14 @@ struct Inner {
 }
 
 /// The deadlines of one generation.
+/// The time limits a reply's next chunk can run into.
+#[derive(Clone, Copy)]
+enum Bound {
+    FirstToken,
+    Idle,
+    Total,
+}
+
 #[derive(Clone, Copy)]
 struct Deadlines {
     first_token: Instant,
@@ -123,18 +131,7 @@ impl OpenAiBackend {
         let model = timeout_at(deadlines.first_token, inner.model())
             .await
             .map_err(|_| first_token_error())??;
-        let body = json!({
-            "model": model,
-            "messages": req.messages.iter().map(|m| json!({
-                "role": m.role.as_str(),
-                "content": m.content,
-            })).collect::<Vec<_>>(),
-            "stream": true,
-            "stream_options": { "include_usage": true },
-            "temperature": req.temperature,
-            "top_p": req.top_p,
-            "max_tokens": req.max_tokens,
-        });
+        let body = ChatCompletionRequest::new(&model, &req);
         let request_id = request_id_header(&req.request_id);
         tracing::debug!(request_id = ?request_id, %model, "sending chat completion");
 
@@ -180,17 +177,22 @@ impl OpenAiBackend {
             let mut done = false;
 
             while !done {
-                let (deadline, on_timeout) = if got_event {
+                // Which bound applies now; its error is only worded if it hits.
+                let (deadline, bound) = if got_event {
                     let idle = Instant::now() + inner.idle_timeout;
                     if idle < deadlines.total {
-                        (idle, inner.idle_error())
+                        (idle, Bound::Idle)
                     } else {
-                        (deadlines.total, inner.total_error())
+                        (deadlines.total, Bound::Total)
                     }
                 } else {
-                    (deadlines.first_token, inner.first_token_error(deadlines))
+                    (deadlines.first_token, Bound::FirstToken)
                 };
-                let next = timeout_at(deadline, body.next()).await.map_err(|_| on_timeout)?;
+                let next = timeout_at(deadline, body.next()).await.map_err(|_| match bound {
+                    Bound::FirstToken => inner.first_token_error(deadlines),
+                    Bound::Idle => inner.idle_error(),
+                    Bound::Total => inner.total_error(),
+                })?;
                 let events = match next {
                     Some(Ok(bytes)) => parser.push(&bytes).map_err(|_| {
                         InferenceError::Backend(
@@ -485,6 +487,57 @@ fn error_in(v: &Value) -> Option<(String, Option<u16>)> {
 }
 
 /// What one streamed event contributes.
+/// The body of `POST /v1/chat/completions`, borrowing the conversation from
+/// the request instead of copying it into a `serde_json::Value` tree first
+/// (a map and three strings per message, on every turn's path).
+#[derive(Serialize)]
+struct ChatCompletionRequest<'a> {
+    model: &'a str,
+    messages: Vec<WireMessage<'a>>,
+    stream: bool,
+    stream_options: StreamOptions,
+    temperature: f32,
+    top_p: f32,
+    max_tokens: u32,
+}
+
+#[derive(Serialize)]
+struct WireMessage<'a> {
+    role: &'static str,
+    content: &'a str,
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    /// vLLM sends token counts in a last chunk only when asked.
+    include_usage: bool,
+}
+
+impl<'a> ChatCompletionRequest<'a> {
+    /// Always streamed, with usage, and every sampling field set: vLLM's
+    /// own defaults differ from palaver's.
+    fn new(model: &'a str, req: &'a GenerateParams) -> Self {
+        Self {
+            model,
+            messages: req
+                .messages
+                .iter()
+                .map(|m| WireMessage {
+                    role: m.role.as_str(),
+                    content: &m.content,
+                })
+                .collect(),
+            stream: true,
+            stream_options: StreamOptions {
+                include_usage: true,
+            },
+            temperature: req.temperature,
+            top_p: req.top_p,
+            max_tokens: req.max_tokens,
+        }
+    }
+}
+
 #[derive(Debug, Default, PartialEq)]
 struct Event {
     content: String,
@@ -649,6 +702,32 @@ fn quote(message: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_request_body_is_vllm_s_shape_with_the_sampling_as_given() {
+        let req = GenerateParams {
+            messages: vec![
+                super::super::Message {
+                    role: super::super::Role::System,
+                    content: "be brief".into(),
+                },
+                super::super::Message {
+                    role: super::super::Role::User,
+                    content: "say \"hi\"\n".into(),
+                },
+            ],
+            temperature: 0.7,
+            top_p: 0.95,
+            max_tokens: 64,
+            request_id: "r".into(),
+        };
+        let body = serde_json::to_string(&ChatCompletionRequest::new("m", &req)).unwrap();
+        // 0.7 as the caller gave it, not 0.699999988079071 (f32 widened to f64).
+        assert_eq!(
+            body,
+            r#"{"model":"m","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"say \"hi\"\n"}],"stream":true,"stream_options":{"include_usage":true},"temperature":0.7,"top_p":0.95,"max_tokens":64}"#
+        );
+    }
 
     #[test]
     fn base_url_forms() {

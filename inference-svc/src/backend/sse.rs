@@ -74,8 +74,16 @@ impl SseParser {
     }
 
     fn end_line(&mut self, events: &mut Vec<String>) {
-        let line = String::from_utf8_lossy(&self.line).into_owned();
-        self.line.clear();
+        // Read in place (a copy only where the bytes are not UTF-8), then
+        // keep the buffer for the next line.
+        let mut raw = std::mem::take(&mut self.line);
+        self.field(&String::from_utf8_lossy(&raw), events);
+        raw.clear();
+        self.line = raw;
+    }
+
+    /// One complete line: a field, a comment, or the blank end of an event.
+    fn field(&mut self, line: &str, events: &mut Vec<String>) {
         if line.is_empty() {
             if let Some(data) = self.data.take() {
                 events.push(data);
@@ -87,7 +95,7 @@ impl SseParser {
         }
         let (field, value) = match line.split_once(':') {
             Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
-            None => (line.as_str(), ""),
+            None => (line, ""),
         };
         if field == "data" {
             match &mut self.data {
