@@ -13,6 +13,7 @@ use rand::Rng;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt as _;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
@@ -412,7 +413,7 @@ impl<S: Store> Sessions for SessionService<S> {
         // Refuse bad input as a plain error, before any stream exists.
         let settings = self.turns.project(&req.project).map_err(|e| self.fail(e))?;
         validate_chat(&req, settings.max_message_chars).map_err(|e| self.fail(e))?;
-        let (tx, rx) = mpsc::channel(64);
+        let (tx, mut rx) = mpsc::channel(64);
         let this = self.clone();
         let in_flight = self.turns.metrics().turn_started();
         tokio::spawn(async move {
@@ -429,7 +430,23 @@ impl<S: Store> Sessions for SessionService<S> {
                 _ = tx.closed() => {}
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        // Answer with the turn's first event in hand: the response headers
+        // then leave with `accepted` in one write (not alone first, waking
+        // the caller for nothing), and a turn refused at the door (rate
+        // limit, busy, store down) is a plain error status, as bad input is.
+        // Dropping this future (the caller left) drops `rx`, which the
+        // turn's task notices as above.
+        match rx.recv().await {
+            Some(Ok(first)) => {
+                let rest = ReceiverStream::new(rx);
+                Ok(Response::new(Box::pin(
+                    tokio_stream::once(Ok(first)).chain(rest),
+                )))
+            }
+            Some(Err(status)) => Err(status),
+            // Only if the turn's task panicked: it always sends first.
+            None => Err(Status::internal("the turn ended before it began")),
+        }
     }
 
     async fn get_history(

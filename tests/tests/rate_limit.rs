@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use palaver_proto::session::v1::{chat_event, ChatRequest};
 use palaver_tests::{Stack, StackOptions};
 use serde_json::json;
 
@@ -43,4 +44,56 @@ async fn the_21st_message_in_a_minute_is_refused_and_other_sessions_are_not() {
     let r = c.recv(Duration::from_secs(10)).await.expect("a reply");
     assert_eq!(r.topic, "general/assistant_response/calm");
     assert!(r.payload.contains("m1"), "{}", r.payload);
+}
+
+/// Over gRPC: a streamed turn answers with `accepted` first, and one the
+/// rate limit refuses fails the call itself, before any stream exists, with
+/// the same status a unary turn gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_turn_refused_at_the_door_fails_the_call() {
+    let stack = Stack::start(StackOptions::with_backend(
+        Duration::from_millis(5),
+        Duration::ZERO,
+        2,
+    ))
+    .await;
+    let mut client = stack.sessions(0).await;
+    let request = |i: usize| ChatRequest {
+        project: "general".into(),
+        session_id: "door".into(),
+        message: format!("m{i}"),
+        final_only: true,
+        ..Default::default()
+    };
+    for i in 1..=20 {
+        let mut events = client
+            .chat_stream(request(i))
+            .await
+            .unwrap_or_else(|e| panic!("turn {i} refused: {e}"))
+            .into_inner();
+        let first = events.message().await.unwrap().expect("a first event");
+        assert!(
+            matches!(first.event, Some(chat_event::Event::Accepted(_))),
+            "turn {i} began with {first:?}"
+        );
+        let last = events.message().await.unwrap().expect("a second event");
+        assert!(
+            matches!(last.event, Some(chat_event::Event::Done(ref r)) if r.text.contains(&format!("m{i}"))),
+            "turn {i} ended with {last:?}"
+        );
+    }
+    let refused = client
+        .chat_stream(request(21))
+        .await
+        .expect_err("the 21st turn fails the call");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert_eq!(
+        stack.vllm.requests(),
+        20,
+        "the refused turn never reached the model"
+    );
 }
