@@ -524,7 +524,8 @@ def main():
              "`max_queued_messages 100000`) plus `set_tcp_nodelay true`: mosquitto leaves Nagle's algorithm "
              "on by default, and a reply written right after a PUBACK then waits for the peer's delayed ACK "
              "(about 40 ms). `palaver up` runs rumqttd inside the process.")
-    L.append("- **Services**: the release binaries `gateway`, `session-svc`, `inference-svc` with default "
+    L.append("- **Services**: the release binaries `gateway`, `session-svc`, `inference-svc` (the workspace's "
+             "release profile: fat LTO, one codegen unit) with default "
              "settings (8 generations at once), Redis for dialogs, each serving `/metrics`. P4 reads "
              "session-svc's lock histogram before and after P3; P5 reads `VmRSS` from `/proc/<pid>/status` "
              "right after P3.")
