@@ -560,6 +560,24 @@ pub struct Report {
     tally: Tally,
 }
 
+/// Named latency figures (ms; `None` without samples) as a JSON object.
+pub(crate) fn latency_json(
+    figures: Vec<(&'static str, Option<f64>)>,
+) -> serde_json::Map<String, Value> {
+    figures
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.map_or(Value::Null, Value::from)))
+        .collect()
+}
+
+/// Named latency figures as the rows of a human table, appended to `out`.
+pub(crate) fn latency_rows(figures: Vec<(&'static str, Option<f64>)>, out: &mut String) {
+    for (name, v) in figures {
+        let shown = v.map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"));
+        out.push_str(&format!("  {name:<16}{shown:>10}\n"));
+    }
+}
+
 /// Exact nearest-rank percentiles of sorted nanosecond samples, in ms.
 pub(crate) fn percentile_ms(sorted: &[u64], q: f64) -> Option<f64> {
     if sorted.is_empty() {
@@ -600,11 +618,7 @@ impl Report {
     /// The machine-readable result.
     pub fn to_json(&self) -> Value {
         let p = &self.plan;
-        let latency: serde_json::Map<String, Value> = self
-            .latency()
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v.map_or(Value::Null, Value::from)))
-            .collect();
+        let latency = latency_json(self.latency());
         json!({
             "label": p.label,
             "config": {
@@ -676,10 +690,7 @@ impl Report {
             ));
         }
         out.push_str("\n  latency (ms, end to end)\n");
-        for (name, v) in self.latency() {
-            let shown = v.map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"));
-            out.push_str(&format!("  {name:<16}{shown:>10}\n"));
-        }
+        latency_rows(self.latency(), &mut out);
         out
     }
 }

@@ -333,11 +333,7 @@ impl FloorReport {
     }
 
     fn to_json(&self) -> Value {
-        let latency: serde_json::Map<String, Value> = self
-            .latency()
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v.map_or(Value::Null, Value::from)))
-            .collect();
+        let latency = crate::bench::latency_json(self.latency());
         json!({
             "label": self.label,
             "hops": ROUTE.len() - 1,
@@ -363,10 +359,7 @@ impl FloorReport {
             self.samples.len(),
             self.duration,
         );
-        for (name, v) in self.latency() {
-            let shown = v.map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"));
-            out.push_str(&format!("  {name:<16}{shown:>10}\n"));
-        }
+        crate::bench::latency_rows(self.latency(), &mut out);
         out
     }
 }
