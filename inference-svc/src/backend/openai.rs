@@ -66,7 +66,6 @@ struct Inner {
     think_starts_open: bool,
 }
 
-/// The deadlines of one generation.
 /// The time limits a reply's next chunk can run into.
 #[derive(Clone, Copy)]
 enum Bound {
@@ -75,6 +74,7 @@ enum Bound {
     Total,
 }
 
+/// The deadlines of one generation.
 #[derive(Clone, Copy)]
 struct Deadlines {
     first_token: Instant,
@@ -486,7 +486,6 @@ fn error_in(v: &Value) -> Option<(String, Option<u16>)> {
     None
 }
 
-/// What one streamed event contributes.
 /// The body of `POST /v1/chat/completions`, borrowing the conversation from
 /// the request instead of copying it into a `serde_json::Value` tree first
 /// (a map and three strings per message, on every turn's path).
@@ -538,6 +537,7 @@ impl<'a> ChatCompletionRequest<'a> {
     }
 }
 
+/// What one streamed event contributes.
 #[derive(Debug, Default, PartialEq)]
 struct Event {
     content: String,
@@ -702,17 +702,18 @@ fn quote(message: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::{Message, Role};
 
     #[test]
     fn the_request_body_is_vllm_s_shape_with_the_sampling_as_given() {
         let req = GenerateParams {
             messages: vec![
-                super::super::Message {
-                    role: super::super::Role::System,
+                Message {
+                    role: Role::System,
                     content: "be brief".into(),
                 },
-                super::super::Message {
-                    role: super::super::Role::User,
+                Message {
+                    role: Role::User,
                     content: "say \"hi\"\n".into(),
                 },
             ],
