@@ -238,15 +238,11 @@ impl Dialog {
         }
     }
 
-    /// Phase 3 as one step.
-    pub fn end(&mut self, seq: u64, ending: Ending<'_>) {
+    /// Phase 3 as one step; false if it changed nothing.
+    pub fn end(&mut self, seq: u64, ending: Ending<'_>) -> bool {
         match ending {
-            Ending::Reply(text) => {
-                self.complete(seq, text);
-            }
-            Ending::Abandon => {
-                self.abandon(seq);
-            }
+            Ending::Reply(text) => self.complete(seq, text),
+            Ending::Abandon => self.abandon(seq),
         }
     }
 

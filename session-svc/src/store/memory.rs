@@ -149,9 +149,11 @@ impl Store for MemoryStore {
             if s.locked(now) {
                 return Step::Busy;
             }
-            let mut dialog = s.live_dialog(now).cloned().unwrap_or_default();
+            // Changed in place: no copy of the dialog under the store's mutex.
+            s.live_dialog(now);
+            let (dialog, exp) = s.dialog.get_or_insert_with(|| (Dialog::default(), now));
             let value = dialog.open(opening);
-            s.dialog = Some((dialog, now + ttl));
+            *exp = now + ttl;
             Step::Done {
                 value,
                 held: entered.elapsed(),
