@@ -204,7 +204,7 @@ async fn one_step_changes_follow_the_dialog_rules<S: Store>(s: &S) {
         max_messages: 5,
         max_tokens: 16,
     };
-    let wide = |message, request_id, system_prompt| Opening {
+    let open = |message, request_id, system_prompt| Opening {
         message,
         request_id,
         system_prompt,
@@ -216,20 +216,20 @@ async fn one_step_changes_follow_the_dialog_rules<S: Store>(s: &S) {
         s,
         sid("rules"),
         vec![
-            TurnStep::Open(wide("first", Some("r1"), Some("be brief"))),
-            TurnStep::Open(wide("second", Some("r2"), None)),
+            TurnStep::Open(open("first", Some("r1"), Some("be brief"))),
+            TurnStep::Open(open("second", Some("r2"), None)),
             TurnStep::End(1, Ending::Reply("a2")),
-            TurnStep::Open(wide("first", Some("r1"), None)), // retry while generating
+            TurnStep::Open(open("first", Some("r1"), None)), // retry while generating
             TurnStep::End(0, Ending::Reply(odd)),
-            TurnStep::Open(wide("ignored", Some("r1"), Some("ignored"))), // replay
-            TurnStep::Open(wide("third", None, Some(odd))),               // trims by tokens
+            TurnStep::Open(open("ignored", Some("r1"), Some("ignored"))), // replay
+            TurnStep::Open(open("third", None, Some(odd))),               // trims by tokens
             TurnStep::End(2, Ending::Reply("a3")),
-            TurnStep::Open(wide(&long, Some("r4"), None)),
+            TurnStep::Open(open(&long, Some("r4"), None)),
             TurnStep::End(3, Ending::Abandon),
             TurnStep::End(99, Ending::Reply("nobody's")),
-            TurnStep::Open(wide("fifth", None, None)),
+            TurnStep::Open(open("fifth", None, None)),
             TurnStep::End(4, Ending::Reply("a5")),
-            TurnStep::Open(wide("sixth", None, None)), // trims by messages
+            TurnStep::Open(open("sixth", None, None)), // trims by messages
         ],
     )
     .await;

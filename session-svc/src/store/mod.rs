@@ -10,8 +10,9 @@
 //! Why two kinds of change: the two held phases of a turn (open, end) are
 //! each one atomic step inside the store (in Redis, a compare-and-set script
 //! that swaps in the dialog the rules produced), so a session is held only
-//! while its data changes, never for a round trip between processes. Under load a single round trip on a busy host takes
-//! milliseconds (see BENCHMARKS.md); a lock spanning one would too. Control
+//! while its data changes, never for a round trip between processes. Under
+//! load a single round trip on a busy host takes milliseconds (see
+//! BENCHMARKS.md); a lock spanning one would too. Control
 //! actions (reset, delete, clear) are rare and free-form, so they load,
 //! change and store under the lock, and the one-step changes wait for that
 //! lock like any other holder.
