@@ -125,7 +125,7 @@ pub async fn run(args: FloorArgs) -> ExitCode {
         Ok(samples) => {
             let report = FloorReport {
                 label: args.label.clone(),
-                backend: Duration::from_secs_f64(args.backend_ms / 1000.0),
+                backend_ms: args.backend_ms,
                 duration: args.duration,
                 samples,
             };
@@ -314,7 +314,9 @@ async fn forward(
 /// The result of one run.
 struct FloorReport {
     label: Option<String>,
-    backend: Duration,
+    /// The backend's pause, ms, as given.
+    backend_ms: f64,
+    /// The measured window, s.
     duration: f64,
     /// Sorted round trips, ns.
     samples: Vec<u64>,
@@ -338,7 +340,7 @@ impl FloorReport {
             "label": self.label,
             "hops": ROUTE.len() - 1,
             "processes": RELAYS.len() + 1,
-            "backend_ms": self.backend.as_secs_f64() * 1000.0,
+            "backend_ms": self.backend_ms,
             "duration_s": self.duration,
             "round_trips": self.samples.len(),
             "latency_ms": latency,
@@ -355,7 +357,7 @@ impl FloorReport {
                 .unwrap_or_default(),
             ROUTE.len() - 1,
             RELAYS.len() + 1,
-            self.backend.as_secs_f64() * 1000.0,
+            self.backend_ms,
             self.samples.len(),
             self.duration,
         );
