@@ -8,6 +8,9 @@
 //! the broker (a rumqttd "local link") must see. A failed bind ends rumqttd's
 //! server thread, which [`start`] notices and, for port 0, retries on another
 //! port. The broker stops when the process exits.
+//!
+//! rumqttd keeps Nagle's algorithm on; the `nodelay` module turns it off on the
+//! listener once the probe has passed.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, TcpListener};
@@ -18,6 +21,8 @@ use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Packet, QoS};
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::{Broker, Config, ConnectionSettings, Notification, RouterConfig, ServerSettings};
 use tokio::time::Instant;
+
+mod nodelay;
 
 /// Largest MQTT payload the broker accepts, in bytes (1 MiB). It is also
 /// what the gateway can read without dropping its connection (its default
@@ -241,6 +246,12 @@ async fn start_on(
     if seen != Ok(true) {
         return Err(not_started("another program answered on its port".into()));
     }
+    // Only the probe has connected so far: every client from now on gets
+    // a connection without Nagle's 40 ms stalls. Without it the broker
+    // still works, only slower, so a failure is a warning.
+    if let Err(e) = nodelay::set_on_listener(addr) {
+        tracing::warn!(error = %e, "cannot turn off Nagle's algorithm for the embedded broker: replies may come about 40 ms late");
+    }
     Ok(EmbeddedBroker {
         addr,
         server,
@@ -332,6 +343,33 @@ mod tests {
         .expect("starts on a free port");
         assert_ne!(ours.addr().port(), other.port());
         assert!(ours.is_running());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_are_accepted_without_nagle() {
+        let broker = start(&BrokerSettings {
+            ip: IpAddr::from([127, 0, 0, 1]),
+            port: 0,
+            credentials: None,
+        })
+        .await
+        .expect("starts");
+        let client = tokio::net::TcpStream::connect(broker.addr()).await.unwrap();
+        let ours = client.local_addr().unwrap();
+        assert!(!client.nodelay().unwrap(), "the client side is left alone");
+        // The broker's end of it, once rumqttd has accepted it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let accepted = loop {
+            let found = nodelay::own_socket(|fd| nodelay::peer_addr(fd) == Some(ours)).unwrap();
+            match found {
+                Some(fd) => break fd,
+                None if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                None => panic!("rumqttd never accepted the connection"),
+            }
+        };
+        assert!(rustix::net::sockopt::tcp_nodelay(&accepted).unwrap());
     }
 
     #[test]
