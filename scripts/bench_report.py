@@ -524,7 +524,8 @@ def main():
     L.append("- **Broker**: mosquitto with the test suite's settings (`max_inflight_messages 0`, "
              "`max_queued_messages 100000`) plus `set_tcp_nodelay true`: mosquitto leaves Nagle's algorithm "
              "on by default, and a reply written right after a PUBACK then waits for the peer's delayed ACK "
-             "(about 40 ms). `palaver up` runs rumqttd inside the process.")
+             "(about 40 ms). `palaver up` runs rumqttd inside the process, with Nagle turned off by "
+             "palaver on rumqttd's listener (rumqttd has no setting for it).")
     L.append("- **Services**: the release binaries `gateway`, `session-svc`, `inference-svc` (the workspace's "
              "release profile: fat LTO, one codegen unit) with default "
              "settings (8 generations at once), Redis for dialogs, each serving `/metrics`. P4 reads "
