@@ -9,8 +9,8 @@
 //! server thread, which [`start`] notices and, for port 0, retries on another
 //! port. The broker stops when the process exits.
 //!
-//! rumqttd keeps Nagle's algorithm on; the `nodelay` module turns it off on the
-//! listener once the probe has passed.
+//! rumqttd keeps Nagle's algorithm on; the `nodelay` module turns it off
+//! on the listener once the probe has passed.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, TcpListener};

@@ -16,6 +16,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{OwnedFd, RawFd};
 
+use rustix::io::Errno;
 use rustix::net::sockopt;
 use rustix::process::{getpid, pidfd_getfd, pidfd_open, PidfdFlags, PidfdGetfdFlags};
 
@@ -39,8 +40,8 @@ pub(crate) fn own_socket(wanted: impl Fn(&OwnedFd) -> bool) -> io::Result<Option
     let this_process = pidfd_open(getpid(), PidfdFlags::empty())?;
     for entry in std::fs::read_dir("/proc/self/fd")? {
         let entry = entry?;
-        // A descriptor closed since the listing is simply skipped; one
-        // whose number was reused is checked by `wanted` like any other.
+        // A descriptor closed since the listing is skipped; one whose
+        // number was reused is checked by `wanted` like any other.
         let is_socket = std::fs::read_link(entry.path())
             .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"));
         let number = entry
@@ -50,8 +51,12 @@ pub(crate) fn own_socket(wanted: impl Fn(&OwnedFd) -> bool) -> io::Result<Option
         let Some(number) = number.filter(|_| is_socket) else {
             continue;
         };
-        let Ok(fd) = pidfd_getfd(&this_process, number, PidfdGetfdFlags::empty()) else {
-            continue;
+        let fd = match pidfd_getfd(&this_process, number, PidfdGetfdFlags::empty()) {
+            Ok(fd) => fd,
+            Err(Errno::BADF) => continue,
+            // Not permitted (a seccomp filter) or not there (before 5.6):
+            // no descriptor can be had, so say why instead of "not found".
+            Err(e) => return Err(e.into()),
         };
         if wanted(&fd) {
             return Ok(Some(fd));
