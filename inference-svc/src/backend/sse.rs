@@ -75,9 +75,15 @@ impl SseParser {
 
     fn end_line(&mut self, events: &mut Vec<String>) {
         // Read in place (a copy only where the bytes are not UTF-8), then
-        // keep the buffer for the next line.
+        // keep the buffer for the next line. `from_utf8` first: it checks
+        // ASCII a word at a time, while `from_utf8_lossy` walks the line
+        // byte by byte even when it is valid (callgrind: 26k of the 33k
+        // instructions a turn spent here, for a 16-token reply).
         let mut raw = std::mem::take(&mut self.line);
-        self.field(&String::from_utf8_lossy(&raw), events);
+        match std::str::from_utf8(&raw) {
+            Ok(line) => self.field(line, events),
+            Err(_) => self.field(&String::from_utf8_lossy(&raw), events),
+        }
         raw.clear();
         self.line = raw;
     }
@@ -164,6 +170,13 @@ mod tests {
         let mut p = SseParser::new();
         assert!(p.push(b"data: [DONE]").unwrap().is_empty());
         assert_eq!(p.finish().as_deref(), Some("[DONE]"));
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf8_become_replacement_characters() {
+        let mut p = SseParser::new();
+        let got = p.push(b"data: caf\xc3\n\ndata: ok\n\n").unwrap();
+        assert_eq!(got, ["caf\u{fffd}", "ok"]);
     }
 
     #[test]
