@@ -183,34 +183,58 @@ fn parse_swap(v: Value) -> Result<Swapped, StoreError> {
     }
 }
 
-/// Dialogs as last seen by this process, by dialog key (raw JSON; empty:
-/// no dialog). Bounded in bytes: past [`SEEN_BYTES`] arbitrary entries go,
-/// which costs each of their sessions one extra round trip at most.
+/// A dialog as this process last saw it in Redis.
+#[derive(Debug, PartialEq)]
+struct Known {
+    /// The stored JSON (empty: no dialog): what the next swap expects.
+    raw: Vec<u8>,
+    /// The same, parsed. A phase starts from a copy of it rather than
+    /// parsing `raw` again: the parse was a fifth of session-svc's
+    /// instructions per turn (callgrind), a copy is a few allocations.
+    dialog: Option<Dialog>,
+}
+
+impl Known {
+    fn parse(raw: Vec<u8>) -> Result<Self, StoreError> {
+        let dialog = parse_stored(&raw)?;
+        Ok(Self { raw, dialog })
+    }
+
+    /// Bytes held, roughly: the JSON, and about as much again parsed (the
+    /// same text, less the syntax, plus the strings' headers).
+    fn size(&self) -> usize {
+        2 * self.raw.len()
+    }
+}
+
+/// Dialogs as last seen by this process, by dialog key. Bounded in bytes:
+/// past [`SEEN_BYTES`] arbitrary entries go, which costs each of their
+/// sessions one extra round trip at most.
 ///
 /// Entries are shared, not copied: a change takes its expected value from
-/// here without copying the dialog.
+/// here without copying the JSON.
 #[derive(Default)]
 struct Seen {
-    dialogs: HashMap<String, Arc<Vec<u8>>>,
-    /// Keys and dialogs held, in bytes.
+    dialogs: HashMap<String, Arc<Known>>,
+    /// Keys and dialogs held, in bytes ([`Known::size`]).
     bytes: usize,
 }
 
-/// Memory for [`Seen`]: some thousands of typical dialogs (a few KiB each),
-/// and still only hundreds of the largest (a full history of long messages,
-/// tens of KiB), within the services' memory budget.
+/// Memory for [`Seen`]: a thousand or more typical dialogs (a few KiB
+/// each), and still a hundred of the largest (a full history of long
+/// messages, tens of KiB), within the services' memory budget.
 const SEEN_BYTES: usize = 8 << 20;
 
 impl Seen {
-    fn get(&self, key: &str) -> Option<Arc<Vec<u8>>> {
+    fn get(&self, key: &str) -> Option<Arc<Known>> {
         self.dialogs.get(key).cloned()
     }
 
-    fn put(&mut self, key: &str, raw: Arc<Vec<u8>>) {
+    fn put(&mut self, key: &str, known: Arc<Known>) {
         if let Some(old) = self.dialogs.remove(key) {
-            self.bytes -= key.len() + old.len();
+            self.bytes -= key.len() + old.size();
         }
-        let size = key.len() + raw.len();
+        let size = key.len() + known.size();
         if size > SEEN_BYTES {
             return;
         }
@@ -219,11 +243,11 @@ impl Seen {
                 break;
             };
             if let Some(v) = self.dialogs.remove(&victim) {
-                self.bytes -= victim.len() + v.len();
+                self.bytes -= victim.len() + v.size();
             }
         }
         self.bytes += size;
-        self.dialogs.insert(key.to_owned(), raw);
+        self.dialogs.insert(key.to_owned(), known);
     }
 }
 
@@ -267,11 +291,11 @@ impl RedisStore {
                     .query_async(&mut self.conn.clone())
                     .await
                     .map_err(unavailable)?;
-                Arc::new(raw.unwrap_or_default())
+                Arc::new(Known::parse(raw.unwrap_or_default())?)
             }
         };
         loop {
-            let mut dialog = parse_stored(&expected)?;
+            let mut dialog = expected.dialog.clone();
             let value = f(&mut dialog);
             let new = to_json(dialog.as_ref())?;
             let (limit, window) = rate.take().map_or((0, 1), |r| (r.limit, millis(r.window)));
@@ -284,7 +308,7 @@ impl RedisStore {
                 .arg(limit)
                 .arg(window)
                 .arg(format!("{member:016x}"))
-                .arg(expected.as_slice())
+                .arg(expected.raw.as_slice())
                 .arg(&new)
                 .arg(millis(ttl))
                 .invoke_async(&mut self.conn.clone())
@@ -294,10 +318,11 @@ impl RedisStore {
                 Swapped::RateLimited => return Ok(Step::RateLimited),
                 Swapped::Busy => return Ok(Step::Busy),
                 Swapped::Written { held } => {
-                    self.seen().put(&k.dialog, Arc::new(new));
+                    let known = Known { raw: new, dialog };
+                    self.seen().put(&k.dialog, Arc::new(known));
                     return Ok(Step::Done { value, held });
                 }
-                Swapped::Changed(current) => expected = Arc::new(current),
+                Swapped::Changed(current) => expected = Arc::new(Known::parse(current)?),
             }
         }
     }
@@ -381,7 +406,11 @@ impl Store for RedisStore {
             .await
             .map_err(unavailable)?;
         if ok == 1 {
-            self.seen().put(&k.dialog, Arc::new(json));
+            let known = Known {
+                raw: json,
+                dialog: dialog.cloned(),
+            };
+            self.seen().put(&k.dialog, Arc::new(known));
         }
         Ok(ok == 1)
     }
@@ -462,24 +491,55 @@ impl Store for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dialog::Turn;
+
+    fn known(raw: Vec<u8>) -> Arc<Known> {
+        Arc::new(Known { raw, dialog: None })
+    }
+
+    fn held(seen: &Seen) -> usize {
+        seen.dialogs.iter().map(|(k, v)| k.len() + v.size()).sum()
+    }
 
     #[test]
     fn seen_dialogs_stay_within_their_byte_budget() {
         let mut seen = Seen::default();
-        let big = Arc::new(vec![b'x'; SEEN_BYTES / 4]);
+        let big = known(vec![b'x'; SEEN_BYTES / 8]);
         for i in 0..10 {
             seen.put(&format!("k{i}"), big.clone());
             assert!(seen.bytes <= SEEN_BYTES, "{} bytes after {i}", seen.bytes);
             assert_eq!(seen.get(&format!("k{i}")), Some(big.clone()));
         }
-        let held: usize = seen.dialogs.iter().map(|(k, v)| k.len() + v.len()).sum();
-        assert_eq!(held, seen.bytes);
+        assert_eq!(held(&seen), seen.bytes);
         // Replacing an entry counts its new size only.
-        seen.put("k9", Arc::new(b"small".to_vec()));
-        let held: usize = seen.dialogs.iter().map(|(k, v)| k.len() + v.len()).sum();
-        assert_eq!(held, seen.bytes);
+        seen.put("k9", known(b"small".to_vec()));
+        assert_eq!(held(&seen), seen.bytes);
         // Something larger than the whole budget is not kept at all.
-        seen.put("huge", Arc::new(vec![0; SEEN_BYTES + 1]));
+        seen.put("huge", known(vec![0; SEEN_BYTES]));
         assert_eq!(seen.get("huge"), None);
+    }
+
+    #[test]
+    fn a_dialog_kept_parsed_is_what_its_json_parses_to() {
+        // The cache keeps the dialog it wrote beside the JSON it wrote; the
+        // next phase must start from the same dialog a fresh read would give.
+        let turn = |seq, request_id: Option<&str>, user: &str, reply: Option<&str>| Turn {
+            seq,
+            request_id: request_id.map(str::to_owned),
+            user: user.to_owned(),
+            reply: reply.map(str::to_owned),
+        };
+        let dialog = Dialog {
+            system_prompt: Some("be brief".into()),
+            next_seq: 9,
+            turns: vec![
+                turn(7, Some("r1"), "hello", Some("hi")),
+                turn(8, None, "ça va? \"quoted\" ✓", None),
+            ],
+        };
+        let raw = to_json(Some(&dialog)).unwrap();
+        assert_eq!(Known::parse(raw).unwrap().dialog, Some(dialog));
+        assert_eq!(Known::parse(Vec::new()).unwrap().dialog, None);
+        assert!(Known::parse(b"{not json".to_vec()).is_err());
     }
 }
