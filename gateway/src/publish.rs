@@ -87,7 +87,7 @@ impl Publisher {
                         "topic_refused"
                     }
                     _ => {
-                        tracing::warn!(project = %self.project, kind = kind.as_str(), bytes = payload.len(), "message too large to publish");
+                        tracing::warn!(project = %self.project, kind = kind.as_str(), topic, bytes = payload.len(), "message too large to publish");
                         "publish_too_large"
                     }
                 };
@@ -129,7 +129,7 @@ impl Publisher {
                 Ok(())
             }
             Err(e) => {
-                tracing::warn!(project = %self.project, error = %e, "MQTT queue full or closed; message lost");
+                tracing::warn!(project = %self.project, topic, error = %e, "MQTT queue full or closed; message lost");
                 self.metrics.dropped("publish_queue_full");
                 Err(Refused::Closed)
             }
@@ -140,7 +140,7 @@ impl Publisher {
     /// reply, so the client still hears back.
     pub async fn publish_reply(&self, topic: &str, text: String) -> Result<(), Refused> {
         if admit(&self.project, OutKind::Reply, topic, text.len()) == Err(Refused::TooLarge) {
-            tracing::warn!(project = %self.project, bytes = text.len(), "reply too large for one MQTT packet");
+            tracing::warn!(project = %self.project, topic, bytes = text.len(), "reply too large for one MQTT packet");
             self.metrics.error(ErrorKind::ReplyTooLarge.as_str());
             return self
                 .publish(
