@@ -15,7 +15,7 @@
 #       guest's idle vCPUs polling this long before they halt (a diagnostic of
 #       the machine, not a verdict; needs root; the old value is put back)
 #
-# Takes about five minutes on a 2-core machine (plus the build).
+# Takes about six minutes on a 2-core machine (plus the build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -31,6 +31,8 @@ else
   # its p99 rests on some 200 replies rather than 100.
   WARMUP=2; DURATION=10; LONG=20; SWEEP_DURATION=6
 fi
+# Backend pauses (ms) between P1' (0) and P1 (100) for the idle curve.
+IDLE_PAUSES="3 10 30"
 
 need() {
   echo "scripts/bench.sh: $1 not found. $2" >&2
@@ -369,6 +371,18 @@ for n in 8 16 32; do
 done
 bench p2 "$MQTT_PORT" --sessions 64 --warmup "$WARMUP" --duration "$LONG"
 stop_stack
+
+# --- one session against the backend's pause -------------------------------
+# P1' and P1 are the ends of a curve: how much a session pays above the
+# backend's pause as the pause, the time every process sits idle, grows.
+# The floor over the same pauses tells what the hops alone pay.
+echo "== one session against the backend's pause, palaver and the floor"
+for pause in $IDLE_PAUSES; do
+  start_stack "$pause"
+  bench idle-$pause "$MQTT_PORT" --sessions 1 --warmup 1 --duration "$SWEEP_DURATION"
+  stop_stack
+  floor floor-idle-$pause --backend-ms "$pause" --warmup 1 --duration "$SWEEP_DURATION"
+done
 
 # --- diagnostic: the one-session points without idle halting --------------
 # This VM halts an idle vCPU at once (guest_halt_poll_ns=0), and waking one

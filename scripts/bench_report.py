@@ -28,6 +28,8 @@ OLD = {
 SLOTS, BACKEND_S = 8, 0.100
 P2_CEILING = SLOTS / BACKEND_S  # 80 replies/s
 SWEEP = [1, 8, 16, 32, 64]
+# Backend pauses of the idle curve, as scripts/bench.sh runs them.
+IDLE_PAUSES = [3, 10, 30]
 MIB = 1024
 
 
@@ -92,6 +94,26 @@ def lat(run, key):
     return None if run is None else run["latency_ms"].get(key)
 
 
+def idle_curve(runs, floors):
+    """One session's cost above the backend's pause, palaver and the floor, as the pause grows."""
+    points = [(0, runs.get("p1i"), floors.get("instant"))]
+    points += [(p, runs.get(f"idle-{p}"), floors.get(f"idle-{p}")) for p in IDLE_PAUSES]
+    points.append((int(BACKEND_S * 1000), runs.get("p1"), floors.get("100ms")))
+    points = [(p, r, f) for p, r, f in points if r and f]
+    if len(points) < 3:
+        return []
+    out = ["The pause at the backend is the time every process on the reply path sits idle. Over a "
+           "range of pauses, what one session pays above the pause (median; the end points are P1' and "
+           "P1, the middle ones shorter runs):", "",
+           "| backend pause | palaver: e2e − pause | floor: e2e − pause | palaver above the floor |",
+           "|---:|---:|---:|---:|"]
+    for p, r, f in points:
+        a, b = lat(r, "p50") - p, f["latency_ms"]["p50"] - p
+        out.append(f"| {p} ms | {ms(a)} | {ms(b)} | {ms(a - b)} |")
+    out.append("")
+    return out
+
+
 def misses_notes(runs, loop, fake, floors):
     """Why the one-session points cost what they cost on this machine, from the data."""
     r1, ri = runs.get("p1"), runs.get("p1i")
@@ -135,6 +157,10 @@ def misses_notes(runs, loop, fake, floors):
             line += (": waking up is not what makes P1 dear here, the work each process does once awake, "
                      "on cold caches, is")
         out.append(line + ".")
+    curve = idle_curve(runs, floors)
+    if curve:
+        out.append("")
+        out.extend(curve)
     f100 = fake.get("100ms") if fake else None
     if f100:
         out.append("")
@@ -327,6 +353,7 @@ def main():
 
     names = ["p1i", "p1", "p2", "p3", "up-p1i", "up-p1", "up-p2", "up-p3", "poll-p1i", "poll-p1"]
     names += [f"sweep-instant-{n}" for n in SWEEP[1:-1]] + [f"sweep-100ms-{n}" for n in SWEEP[1:-1]]
+    names += [f"idle-{p}" for p in IDLE_PAUSES]
     runs = {n: load(out, n + ".json") for n in names}
     runs = {k: v for k, v in runs.items() if v is not None}
     if not runs:
@@ -411,6 +438,7 @@ def main():
              "released).")
     L.append("")
     floors = {k: load(out, f"floor-{k}.json") for k in ("instant", "100ms")}
+    floors.update({f"idle-{p}": load(out, f"floor-idle-{p}.json") for p in IDLE_PAUSES})
     L.extend(misses_notes(runs, load(out, "loopback.json"), fake, floors))
     poll = load(out, "poll.json")
     if poll and (runs.get("poll-p1i") or runs.get("poll-p1")):
