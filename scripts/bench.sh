@@ -15,7 +15,7 @@
 #       guest's idle vCPUs polling this long before they halt (a diagnostic of
 #       the machine, not a verdict; needs root; the old value is put back)
 #
-# Takes about six minutes on a 2-core machine (plus the build).
+# Takes about five minutes on a 2-core machine (plus the build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
