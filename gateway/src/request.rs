@@ -68,6 +68,23 @@ pub struct ChatTurn {
 }
 
 impl ChatTurn {
+    /// A turn of project `p` with only its session and text: what a bare
+    /// `{"message": ...}` becomes. For tests.
+    #[cfg(test)]
+    pub(crate) fn plain(session_id: &str, message: &str) -> Self {
+        ChatTurn {
+            session_id: session_id.to_owned(),
+            message: message.to_owned(),
+            reply_topic: format!("p/assistant_response/{session_id}"),
+            client_id: None,
+            request_id: None,
+            system_prompt: None,
+            temperature: None,
+            top_p: None,
+            max_tokens: None,
+        }
+    }
+
     /// The request id session-svc deduplicates on: the client's `requestId`,
     /// prefixed with its `clientId` when it sent one.
     ///
@@ -311,20 +328,6 @@ mod tests {
         }
     }
 
-    fn base(session_id: &str, message: &str) -> ChatTurn {
-        ChatTurn {
-            session_id: session_id.to_owned(),
-            message: message.to_owned(),
-            reply_topic: format!("p/assistant_response/{session_id}"),
-            client_id: None,
-            request_id: None,
-            system_prompt: None,
-            temperature: None,
-            top_p: None,
-            max_tokens: None,
-        }
-    }
-
     #[test]
     fn drops() {
         let big = format!(r#"{{"message":"{}"}}"#, "x".repeat(MAX));
@@ -358,7 +361,11 @@ mod tests {
             ("{not json", "{not json"),
             ("\u{feff}bom text", "bom text"),
         ] {
-            assert_eq!(chat(payload), base(FRESH, message), "{payload:?}");
+            assert_eq!(
+                chat(payload),
+                ChatTurn::plain(FRESH, message),
+                "{payload:?}"
+            );
         }
     }
 
@@ -381,7 +388,7 @@ mod tests {
             assert_eq!(turn.session_id, want, "{json}");
             assert_eq!(turn.reply_topic, format!("p/assistant_response/{want}"));
         }
-        assert_eq!(chat(r#"{"message":"hi"}"#), base(FRESH, "hi"));
+        assert_eq!(chat(r#"{"message":"hi"}"#), ChatTurn::plain(FRESH, "hi"));
     }
 
     #[test]
@@ -631,7 +638,7 @@ mod tests {
         // Beyond f64 or nested deeper than serde_json's limit of 128: taken as
         // bare text like any other unreadable payload (documented limitation).
         let payload = r#"{"sessionId":"s","message":"hi","temperature":1e400}"#;
-        assert_eq!(chat(payload), base(FRESH, payload));
+        assert_eq!(chat(payload), ChatTurn::plain(FRESH, payload));
     }
 
     #[test]

@@ -263,9 +263,6 @@ impl Turns {
     }
 }
 
-/// A tonic server whose `grpc-timeout` expires answers CANCELLED ("Timeout
-/// expired"), not DEADLINE_EXCEEDED; once the deadline has passed, that is
-/// what it means, and the client should hear "timed out".
 /// A turn as its warnings name it: project, session, and the request and
 /// client ids when the client sent them.
 struct TurnName<'a>(&'a str, &'a ChatTurn);
@@ -284,6 +281,9 @@ impl std::fmt::Display for TurnName<'_> {
     }
 }
 
+/// A tonic server whose `grpc-timeout` expires answers CANCELLED ("Timeout
+/// expired"), not DEADLINE_EXCEEDED; once the deadline has passed, that is
+/// what it means, and the client should hear "timed out".
 fn deadline_as_such(status: Status, elapsed: Duration, deadline: Duration) -> Status {
     if status.code() == Code::Cancelled && elapsed + DEADLINE_TOLERANCE >= deadline {
         Status::deadline_exceeded(status.message().to_owned())
@@ -318,17 +318,7 @@ mod tests {
 
     #[test]
     fn a_turn_is_named_by_project_session_and_the_ids_it_has() {
-        let mut turn = ChatTurn {
-            session_id: "s1".into(),
-            message: "hi".into(),
-            reply_topic: "p/assistant_response/s1".into(),
-            client_id: None,
-            request_id: None,
-            system_prompt: None,
-            temperature: None,
-            top_p: None,
-            max_tokens: None,
-        };
+        let mut turn = ChatTurn::plain("s1", "hi");
         assert_eq!(TurnName("p", &turn).to_string(), "p/s1");
         turn.request_id = Some("r7".into());
         turn.client_id = Some("game-2".into());
