@@ -560,6 +560,22 @@ pub struct Report {
     tally: Tally,
 }
 
+/// The latency figures every report gives, in ms, from sorted nanosecond
+/// samples (`None` without samples).
+pub(crate) fn latency_figures(sorted: &[u64]) -> Vec<(&'static str, Option<f64>)> {
+    let mean = (!sorted.is_empty())
+        .then(|| sorted.iter().map(|&n| n as f64).sum::<f64>() / sorted.len() as f64 / 1e6);
+    vec![
+        ("min", percentile_ms(sorted, 0.0)),
+        ("mean", mean),
+        ("p50", percentile_ms(sorted, 0.50)),
+        ("p90", percentile_ms(sorted, 0.90)),
+        ("p99", percentile_ms(sorted, 0.99)),
+        ("p999", percentile_ms(sorted, 0.999)),
+        ("max", percentile_ms(sorted, 1.0)),
+    ]
+}
+
 /// Named latency figures (ms; `None` without samples) as a JSON object.
 pub(crate) fn latency_json(
     figures: Vec<(&'static str, Option<f64>)>,
@@ -579,7 +595,7 @@ pub(crate) fn latency_rows(figures: Vec<(&'static str, Option<f64>)>, out: &mut 
 }
 
 /// Exact nearest-rank percentiles of sorted nanosecond samples, in ms.
-pub(crate) fn percentile_ms(sorted: &[u64], q: f64) -> Option<f64> {
+fn percentile_ms(sorted: &[u64], q: f64) -> Option<f64> {
     if sorted.is_empty() {
         return None;
     }
@@ -597,18 +613,7 @@ impl Report {
     }
 
     fn latency(&self) -> Vec<(&'static str, Option<f64>)> {
-        let l = &self.tally.latencies;
-        let mean = (!l.is_empty())
-            .then(|| l.iter().map(|&n| n as f64).sum::<f64>() / l.len() as f64 / 1e6);
-        vec![
-            ("min", percentile_ms(l, 0.0)),
-            ("mean", mean),
-            ("p50", percentile_ms(l, 0.50)),
-            ("p90", percentile_ms(l, 0.90)),
-            ("p99", percentile_ms(l, 0.99)),
-            ("p999", percentile_ms(l, 0.999)),
-            ("max", percentile_ms(l, 1.0)),
-        ]
+        latency_figures(&self.tally.latencies)
     }
 
     fn errors_total(&self) -> u64 {

@@ -324,14 +324,7 @@ struct FloorReport {
 
 impl FloorReport {
     fn latency(&self) -> Vec<(&'static str, Option<f64>)> {
-        let s = &self.samples;
-        vec![
-            ("min", crate::bench::percentile_ms(s, 0.0)),
-            ("p50", crate::bench::percentile_ms(s, 0.50)),
-            ("p90", crate::bench::percentile_ms(s, 0.90)),
-            ("p99", crate::bench::percentile_ms(s, 0.99)),
-            ("max", crate::bench::percentile_ms(s, 1.0)),
-        ]
+        crate::bench::latency_figures(&self.samples)
     }
 
     fn to_json(&self) -> Value {
