@@ -28,8 +28,6 @@ OLD = {
 SLOTS, BACKEND_S = 8, 0.100
 P2_CEILING = SLOTS / BACKEND_S  # 80 replies/s
 SWEEP = [1, 8, 16, 32, 64]
-# Backend pauses of the idle curve, as scripts/bench.sh runs them.
-IDLE_PAUSES = [3, 10, 30]
 MIB = 1024
 
 
@@ -94,10 +92,15 @@ def lat(run, key):
     return None if run is None else run["latency_ms"].get(key)
 
 
+def idle_pauses(runs):
+    """The backend pauses (ms) scripts/bench.sh ran one session at, from the runs' names."""
+    return sorted(int(n[len("idle-"):]) for n in runs if n.startswith("idle-"))
+
+
 def idle_curve(runs, floors):
     """One session's cost above the backend's pause, palaver and the floor, as the pause grows."""
     points = [(0, runs.get("p1i"), floors.get("instant"))]
-    points += [(p, runs.get(f"idle-{p}"), floors.get(f"idle-{p}")) for p in IDLE_PAUSES]
+    points += [(p, runs.get(f"idle-{p}"), floors.get(f"idle-{p}")) for p in idle_pauses(runs)]
     points.append((int(BACKEND_S * 1000), runs.get("p1"), floors.get("100ms")))
     points = [(p, r, f) for p, r, f in points if r and f]
     if len(points) < 3:
@@ -353,7 +356,7 @@ def main():
 
     names = ["p1i", "p1", "p2", "p3", "up-p1i", "up-p1", "up-p2", "up-p3", "poll-p1i", "poll-p1"]
     names += [f"sweep-instant-{n}" for n in SWEEP[1:-1]] + [f"sweep-100ms-{n}" for n in SWEEP[1:-1]]
-    names += [f"idle-{p}" for p in IDLE_PAUSES]
+    names += [n[:-len(".json")] for n in os.listdir(out) if re.fullmatch(r"idle-\d+\.json", n)]
     runs = {n: load(out, n + ".json") for n in names}
     runs = {k: v for k, v in runs.items() if v is not None}
     if not runs:
@@ -438,7 +441,7 @@ def main():
              "released).")
     L.append("")
     floors = {k: load(out, f"floor-{k}.json") for k in ("instant", "100ms")}
-    floors.update({f"idle-{p}": load(out, f"floor-idle-{p}.json") for p in IDLE_PAUSES})
+    floors.update({f"idle-{p}": load(out, f"floor-idle-{p}.json") for p in idle_pauses(runs)})
     L.extend(misses_notes(runs, load(out, "loopback.json"), fake, floors))
     poll = load(out, "poll.json")
     if poll and (runs.get("poll-p1i") or runs.get("poll-p1")):
