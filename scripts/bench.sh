@@ -148,11 +148,13 @@ bench() {
   local cmd=("$BIN/palaver" bench --port "$port" --project bench --label "$label" --json "$@")
   echo "${cmd[*]}" >>"$OUT/commands.txt"
   echo "== $label: palaver bench $*"
-  # session-svc's lock histogram around every run: lock times by load.
-  if [ -n "${LOCK_METRICS:-}" ]; then scrape "$LOCK_METRICS" "$label-session-before"; fi
+  # The services' metrics around every run (RUN_METRICS: "name:port ..."):
+  # session-svc's lock times by load, and each service's own clock on its
+  # part of a turn, for the one-session breakdown.
+  scrape_all "$label" before
   # Bounded: the run's own windows plus connecting and closing.
   timeout 300 "${cmd[@]}" >"$OUT/$label.json"
-  if [ -n "${LOCK_METRICS:-}" ]; then scrape "$LOCK_METRICS" "$label-session-after"; fi
+  scrape_all "$label" after
   python3 - "$OUT/$label.json" <<'EOF'
 import json, sys
 d = json.load(open(sys.argv[1]))
@@ -164,6 +166,11 @@ EOF
 }
 
 scrape() { curl -sf "http://127.0.0.1:$1/metrics" >"$OUT/$2.metrics"; }
+# scrape_all LABEL WHEN: every endpoint in RUN_METRICS to $OUT/LABEL-NAME-WHEN.metrics.
+scrape_all() {
+  local m
+  for m in ${RUN_METRICS:-}; do scrape "${m#*:}" "$1-${m%%:*}-$2"; done
+}
 
 # A sanity check that the stack answers before anything is measured.
 answer_check() {
@@ -331,7 +338,7 @@ start_stack() {
   GW_PID=$LAST_PID
   wait_port "$GW_METRICS" gateway
   answer_check "$MQTT_PORT"
-  LOCK_METRICS=$SES_METRICS
+  RUN_METRICS="session:$SES_METRICS gateway:$GW_METRICS inference:$INF_METRICS"
 }
 
 stop_stack() {
@@ -423,7 +430,9 @@ up_stack() {
   UP_METRICS=$(ready_value "$LAST_LOG" "palaver ready" metrics)
   UP_METRICS_PORT=${UP_METRICS##*:}
   answer_check "$UP_MQTT_PORT"
-  LOCK_METRICS=$UP_METRICS_PORT
+  # One endpoint serves all three services' metrics; "session" is what
+  # the report reads P4 from.
+  RUN_METRICS="session:$UP_METRICS_PORT"
 }
 
 echo "== palaver up (embedded broker), instant backend"

@@ -117,7 +117,95 @@ def idle_curve(runs, floors):
     return out
 
 
-def misses_notes(runs, loop, fake, floors):
+def mean_s(out, label, service, series):
+    """Mean of a Prometheus histogram series (`name` or `name{labels}`) over one run, in seconds.
+
+    From the `_sum` and `_count` scraped right before and after the run (its
+    warm-up included), so one run's turns alone."""
+    name, _, labels = series.partition("{")
+    labels = "{" + labels if labels else ""
+    vals = {}
+    for when in ("before", "after"):
+        path = os.path.join(out, f"{label}-{service}-{when}.metrics")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            for line in f:
+                for kind in ("sum", "count"):
+                    prefix = f"{name}_{kind}{labels} "
+                    if line.startswith(prefix):
+                        vals[(when, kind)] = float(line[len(prefix):])
+    if len(vals) < 4:
+        return None
+    n = vals[("after", "count")] - vals[("before", "count")]
+    return None if n <= 0 else (vals[("after", "sum")] - vals[("before", "sum")]) / n
+
+
+# One turn cut into stretches by the services' own clocks. Each entry: what
+# the stretch is, and how to get its mean (ms) from the means `m` of the
+# bench's end-to-end latency (e2e) and of the services' histograms; the
+# stretches add up to e2e.
+STRETCHES = [
+    ("MQTT: client → mosquitto → gateway and back, the gateway's MQTT work",
+     lambda m: m["e2e"] - m["turn"]),
+    ("gRPC gateway ⇄ session-svc, session-svc's work outside its phases",
+     lambda m: m["turn"] - m["prepare"] - m["generate"] - m["store"]),
+    ("phase 1 in session-svc (its Redis script included)", lambda m: m["prepare"]),
+    ("gRPC session-svc ⇄ inference-svc, inference-svc's work outside the backend call",
+     lambda m: m["generate"] - m["generation"]),
+    ("HTTP inference-svc ⇄ backend, beyond the backend's nominal pause", lambda m: m["generation"]),
+    ("phase 3 in session-svc (its Redis script included)", lambda m: m["store"]),
+]
+TURN_SERIES = {
+    "turn": ("gateway", "palaver_gateway_turn_seconds"),
+    "prepare": ("session", 'palaver_session_turn_phase_seconds{phase="prepare"}'),
+    "generate": ("session", 'palaver_session_turn_phase_seconds{phase="generate"}'),
+    "store": ("session", 'palaver_session_turn_phase_seconds{phase="store"}'),
+    "generation": ("inference", "palaver_inference_generation_seconds"),
+}
+# The series that include the backend's pause.
+PAUSED = ("e2e", "turn", "generate", "generation")
+
+
+def turn_means(out, runs, label, pause_ms):
+    """Means (ms) of e2e and of every TURN_SERIES over run `label`, the pause taken off."""
+    run = runs.get(label)
+    if run is None or run["latency_ms"].get("mean") is None:
+        return None
+    m = {"e2e": run["latency_ms"]["mean"]}
+    for key, (service, series) in TURN_SERIES.items():
+        v = mean_s(out, label, service, series)
+        if v is None:
+            return None
+        m[key] = v * 1000
+    for key in PAUSED:
+        m[key] -= pause_ms
+    return m
+
+
+def stretches(out, runs):
+    """Where P1's extra time goes, stretch by stretch, by the services' own clocks."""
+    warm = turn_means(out, runs, "p1i", 0)
+    cold = turn_means(out, runs, "p1", BACKEND_S * 1000)
+    if not (warm and cold):
+        return []
+    out_ = ["The services time their own part of every turn (`palaver_gateway_turn_seconds`, "
+            "`palaver_session_turn_phase_seconds`, `palaver_inference_generation_seconds`), which "
+            "cuts a turn into stretches that add up to its end-to-end time. Means over the P1' and P1 "
+            "runs (warm-up included; the backend's nominal pause taken off), so that they add up; "
+            "a stretch's difference is what 100 ms of idleness costs it:", "",
+            "| stretch | P1' mean | P1 mean − 100 ms | idle costs it |",
+            "|---|---:|---:|---:|"]
+    for what, f in STRETCHES:
+        a, b = f(warm), f(cold)
+        out_.append(f"| {what} | {ms(a)} | {ms(b)} | {ms(b - a)} |")
+    out_.append(f"| end to end | {ms(warm['e2e'])} | {ms(cold['e2e'])} | "
+                f"{ms(cold['e2e'] - warm['e2e'])} |")
+    out_.append("")
+    return out_
+
+
+def misses_notes(out_dir, runs, loop, fake, floors):
     """Why the one-session points cost what they cost on this machine, from the data."""
     r1, ri = runs.get("p1"), runs.get("p1i")
     if not (r1 and ri and loop):
@@ -160,6 +248,10 @@ def misses_notes(runs, loop, fake, floors):
             line += (": waking up is not what makes P1 dear here, the work each process does once awake, "
                      "on cold caches, is")
         out.append(line + ".")
+    parts = stretches(out_dir, runs)
+    if parts:
+        out.append("")
+        out.extend(parts)
     curve = idle_curve(runs, floors)
     if curve:
         out.append("")
@@ -442,7 +534,7 @@ def main():
     L.append("")
     floors = {k: load(out, f"floor-{k}.json") for k in ("instant", "100ms")}
     floors.update({f"idle-{p}": load(out, f"floor-idle-{p}.json") for p in idle_pauses(runs)})
-    L.extend(misses_notes(runs, load(out, "loopback.json"), fake, floors))
+    L.extend(misses_notes(out, runs, load(out, "loopback.json"), fake, floors))
     poll = load(out, "poll.json")
     if poll and (runs.get("poll-p1i") or runs.get("poll-p1")):
         pi, pp = runs.get("poll-p1i"), runs.get("poll-p1")
