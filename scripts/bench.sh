@@ -107,6 +107,24 @@ wait_port() {
   exit 1
 }
 
+# log_port LOG MESSAGE: waits for the log line MESSAGE addr=HOST:PORT that a
+# service writes once it listens, and prints PORT.
+log_port() {
+  local log=$1 message=$2
+  for _ in $(seq 1 200); do
+    local addr
+    addr=$(sed -n "s|.* $message addr=\([^ ]*\).*|\1|p" "$log" 2>/dev/null | head -n 1)
+    if [ -n "$addr" ]; then
+      echo "${addr##*:}"
+      return 0
+    fi
+    sleep 0.1
+  done
+  echo "scripts/bench.sh: no '$message' line in $log:" >&2
+  cat "$log" >&2
+  exit 1
+}
+
 # ready_value LOG PREFIX KEY: waits for the machine-readable line PREFIX in
 # LOG and prints its KEY=value.
 ready_value() {
@@ -319,24 +337,24 @@ start_stack() {
   start fake "$BIN/palaver" fake-vllm --listen 127.0.0.1:0 --ttft "$ttft" --tpot 0 --tokens 16
   FAKE_PID=$LAST_PID
   FAKE_URL=$(ready_value "$LAST_LOG" "fake-vllm ready" url)
-  local inf_port ses_port
-  inf_port=$(free_port)
-  ses_port=$(free_port)
-  INF_METRICS=$(free_port)
-  SES_METRICS=$(free_port)
-  GW_METRICS=$(free_port)
-  start inference "$BIN/inference-svc" --listen "127.0.0.1:$inf_port" --metrics-listen "127.0.0.1:$INF_METRICS" \
+  # Every listener on port 0, its port read from the log line that names
+  # it: ports picked in advance and bound later could collide.
+  start inference "$BIN/inference-svc" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
     --vllm-url "$FAKE_URL"
   INF_PID=$LAST_PID
-  start session "$BIN/session-svc" --listen "127.0.0.1:$ses_port" --metrics-listen "127.0.0.1:$SES_METRICS" \
+  local inf_port
+  inf_port=$(log_port "$LAST_LOG" "inference-svc listening")
+  INF_METRICS=$(log_port "$LAST_LOG" "metrics at /metrics")
+  start session "$BIN/session-svc" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
     --redis-url "$REDIS_URL" --inference-url "http://127.0.0.1:$inf_port" --projects-file "$PROJECTS"
   SES_PID=$LAST_PID
-  wait_port "$inf_port" inference
-  wait_port "$ses_port" session
+  local ses_port
+  ses_port=$(log_port "$LAST_LOG" "session-svc listening")
+  SES_METRICS=$(log_port "$LAST_LOG" "metrics at /metrics")
   start gateway "$BIN/gateway" --mqtt-url "mqtt://127.0.0.1:$MQTT_PORT" --session-url "http://127.0.0.1:$ses_port" \
-    --projects-file "$PROJECTS" --metrics-listen "127.0.0.1:$GW_METRICS"
+    --projects-file "$PROJECTS" --metrics-listen 127.0.0.1:0
   GW_PID=$LAST_PID
-  wait_port "$GW_METRICS" gateway
+  GW_METRICS=$(log_port "$LAST_LOG" "metrics at /metrics")
   answer_check "$MQTT_PORT"
   RUN_METRICS="session:$SES_METRICS gateway:$GW_METRICS inference:$INF_METRICS"
 }

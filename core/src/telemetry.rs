@@ -1,5 +1,7 @@
 //! Logs and metrics.
 
+use std::ffi::OsStr;
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -10,12 +12,32 @@ use tokio_util::sync::CancellationToken;
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`). Safe to call twice.
 pub fn init_logging() {
+    init_logging_with("info");
+}
+
+/// Logs to stderr, filtered by `RUST_LOG`, else by `default_filter`. Safe to
+/// call twice.
+///
+/// Colours only on a terminal: logs that go to a file, `docker logs` or a
+/// log collector get plain text, with no escape codes around every field.
+pub fn init_logging_with(default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let ansi = colour_logs(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .try_init();
+}
+
+/// Whether logs get colours: on a terminal, unless `NO_COLOR` is set to
+/// anything but the empty string (<https://no-color.org>).
+fn colour_logs(stderr_is_terminal: bool, no_color: Option<&OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 /// Serves `GET /metrics` (Prometheus text format) from `registry` until `shutdown`.
@@ -86,4 +108,23 @@ async fn render(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
         )],
         body,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logs_are_coloured_only_on_a_terminal_without_no_color() {
+        assert!(colour_logs(true, None));
+        assert!(
+            !colour_logs(false, None),
+            "a file or a pipe gets plain text"
+        );
+        assert!(!colour_logs(true, Some(OsStr::new("1"))));
+        assert!(
+            colour_logs(true, Some(OsStr::new(""))),
+            "NO_COLOR counts only when it is not empty"
+        );
+    }
 }

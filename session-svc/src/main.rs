@@ -37,7 +37,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let listener = TcpListener::bind(cli.listen.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cli.listen.listen))?;
-    tracing::info!(addr = %cli.listen.listen, "session-svc listening");
+    tracing::info!(addr = %listener.local_addr()?, "session-svc listening");
 
     match &cli.session.redis_url {
         Some(url) => {
