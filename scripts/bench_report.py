@@ -113,7 +113,6 @@ def idle_curve(runs, floors):
     for p, r, f in points:
         a, b = lat(r, "p50") - p, f["latency_ms"]["p50"] - p
         out.append(f"| {p} ms | {ms(a)} | {ms(b)} | {ms(a - b)} |")
-    out.append("")
     return out
 
 
@@ -201,7 +200,6 @@ def stretches(out, runs):
         out_.append(f"| {what} | {ms(a)} | {ms(b)} | {ms(b - a)} |")
     out_.append(f"| end to end | {ms(warm['e2e'])} | {ms(cold['e2e'])} | "
                 f"{ms(cold['e2e'] - warm['e2e'])} |")
-    out_.append("")
     return out_
 
 
