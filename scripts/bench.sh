@@ -94,6 +94,22 @@ stop() {
   wait "$1" 2>/dev/null || true
 }
 
+# show_logs: the start and the end of every log so far, on stderr. The start
+# matters: a service that exits prints its error first, then a backtrace.
+show_logs() {
+  local log
+  for log in "$WORK"/*.log; do
+    echo "==> $log <==" >&2
+    if [ "$(wc -l <"$log")" -le 24 ]; then
+      cat "$log" >&2
+    else
+      head -n 12 "$log" >&2
+      echo "[...]" >&2
+      tail -n 12 "$log" >&2
+    fi
+  done
+}
+
 wait_port() {
   local port=$1 what=$2
   for _ in $(seq 1 100); do
@@ -102,8 +118,8 @@ wait_port() {
     fi
     sleep 0.1
   done
-  echo "scripts/bench.sh: $what did not listen on port $port; logs in $WORK:" >&2
-  tail -n 20 "$WORK"/*.log >&2 || true
+  echo "scripts/bench.sh: $what did not listen on port $port; the logs so far:" >&2
+  show_logs
   exit 1
 }
 
@@ -194,8 +210,8 @@ scrape_all() {
 answer_check() {
   local port=$1
   if ! "$BIN/palaver" send --port "$port" --project bench --timeout-secs 20 "ready?" >/dev/null; then
-    echo "scripts/bench.sh: the stack on MQTT port $port does not answer; logs in $WORK" >&2
-    tail -n 20 "$WORK"/*.log >&2
+    echo "scripts/bench.sh: the stack on MQTT port $port does not answer; the logs so far:" >&2
+    show_logs
     exit 1
   fi
 }
