@@ -149,11 +149,11 @@ STRETCHES = [
      lambda m: m["e2e"] - m["turn"]),
     ("gRPC gateway ⇄ session-svc, session-svc's work outside its phases",
      lambda m: m["turn"] - m["prepare"] - m["generate"] - m["store"]),
-    ("phase 1 in session-svc (its Redis script included)", lambda m: m["prepare"]),
+    ("phase 1 in session-svc (its Redis round trip included)", lambda m: m["prepare"]),
     ("gRPC session-svc ⇄ inference-svc, inference-svc's work outside the backend call",
      lambda m: m["generate"] - m["generation"]),
     ("HTTP inference-svc ⇄ backend, beyond the backend's nominal pause", lambda m: m["generation"]),
-    ("phase 3 in session-svc (its Redis script included)", lambda m: m["store"]),
+    ("phase 3 in session-svc (its Redis round trip included)", lambda m: m["store"]),
 ]
 TURN_SERIES = {
     "turn": ("gateway", "palaver_gateway_turn_seconds"),
