@@ -68,14 +68,13 @@ pub struct ChatTurn {
 }
 
 impl ChatTurn {
-    /// A turn of project `p` with only its session and text: what a bare
-    /// `{"message": ...}` becomes. For tests.
-    #[cfg(test)]
-    pub(crate) fn plain(session_id: &str, message: &str) -> Self {
+    /// A turn of `project` with only its session and text, replying on the
+    /// session's default topic: what a bare-text payload becomes.
+    pub(crate) fn plain(project: &str, session_id: String, message: String) -> Self {
         ChatTurn {
-            session_id: session_id.to_owned(),
-            message: message.to_owned(),
-            reply_topic: format!("p/assistant_response/{session_id}"),
+            reply_topic: topics::default_reply_topic(project, &session_id),
+            session_id,
+            message,
             client_id: None,
             request_id: None,
             system_prompt: None,
@@ -177,18 +176,7 @@ pub fn parse(
         Ok(_) => return Parsed::Drop(DropReason::NotAnObject),
         // Not JSON at all: old clients publish bare text.
         Err(_) => {
-            let session_id = fresh_id();
-            return Parsed::Chat(ChatTurn {
-                reply_topic: topics::default_reply_topic(project, &session_id),
-                session_id,
-                message: text.to_owned(),
-                client_id: None,
-                request_id: None,
-                system_prompt: None,
-                temperature: None,
-                top_p: None,
-                max_tokens: None,
-            });
+            return Parsed::Chat(ChatTurn::plain(project, fresh_id(), text.to_owned()));
         }
     };
     parse_object(project, &map, fresh_id)
@@ -363,8 +351,12 @@ mod tests {
         ] {
             assert_eq!(
                 chat(payload),
-                ChatTurn::plain(FRESH, message),
+                ChatTurn::plain("p", FRESH.into(), message.into()),
                 "{payload:?}"
+            );
+            assert_eq!(
+                chat(payload).reply_topic,
+                "p/assistant_response/default-0badc0de"
             );
         }
     }
@@ -388,7 +380,10 @@ mod tests {
             assert_eq!(turn.session_id, want, "{json}");
             assert_eq!(turn.reply_topic, format!("p/assistant_response/{want}"));
         }
-        assert_eq!(chat(r#"{"message":"hi"}"#), ChatTurn::plain(FRESH, "hi"));
+        assert_eq!(
+            chat(r#"{"message":"hi"}"#),
+            ChatTurn::plain("p", FRESH.into(), "hi".into())
+        );
     }
 
     #[test]
@@ -638,7 +633,10 @@ mod tests {
         // Beyond f64 or nested deeper than serde_json's limit of 128: taken as
         // bare text like any other unreadable payload (documented limitation).
         let payload = r#"{"sessionId":"s","message":"hi","temperature":1e400}"#;
-        assert_eq!(chat(payload), ChatTurn::plain(FRESH, payload));
+        assert_eq!(
+            chat(payload),
+            ChatTurn::plain("p", FRESH.into(), payload.into())
+        );
     }
 
     #[test]

@@ -318,7 +318,7 @@ mod tests {
 
     #[test]
     fn a_turn_is_named_by_project_session_and_the_ids_it_has() {
-        let mut turn = ChatTurn::plain("s1", "hi");
+        let mut turn = ChatTurn::plain("p", "s1".into(), "hi".into());
         assert_eq!(TurnName("p", &turn).to_string(), "p/s1");
         turn.request_id = Some("r7".into());
         turn.client_id = Some("game-2".into());
