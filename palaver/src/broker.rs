@@ -324,6 +324,13 @@ async fn probe(
 mod tests {
     use super::*;
 
+    /// A broker for one test: loopback, a free port, no logins.
+    const LOOPBACK_ANY_PORT: BrokerSettings = BrokerSettings {
+        ip: IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        port: 0,
+        credentials: None,
+    };
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn never_claims_a_port_another_broker_serves() {
         let other = palaver_testkit::process::Mosquitto::start().expect("mosquitto starts");
@@ -334,26 +341,16 @@ mod tests {
             matches!(claimed, Err(BrokerError::NotStarted { .. })),
             "claimed mosquitto's port"
         );
-        let ours = start(&BrokerSettings {
-            ip: IpAddr::from([127, 0, 0, 1]),
-            port: 0,
-            credentials: None,
-        })
-        .await
-        .expect("starts on a free port");
+        let ours = start(&LOOPBACK_ANY_PORT)
+            .await
+            .expect("starts on a free port");
         assert_ne!(ours.addr().port(), other.port());
         assert!(ours.is_running());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn connections_are_accepted_without_nagle() {
-        let broker = start(&BrokerSettings {
-            ip: IpAddr::from([127, 0, 0, 1]),
-            port: 0,
-            credentials: None,
-        })
-        .await
-        .expect("starts");
+        let broker = start(&LOOPBACK_ANY_PORT).await.expect("starts");
         let client = tokio::net::TcpStream::connect(broker.addr()).await.unwrap();
         let ours = client.local_addr().unwrap();
         assert!(!client.nodelay().unwrap(), "the client side is left alone");
