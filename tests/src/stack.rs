@@ -56,6 +56,13 @@ impl StackOptions {
             ..Self::default()
         }
     }
+
+    /// Production defaults against a fake vLLM that answers two words,
+    /// all at once, `ttft` after each request: for tests about what goes
+    /// around a turn rather than about its timing.
+    pub fn replying_after(ttft: Duration) -> Self {
+        Self::with_backend(ttft, Duration::ZERO, 2)
+    }
 }
 
 /// A running pipeline. Dropping it stops everything.

@@ -185,12 +185,7 @@ fn allowed(topic: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_the_right_answer_or_a_counted_drop_and_nothing_escapes() {
-    let stack = Stack::start(StackOptions::with_backend(
-        Duration::from_millis(5),
-        Duration::ZERO,
-        2,
-    ))
-    .await;
+    let stack = Stack::start(StackOptions::replying_after(Duration::from_millis(5))).await;
     let mut sniffer = stack.mqtt().await;
     sniffer.subscribe("#").await;
     let sender = stack.mqtt().await;

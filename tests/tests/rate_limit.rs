@@ -10,12 +10,7 @@ const RATE_LIMITED: &str = "Error: Rate limit exceeded. Please slow down your re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_21st_message_in_a_minute_is_refused_and_other_sessions_are_not() {
-    let stack = Stack::start(StackOptions::with_backend(
-        Duration::from_millis(5),
-        Duration::ZERO,
-        2,
-    ))
-    .await;
+    let stack = Stack::start(StackOptions::replying_after(Duration::from_millis(5))).await;
     let mut c = stack.mqtt().await;
     c.subscribe("general/assistant_response/#").await;
     let send = |sid: &'static str, i: usize| {
@@ -51,12 +46,7 @@ async fn the_21st_message_in_a_minute_is_refused_and_other_sessions_are_not() {
 /// the same status a unary turn gets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_turn_refused_at_the_door_fails_the_call() {
-    let stack = Stack::start(StackOptions::with_backend(
-        Duration::from_millis(5),
-        Duration::ZERO,
-        2,
-    ))
-    .await;
+    let stack = Stack::start(StackOptions::replying_after(Duration::from_millis(5))).await;
     let mut client = stack.sessions(0).await;
     let request = |i: usize| ChatRequest {
         project: "general".into(),

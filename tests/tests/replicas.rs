@@ -79,12 +79,7 @@ async fn fifty_concurrent_turns_on_one_session_across_two_replicas_lose_nothing(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_left_by_a_dead_holder_frees_itself_after_its_ttl() {
-    let stack = Stack::start(StackOptions::with_backend(
-        Duration::from_millis(10),
-        Duration::ZERO,
-        2,
-    ))
-    .await;
+    let stack = Stack::start(StackOptions::replying_after(Duration::from_millis(10))).await;
     // A replica took the lock and died: nobody will ever release it.
     let ttl = Duration::from_millis(1000);
     let lock = KeySpace::default().session("general", "orphan").lock;
