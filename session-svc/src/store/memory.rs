@@ -20,10 +20,15 @@ struct Session {
 }
 
 impl Session {
-    fn live_dialog(&mut self, now: Instant) -> Option<&Dialog> {
+    /// Forgets the dialog once its TTL has passed, as Redis would.
+    fn expire(&mut self, now: Instant) {
         if matches!(self.dialog, Some((_, exp)) if exp <= now) {
             self.dialog = None;
         }
+    }
+
+    fn live_dialog(&mut self, now: Instant) -> Option<&Dialog> {
+        self.expire(now);
         self.dialog.as_ref().map(|(d, _)| d)
     }
 
@@ -150,7 +155,7 @@ impl Store for MemoryStore {
                 return Step::Busy;
             }
             // Changed in place: no copy of the dialog under the store's mutex.
-            s.live_dialog(now);
+            s.expire(now);
             let (dialog, exp) = s.dialog.get_or_insert_with(|| (Dialog::default(), now));
             let value = dialog.open(opening);
             *exp = now + ttl;
@@ -175,7 +180,7 @@ impl Store for MemoryStore {
                 if s.locked(now) {
                     return Step::Busy;
                 }
-                s.live_dialog(now);
+                s.expire(now);
                 if let Some((dialog, exp)) = &mut s.dialog {
                     dialog.end(seq, ending);
                     *exp = now + ttl;
