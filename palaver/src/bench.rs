@@ -562,7 +562,7 @@ pub struct Report {
 
 /// The latency figures every report gives, in ms, from sorted nanosecond
 /// samples (`None` without samples).
-pub(crate) fn latency_figures(sorted: &[u64]) -> Vec<(&'static str, Option<f64>)> {
+fn latency_figures(sorted: &[u64]) -> Vec<(&'static str, Option<f64>)> {
     let mean = (!sorted.is_empty())
         .then(|| sorted.iter().map(|&n| n as f64).sum::<f64>() / sorted.len() as f64 / 1e6);
     vec![
@@ -576,19 +576,19 @@ pub(crate) fn latency_figures(sorted: &[u64]) -> Vec<(&'static str, Option<f64>)
     ]
 }
 
-/// Named latency figures (ms; `None` without samples) as a JSON object.
-pub(crate) fn latency_json(
-    figures: Vec<(&'static str, Option<f64>)>,
-) -> serde_json::Map<String, Value> {
-    figures
+/// The latency figures of sorted nanosecond samples (ms; null without
+/// samples) as a JSON object.
+pub(crate) fn latency_json(sorted: &[u64]) -> serde_json::Map<String, Value> {
+    latency_figures(sorted)
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.map_or(Value::Null, Value::from)))
         .collect()
 }
 
-/// Named latency figures as the rows of a human table, appended to `out`.
-pub(crate) fn latency_rows(figures: Vec<(&'static str, Option<f64>)>, out: &mut String) {
-    for (name, v) in figures {
+/// The latency figures of sorted nanosecond samples as the rows of a human
+/// table, appended to `out`.
+pub(crate) fn latency_rows(sorted: &[u64], out: &mut String) {
+    for (name, v) in latency_figures(sorted) {
         let shown = v.map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"));
         out.push_str(&format!("  {name:<16}{shown:>10}\n"));
     }
@@ -612,10 +612,6 @@ impl Report {
         n as f64 / self.plan.duration.as_secs_f64()
     }
 
-    fn latency(&self) -> Vec<(&'static str, Option<f64>)> {
-        latency_figures(&self.tally.latencies)
-    }
-
     fn errors_total(&self) -> u64 {
         self.tally.errors.values().sum()
     }
@@ -623,7 +619,7 @@ impl Report {
     /// The machine-readable result.
     pub fn to_json(&self) -> Value {
         let p = &self.plan;
-        let latency = latency_json(self.latency());
+        let latency = latency_json(&self.tally.latencies);
         json!({
             "label": p.label,
             "config": {
@@ -695,7 +691,7 @@ impl Report {
             ));
         }
         out.push_str("\n  latency (ms, end to end)\n");
-        latency_rows(self.latency(), &mut out);
+        latency_rows(&self.tally.latencies, &mut out);
         out
     }
 }

@@ -323,12 +323,8 @@ struct FloorReport {
 }
 
 impl FloorReport {
-    fn latency(&self) -> Vec<(&'static str, Option<f64>)> {
-        crate::bench::latency_figures(&self.samples)
-    }
-
     fn to_json(&self) -> Value {
-        let latency = crate::bench::latency_json(self.latency());
+        let latency = crate::bench::latency_json(&self.samples);
         json!({
             "label": self.label,
             "hops": ROUTE.len() - 1,
@@ -354,7 +350,7 @@ impl FloorReport {
             self.samples.len(),
             self.duration,
         );
-        crate::bench::latency_rows(self.latency(), &mut out);
+        crate::bench::latency_rows(&self.samples, &mut out);
         out
     }
 }
