@@ -123,40 +123,30 @@ wait_port() {
   exit 1
 }
 
-# log_port LOG MESSAGE: waits for the log line MESSAGE addr=HOST:PORT that a
-# service writes once it listens, and prints PORT.
-log_port() {
-  local log=$1 message=$2
-  for _ in $(seq 1 200); do
-    local addr
-    addr=$(sed -n "s|.* $message addr=\([^ ]*\).*|\1|p" "$log" 2>/dev/null | head -n 1)
-    if [ -n "$addr" ]; then
-      echo "${addr##*:}"
-      return 0
-    fi
-    sleep 0.1
-  done
-  echo "scripts/bench.sh: no '$message' line in $log:" >&2
-  cat "$log" >&2
-  exit 1
-}
-
-# ready_value LOG PREFIX KEY: waits for the machine-readable line PREFIX in
-# LOG and prints its KEY=value.
-ready_value() {
-  local log=$1 prefix=$2 key=$3
+# log_value LOG TEXT KEY: waits for the first line of LOG that contains
+# TEXT (a ready line, or a service's "... listening addr=..." log line) and
+# prints its KEY=value.
+log_value() {
+  local log=$1 text=$2 key=$3
   for _ in $(seq 1 200); do
     local line
-    line=$(grep -m1 "^$prefix" "$log" 2>/dev/null || true)
+    line=$(grep -m1 -F -- "$text" "$log" 2>/dev/null || true)
     if [ -n "$line" ]; then
       tr ' ' '\n' <<<"$line" | sed -n "s/^$key=//p"
       return 0
     fi
     sleep 0.1
   done
-  echo "scripts/bench.sh: no '$prefix' line in $log:" >&2
+  echo "scripts/bench.sh: no '$text' line in $log:" >&2
   cat "$log" >&2
   exit 1
+}
+
+# log_port LOG TEXT: the port of the addr=HOST:PORT on LOG's line TEXT.
+log_port() {
+  local addr
+  addr=$(log_value "$1" "$2" addr) || exit 1
+  echo "${addr##*:}"
 }
 
 # cpu_ticks: "name ticks" (user + system, in clock ticks) of every process
@@ -352,7 +342,7 @@ start_stack() {
   local ttft=$1
   start fake "$BIN/palaver" fake-vllm --listen 127.0.0.1:0 --ttft "$ttft" --tpot 0 --tokens 16
   FAKE_PID=$LAST_PID
-  FAKE_URL=$(ready_value "$LAST_LOG" "fake-vllm ready" url)
+  FAKE_URL=$(log_value "$LAST_LOG" "fake-vllm ready" url)
   # Every listener on port 0, its port read from the log line that names
   # it: ports picked in advance and bound later could collide.
   start inference "$BIN/inference-svc" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
@@ -455,13 +445,13 @@ up_stack() {
   local ttft=$1
   start fake "$BIN/palaver" fake-vllm --listen 127.0.0.1:0 --ttft "$ttft" --tpot 0 --tokens 16
   FAKE_PID=$LAST_PID
-  FAKE_URL=$(ready_value "$LAST_LOG" "fake-vllm ready" url)
+  FAKE_URL=$(log_value "$LAST_LOG" "fake-vllm ready" url)
   start up "$BIN/palaver" up --mqtt-port 0 --session-port 0 --inference-port 0 --metrics-port 0 \
     --redis-url "$REDIS_URL" --vllm-url "$FAKE_URL" --projects "$PROJECTS"
   UP_PID=$LAST_PID
-  UP_MQTT=$(ready_value "$LAST_LOG" "palaver ready" mqtt)
+  UP_MQTT=$(log_value "$LAST_LOG" "palaver ready" mqtt)
   UP_MQTT_PORT=${UP_MQTT##*:}
-  UP_METRICS=$(ready_value "$LAST_LOG" "palaver ready" metrics)
+  UP_METRICS=$(log_value "$LAST_LOG" "palaver ready" metrics)
   UP_METRICS_PORT=${UP_METRICS##*:}
   answer_check "$UP_MQTT_PORT"
   # One endpoint serves all three services' metrics; "session" is what
