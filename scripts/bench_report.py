@@ -650,7 +650,8 @@ def main():
     L.append("- **Services**: the release binaries `gateway`, `session-svc`, `inference-svc` (the workspace's "
              "release profile: fat LTO, one codegen unit) with default "
              "settings (8 generations at once), Redis for dialogs, each serving `/metrics`. P4 reads "
-             "session-svc's lock histogram before and after P3; P5 reads `VmRSS` from `/proc/<pid>/status` "
+             "session-svc's lock histogram before and after P3, the stretches read all three services' turn "
+             "histograms before and after P1' and P1; P5 reads `VmRSS` from `/proc/<pid>/status` "
              "right after P3.")
     L.append("")
     commands = os.path.join(out, "commands.txt")
