@@ -10,6 +10,7 @@
 //! - [`bench`]: the MQTT load generator (`palaver bench`);
 //! - [`fake_vllm`]: the test suite's fake vLLM as a process (`palaver fake-vllm`);
 //! - [`floor`]: a turn's process hops with no work at them (`palaver floor`);
+//! - [`idle_memory`]: what a cache line costs after idle time (`palaver idle-memory`);
 //! - [`logging`]: where logs go and how much of them.
 
 pub mod bench;
@@ -18,6 +19,7 @@ pub mod chat;
 pub mod client;
 pub mod fake_vllm;
 pub mod floor;
+pub mod idle_memory;
 pub mod logging;
 pub mod send;
 pub mod up;

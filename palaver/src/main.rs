@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use palaver::{bench, chat, fake_vllm, floor, logging, send, up};
+use palaver::{bench, chat, fake_vllm, floor, idle_memory, logging, send, up};
 
 /// palaver: MQTT clients chat with an LLM.
 #[derive(Debug, Parser)]
@@ -32,6 +32,9 @@ enum Command {
     /// Time a turn's fourteen process hops with no work at any of them, on
     /// relay processes over loopback: the floor for one-session latency here.
     Floor(floor::FloorArgs),
+    /// Time reading memory right after sleeping: what a cache line costs
+    /// here once the process sat idle, as a service does during inference.
+    IdleMemory(idle_memory::IdleMemoryArgs),
     /// One relay of `palaver floor` (started by it).
     #[command(hide = true)]
     FloorRelay,
@@ -78,5 +81,6 @@ async fn run(command: Command) -> ExitCode {
         }
         Command::Floor(args) => floor::run(args).await,
         Command::FloorRelay => floor::relay().await,
+        Command::IdleMemory(args) => idle_memory::run(args).await,
     }
 }
