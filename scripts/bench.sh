@@ -11,6 +11,7 @@
 #   scripts/bench.sh            # build (release), run everything, rewrite the report
 #   BENCH_QUICK=1 scripts/bench.sh   # shorter windows, for trying the script out
 #   BENCH_NO_BUILD=1 ...        # use the release binaries as they are
+#   BENCH_FOOTPRINT=0 ...       # skip the instruction counts (callgrind, about a minute)
 #   BENCH_GUEST_HALT_POLL_NS=200000 ...  # also rerun P1 and P1' with the
 #       guest's idle vCPUs polling this long before they halt (a diagnostic of
 #       the machine, not a verdict; needs root; the old value is put back)
@@ -196,10 +197,11 @@ scrape_all() {
   for m in ${RUN_METRICS:-}; do scrape "${m#*:}" "$1-${m%%:*}-$2"; done
 }
 
-# A sanity check that the stack answers before anything is measured.
+# A sanity check that the stack answers before anything is measured (a
+# first turn under callgrind takes seconds).
 answer_check() {
   local port=$1
-  if ! "$BIN/palaver" send --port "$port" --project bench --timeout-secs 20 "ready?" >/dev/null; then
+  if ! "$BIN/palaver" send --port "$port" --project bench --timeout-secs 60 "ready?" >/dev/null; then
     echo "scripts/bench.sh: the stack on MQTT port $port does not answer; the logs so far:" >&2
     show_logs
     exit 1
@@ -296,6 +298,19 @@ json.dump({"redis_ping_median_us_after_idle_ms": result}, open(sys.argv[2], "w")
 print("   Redis PING median:", ", ".join(f"{v:.0f} µs after {k} ms idle" for k, v in result.items()))
 EOF
 
+# What reading memory costs after the process sat idle: a chain of cache
+# lines walked back to back and after sleeps (what a service's reply path
+# finds in the caches once the backend's pause is over).
+echo "== memory after idle"
+echo "$BIN/palaver idle-memory --json" >>"$OUT/commands.txt"
+"$BIN/palaver" idle-memory --json >"$OUT/idle-memory.json"
+python3 - "$OUT/idle-memory.json" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"   {r['lines']} cache lines, ns per line:",
+      ", ".join(f"{w['ns_per_line']:.0f} after {w['idle_ms']:g} ms idle" for w in r["median_by_idle"]))
+EOF
+
 # The same fourteen hops a turn crosses, with no work at any of them:
 # `palaver floor` sends a frame through six relay processes (tokio, like the
 # services) and back, the backend's relay pausing as the fake does. What
@@ -334,6 +349,19 @@ start mosquitto "$MOSQUITTO" -c "$WORK/mosquitto.conf"
 MOSQUITTO_PID=$LAST_PID
 wait_port "$MQTT_PORT" mosquitto
 
+# service NAME CMD...: `start` for one of the three services; under
+# callgrind, its dumps in $FOOTPRINT_DIR, when that is set.
+service() {
+  local name=$1
+  shift
+  if [ -n "${FOOTPRINT_DIR:-}" ]; then
+    start "$name" valgrind --tool=callgrind --dump-instr=yes --compress-strings=no --compress-pos=no \
+      --callgrind-out-file="$FOOTPRINT_DIR/$name.%p" "$@"
+  else
+    start "$name" "$@"
+  fi
+}
+
 # start_stack TTFT_MS: fake vLLM with that time to first token (nothing per
 # further token, 16 words a reply), then inference-svc, session-svc and the
 # gateway as separate processes. Sets FAKE_PID INF_PID SES_PID GW_PID and
@@ -345,19 +373,19 @@ start_stack() {
   FAKE_URL=$(log_value "$LAST_LOG" "fake-vllm ready" url)
   # Every listener on port 0, its port read from the log line that names
   # it: ports picked in advance and bound later could collide.
-  start inference "$BIN/inference-svc" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
+  service inference "$BIN/inference-svc" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
     --vllm-url "$FAKE_URL"
   INF_PID=$LAST_PID
   local inf_port
   inf_port=$(log_port "$LAST_LOG" "inference-svc listening")
   INF_METRICS=$(log_port "$LAST_LOG" "metrics at /metrics")
-  start session "$BIN/session-svc" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
+  service session "$BIN/session-svc" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
     --redis-url "$REDIS_URL" --inference-url "http://127.0.0.1:$inf_port" --projects-file "$PROJECTS"
   SES_PID=$LAST_PID
   local ses_port
   ses_port=$(log_port "$LAST_LOG" "session-svc listening")
   SES_METRICS=$(log_port "$LAST_LOG" "metrics at /metrics")
-  start gateway "$BIN/gateway" --mqtt-url "mqtt://127.0.0.1:$MQTT_PORT" --session-url "http://127.0.0.1:$ses_port" \
+  service gateway "$BIN/gateway" --mqtt-url "mqtt://127.0.0.1:$MQTT_PORT" --session-url "http://127.0.0.1:$ses_port" \
     --projects-file "$PROJECTS" --metrics-listen 127.0.0.1:0
   GW_PID=$LAST_PID
   GW_METRICS=$(log_port "$LAST_LOG" "metrics at /metrics")
@@ -414,6 +442,38 @@ for pause in $IDLE_PAUSES; do
   stop_stack
   floor floor-idle-$pause --backend-ms "$pause" --warmup 1 --duration "$SWEEP_DURATION"
 done
+
+# --- code per turn: the services under callgrind ----------------------------
+# Instruction counts do not depend on the machine's noise: how much each
+# service runs per turn, and how much machine code that takes (what a turn
+# needs back in the caches after the backend's pause). One session, instant
+# backend, history at the project's 20 messages as in P1'.
+if [ "${BENCH_FOOTPRINT:-1}" = 0 ]; then
+  echo "== code per turn: skipped (BENCH_FOOTPRINT=0)"
+elif ! command -v valgrind >/dev/null || ! command -v callgrind_control >/dev/null; then
+  echo "== code per turn: skipped, valgrind not found (apt-get install -y valgrind)"
+else
+  echo "== code per turn: the three services under callgrind, one session, instant backend"
+  FOOTPRINT_DIR=$WORK/callgrind
+  mkdir -p "$FOOTPRINT_DIR"
+  start_stack 0
+  unset FOOTPRINT_DIR
+  run_footprint() {
+    local cmd=("$BIN/palaver" bench --port "$MQTT_PORT" --project bench --label footprint --json \
+      --sessions 1 --warmup 0 --duration "$1")
+    echo "${cmd[*]}" >>"$OUT/commands.txt"
+    timeout 300 "${cmd[@]}"
+  }
+  # Warm-up: the history grows to its trimmed length, every path has run.
+  run_footprint 6 >/dev/null
+  for pid in $INF_PID $SES_PID $GW_PID; do callgrind_control -z "$pid" >/dev/null 2>&1; done
+  # Straight to the measured turns: no metrics scrape inside the window.
+  run_footprint 8 >"$OUT/footprint-bench.json"
+  for pid in $INF_PID $SES_PID $GW_PID; do callgrind_control -d "$pid" >/dev/null 2>&1; done
+  stop_stack
+  turns=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["replies"])' "$OUT/footprint-bench.json")
+  python3 scripts/callgrind_footprint.py "$WORK/callgrind" "$turns" "$OUT/footprint.json"
+fi
 
 # --- diagnostic: the one-session points without idle halting --------------
 # This VM halts an idle vCPU at once (guest_halt_poll_ns=0), and waking one

@@ -203,6 +203,74 @@ def stretches(out, runs):
     return out_
 
 
+SERVICE_NAMES = {"gateway": "gateway", "session": "session-svc", "inference": "inference-svc"}
+
+
+def cold_budget(out_dir, runs, floors):
+    """What idleness does to memory here, how much code a turn runs, and what the P1 target leaves."""
+    mem, fp = load(out_dir, "idle-memory.json"), load(out_dir, "footprint.json")
+    if not (mem or fp):
+        return []
+    out = ["#### What a turn runs, and what idleness does to it", ""]
+    per = {f"{w['idle_ms']:g}": w["ns_per_line"] for w in mem["median_by_idle"]} if mem else {}
+    if mem:
+        out.append(f"`palaver idle-memory` walks {mem['lines']} cache lines ({mem['bytes'] // 1024} KiB, within "
+                   "one core's L2 cache) in a random chain, each load waiting for the one before, back to back "
+                   "and after sleeping: the price of one cache miss wherever the line is found after that much "
+                   f"idleness (median of {mem['rounds']} walks).")
+        out.append("")
+        out.append("| idle before the walk | ns per cache line | µs for all of them |")
+        out.append("|---:|---:|---:|")
+        for k, v in per.items():
+            out.append(f"| {k} ms | {v:.1f} | {v * mem['lines'] / 1000:.0f} |")
+        out.append("")
+    if fp:
+        out.append(f"Instruction counts over {fp['turns']} turns of one session against the instant backend, "
+                   "history at its 20 messages as in P1', each service run under `valgrind --tool=callgrind` "
+                   "(counts, not times: repeatable to a fraction of a percent whatever else the machine is "
+                   "doing). \"Code run a turn\" counts "
+                   "the 64-byte lines of machine code holding an instruction that ran at least once per turn "
+                   "on average: what a turn needs back in the caches.")
+        out.append("")
+        out.append("| service | instructions a turn | code run a turn | where the instructions go (source crate) |")
+        out.append("|---|---:|---:|---|")
+        for key, r in fp["services"].items():
+            where = ", ".join(f"{c['crate']} {c['share'] * 100:.0f} %" for c in r["crates"][:5])
+            out.append(f"| {SERVICE_NAMES.get(key, key)} | {r['instructions_per_turn']:,} | "
+                       f"{r['code_kib_per_turn']} KiB ({r['code_lines_per_turn']:,} lines) | {where} |")
+        out.append("")
+    fi, f1, r1, ri = floors.get("instant"), floors.get("100ms"), runs.get("p1"), runs.get("p1i")
+    if mem and fp and fi and f1 and r1 and ri and "100" in per:
+        floor1 = f1["latency_ms"]["p50"] - BACKEND_S * 1000
+        left = 1.0 - floor1
+        cold = per["100"]
+        code = sum(r["code_lines_per_turn"] for r in fp["services"].values())
+        kib = sum(r["code_kib_per_turn"] for r in fp["services"].values())
+        warm_above = lat(ri, "p50") - fi["latency_ms"]["p50"]
+        gap = lat(r1, "p50") - BACKEND_S * 1000 - lat(ri, "p50")
+        if left <= 0:
+            out.append(f"The floor's own P1 median, {floor1:.2f} ms, is above the 1 ms target: no stack of "
+                       "this shape meets it on this machine.")
+        else:
+            out.append(f"The P1 target leaves {left:.2f} ms above the floor's P1 median ({floor1:.2f} ms) for "
+                       f"all the work of the services. After 100 ms idle a cache line costs {cold:.0f} ns here, "
+                       f"so that is the price of {left * 1e6 / cold:,.0f} lines brought back, code and data "
+                       f"together; the three services run {code:,} lines ({kib:,} KiB) of code a turn. Warm, "
+                       f"with every line a hit, their work above the floor already costs {warm_above:.2f} ms "
+                       f"(P1' against the floor's P1'). P1 minus P1', {gap:.2f} ms, is the price of about "
+                       f"{gap * 1e6 / cold:,.0f} lines at that rate"
+                       + (": fewer than the code a turn runs, as the CPU overlaps misses and fetches "
+                          "straight-line code ahead." if gap * 1e6 / cold < code else
+                          ": more than the code a turn runs; data, the kernel's own lines and the other "
+                          "processes' come back too."))
+            if warm_above > left:
+                out[-1] += (f" So P1 at 1 ms here would need the services' warm work "
+                            f"{warm_above / left:.1f} times smaller, before idleness cost anything at all.")
+    while out and out[-1] == "":
+        out.pop()
+    return out
+
+
 def misses_notes(out_dir, runs, loop, fake, floors):
     """Why the one-session points cost what they cost on this machine, from the data."""
     r1, ri = runs.get("p1"), runs.get("p1i")
@@ -254,6 +322,10 @@ def misses_notes(out_dir, runs, loop, fake, floors):
     if curve:
         out.append("")
         out.extend(curve)
+    budget = cold_budget(out_dir, runs, floors)
+    if budget:
+        out.append("")
+        out.extend(budget)
     f100 = fake.get("100ms") if fake else None
     if f100:
         out.append("")
