@@ -389,6 +389,9 @@ start_stack() {
     --projects-file "$PROJECTS" --metrics-listen 127.0.0.1:0
   GW_PID=$LAST_PID
   GW_METRICS=$(log_port "$LAST_LOG" "metrics at /metrics")
+  # Subscribed only after its metrics listener is up: a message published
+  # before that has no subscriber and is dropped (seen under callgrind).
+  log_value "$LAST_LOG" "subscribed project=bench" project >/dev/null || exit 1
   answer_check "$MQTT_PORT"
   RUN_METRICS="session:$SES_METRICS gateway:$GW_METRICS inference:$INF_METRICS"
 }
