@@ -230,8 +230,11 @@ impl Seen {
         self.dialogs.get(key).cloned()
     }
 
-    fn put(&mut self, key: &str, known: Arc<Known>) {
-        if let Some(old) = self.dialogs.remove(key) {
+    /// Keeps `known` as the dialog last seen at `key`. The key is taken by
+    /// value: the caller built it for the script it just ran, so keeping it
+    /// costs no copy.
+    fn put(&mut self, key: String, known: Arc<Known>) {
+        if let Some(old) = self.dialogs.remove(&key) {
             self.bytes -= key.len() + old.size();
         }
         let size = key.len() + known.size();
@@ -247,7 +250,7 @@ impl Seen {
             }
         }
         self.bytes += size;
-        self.dialogs.insert(key.to_owned(), known);
+        self.dialogs.insert(key, known);
     }
 }
 
@@ -319,7 +322,7 @@ impl RedisStore {
                 Swapped::Busy => return Ok(Step::Busy),
                 Swapped::Written { held } => {
                     let known = Known { raw: new, dialog };
-                    self.seen().put(&k.dialog, Arc::new(known));
+                    self.seen().put(k.dialog, Arc::new(known));
                     return Ok(Step::Done { value, held });
                 }
                 Swapped::Changed(current) => expected = Arc::new(Known::parse(current)?),
@@ -410,7 +413,7 @@ impl Store for RedisStore {
                 raw: json,
                 dialog: dialog.cloned(),
             };
-            self.seen().put(&k.dialog, Arc::new(known));
+            self.seen().put(k.dialog, Arc::new(known));
         }
         Ok(ok == 1)
     }
@@ -506,16 +509,16 @@ mod tests {
         let mut seen = Seen::default();
         let big = known(vec![b'x'; SEEN_BYTES / 8]);
         for i in 0..10 {
-            seen.put(&format!("k{i}"), big.clone());
+            seen.put(format!("k{i}"), big.clone());
             assert!(seen.bytes <= SEEN_BYTES, "{} bytes after {i}", seen.bytes);
             assert_eq!(seen.get(&format!("k{i}")), Some(big.clone()));
         }
         assert_eq!(held(&seen), seen.bytes);
         // Replacing an entry counts its new size only.
-        seen.put("k9", known(b"small".to_vec()));
+        seen.put("k9".into(), known(b"small".to_vec()));
         assert_eq!(held(&seen), seen.bytes);
         // Something larger than the whole budget is not kept at all.
-        seen.put("huge", known(vec![0; SEEN_BYTES]));
+        seen.put("huge".into(), known(vec![0; SEEN_BYTES]));
         assert_eq!(seen.get("huge"), None);
     }
 
