@@ -32,8 +32,8 @@ CRATE = re.compile(r"/registry/src/[^/]+/([A-Za-z0-9_\-]+?)-\d+\.\d+")
 
 def crate_of(source, obj):
     """Where a cost line's code was written: a crate, std, palaver, or a library."""
-    if obj and not obj.startswith(("/work", "/home", "/root")) and "/target/" not in obj:
-        return os.path.basename(obj)  # libc, the dynamic loader: not ours
+    if obj and "/target/" not in obj:
+        return os.path.basename(obj)  # libc, the dynamic loader: not built here
     m = CRATE.search(source or "")
     if m:
         return m.group(1)
@@ -85,12 +85,10 @@ def footprint(path, turns):
     by_crate, runs = parse(path)
     total = sum(by_crate.values())
     lines_per_turn = {(o, a // LINE) for (o, a), n in runs.items() if n >= turns}
-    lines_at_all = {(o, a // LINE) for (o, a) in runs}
     return {
         "instructions_per_turn": round(total / turns),
         "code_lines_per_turn": len(lines_per_turn),
         "code_kib_per_turn": round(len(lines_per_turn) * LINE / 1024),
-        "code_lines_at_all": len(lines_at_all),
         "crates": [
             {"crate": c, "share": round(n / total, 4)} for c, n in by_crate.most_common(8)
         ] if total else [],
