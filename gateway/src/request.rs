@@ -349,14 +349,15 @@ mod tests {
             ("{not json", "{not json"),
             ("\u{feff}bom text", "bom text"),
         ] {
+            let turn = chat(payload);
             assert_eq!(
-                chat(payload),
-                ChatTurn::plain("p", FRESH.into(), message.into()),
+                turn.reply_topic, "p/assistant_response/default-0badc0de",
                 "{payload:?}"
             );
             assert_eq!(
-                chat(payload).reply_topic,
-                "p/assistant_response/default-0badc0de"
+                turn,
+                ChatTurn::plain("p", FRESH.into(), message.into()),
+                "{payload:?}"
             );
         }
     }
