@@ -34,6 +34,9 @@ const CLIENT_QUEUE: usize = 1024;
 /// First and last pause between reconnect attempts.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long to keep reading after our DISCONNECT for the broker to close
+/// its end (see [`Link::linger`]).
+const LINGER: Duration = Duration::from_secs(1);
 
 /// Everything shared by the links of one gateway.
 pub struct Shared {
@@ -157,8 +160,9 @@ impl Link {
         self.subscriptions.clone()
     }
 
-    /// Polls until the gateway's DISCONNECT has gone out (or, while closing,
-    /// until the broker is unreachable).
+    /// Polls until the gateway's DISCONNECT has gone out and the broker has
+    /// closed the connection (or, while closing, until the broker is
+    /// unreachable).
     pub async fn run(mut self) {
         let mut backoff = MIN_BACKOFF;
         let mut failures: u32 = 0;
@@ -188,6 +192,7 @@ impl Link {
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => self.on_publish(publish),
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                    self.linger().await;
                     tracing::info!(project = %self.project, "disconnected from the MQTT broker");
                     break;
                 }
@@ -212,6 +217,24 @@ impl Link {
             }
         }
         self.connected.store(false, Ordering::Relaxed);
+    }
+
+    /// After our DISCONNECT, reads until the broker closes its end.
+    ///
+    /// The broker may still owe us acks, the PUBACK of the final "offline"
+    /// above all. Closing our socket first answers them with a reset; a
+    /// broker whose ack write fails treats the connection as lost before it
+    /// reads the DISCONNECT, and fires the last will: a second "offline"
+    /// (mosquitto 2.0 does this). A broker that never closes costs [`LINGER`].
+    async fn linger(&mut self) {
+        let until_closed = async {
+            // The broker closes right after reading the DISCONNECT, so the
+            // first error is the expected end of the stream.
+            while self.eventloop.poll().await.is_ok() {}
+        };
+        if tokio::time::timeout(LINGER, until_closed).await.is_err() {
+            tracing::debug!(project = %self.project, "broker kept the connection open after DISCONNECT");
+        }
     }
 
     fn on_connected(&self) {
