@@ -85,6 +85,14 @@ impl ThinkFilter {
                     }
                 },
                 State::Outside => {
+                    // No '<', no tag, nor the start of one: all of it is
+                    // visible. Most deltas take this way, which spares the
+                    // two substring searches below (each builds a searcher).
+                    if !self.pending.as_bytes().contains(&b'<') {
+                        out.push_str(&self.pending);
+                        self.pending.clear();
+                        return out;
+                    }
                     let open = self.pending.find(OPEN);
                     let close = self.pending.find(CLOSE);
                     match (open, close) {
