@@ -13,7 +13,8 @@
 //!
 //! Code behaves the same way: a service woken by a reply after 100 ms runs
 //! its reply path's machine code from wherever it was evicted to
-//! (`scripts/footprint.sh` measures how much code that is per turn).
+//! (`scripts/bench.sh` measures how much code that is per turn, with
+//! `scripts/callgrind_footprint.py`).
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
