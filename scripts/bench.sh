@@ -362,6 +362,18 @@ service() {
   fi
 }
 
+# callgrind_ctl ARGS...: callgrind_control, failing the run when it could not
+# reach the process. It exits 0 even then; a zeroing that silently did not
+# happen would count the warm-up as turns.
+callgrind_ctl() {
+  local said
+  said=$(callgrind_control "$@" 2>&1)
+  if grep -q '^Error' <<<"$said"; then
+    echo "scripts/bench.sh: callgrind_control $*: $said" >&2
+    exit 1
+  fi
+}
+
 # start_stack TTFT_MS: fake vLLM with that time to first token (nothing per
 # further token, 16 words a reply), then inference-svc, session-svc and the
 # gateway as separate processes. Sets FAKE_PID INF_PID SES_PID GW_PID and
@@ -465,9 +477,17 @@ else
   RUN_METRICS=""
   # Warm-up: the history grows to its trimmed length, every path has run.
   bench footprint-warmup "$MQTT_PORT" --sessions 1 --warmup 0 --duration 6
-  for pid in $INF_PID $SES_PID $GW_PID; do callgrind_control -z "$pid" >/dev/null 2>&1; done
+  for pid in $INF_PID $SES_PID $GW_PID; do callgrind_ctl -z "$pid"; done
   bench footprint-turns "$MQTT_PORT" --sessions 1 --warmup 0 --duration 8
-  for pid in $INF_PID $SES_PID $GW_PID; do callgrind_control -d "$pid" >/dev/null 2>&1; done
+  for pid in $INF_PID $SES_PID $GW_PID; do callgrind_ctl -d "$pid"; done
+  for name in inference session gateway; do
+    for _ in $(seq 1 100); do
+      compgen -G "$WORK/callgrind/$name.*.1" >/dev/null && continue 2
+      sleep 0.1
+    done
+    echo "scripts/bench.sh: callgrind wrote no dump of $name" >&2
+    exit 1
+  done
   stop_stack
   turns=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["replies"])' "$OUT/footprint-turns.json")
   python3 scripts/callgrind_footprint.py "$WORK/callgrind" "$turns" "$OUT/footprint.json"
