@@ -204,8 +204,11 @@ def stretches(out, runs):
     out_ = ["The services time their own part of every turn (`palaver_gateway_turn_seconds`, "
             "`palaver_session_turn_phase_seconds`, `palaver_inference_generation_seconds`), which "
             "cuts a turn into stretches that add up to its end-to-end time. Means over the P1' and P1 "
-            "runs (warm-up included; the backend's nominal pause taken off), so that they add up; "
-            "a stretch's difference is what 100 ms of idleness costs it:", "",
+            "runs, the backend's nominal pause taken off. The services' means cover the whole run, "
+            "warm-up included (their histograms are scraped before and after it); the end-to-end mean, "
+            "the load generator's, covers the measured window only, so the MQTT stretch (end to end "
+            "minus the gateway's turn) also carries the difference between the two windows. A "
+            "stretch's difference is what 100 ms of idleness costs it:", "",
             "| stretch | P1' mean | P1 mean − 100 ms | idle costs it |",
             "|---|---:|---:|---:|"]
     for what, f in STRETCHES:
@@ -262,7 +265,7 @@ def cold_budget(out_dir, runs, floors):
         warm_above = lat(ri, "p50") - fi["latency_ms"]["p50"]
         gap = lat(r1, "p50") - BACKEND_S * 1000 - lat(ri, "p50")
         if left <= 0:
-            out.append(f"The floor's own P1 median, {floor1:.2f} ms, is above the 1 ms target: no stack of "
+            out.append(f"The floor's own P1 median, {floor1:.2f} ms, is above the {P1_P50_MS:g} ms target: no stack of "
                        "this shape meets it on this machine.")
         else:
             out.append(f"The P1 target leaves {left:.2f} ms above the floor's P1 median ({floor1:.2f} ms) for "
@@ -277,7 +280,7 @@ def cold_budget(out_dir, runs, floors):
                           ": more than the code a turn runs; data, the kernel's own lines and the other "
                           "processes' come back too."))
             if warm_above > left:
-                out[-1] += (f" So P1 at 1 ms here would need the services' warm work "
+                out[-1] += (f" So P1 at {P1_P50_MS:g} ms here would need the services' warm work "
                             f"{warm_above / left:.1f} times smaller, before idleness cost anything at all.")
     while out and out[-1] == "":
         out.pop()
