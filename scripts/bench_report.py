@@ -736,7 +736,7 @@ def main():
              "(about 40 ms). `palaver up` runs rumqttd inside the process, with Nagle turned off by "
              "palaver on rumqttd's listener (rumqttd has no setting for it).")
     L.append("- **Services**: the release binaries `gateway`, `session-svc`, `inference-svc` (the workspace's "
-             "release profile: fat LTO, one codegen unit) with default "
+             "release profile: optimised for size, fat LTO, one codegen unit) with default "
              "settings (8 generations at once), Redis for dialogs, each serving `/metrics`. P4 reads "
              "session-svc's lock histogram before and after P3, the stretches read all three services' turn "
              "histograms before and after P1' and P1; P5 reads `VmRSS` from `/proc/<pid>/status` "
