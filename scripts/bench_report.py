@@ -42,6 +42,15 @@ def load(out, name):
         return json.load(f)
 
 
+def took(elapsed):
+    """How long the script ran, as the end of a sentence ('' when unknown)."""
+    if not elapsed:
+        return ""
+    minutes = elapsed["seconds"] / 60
+    build = ", the release build included" if elapsed.get("built") else ""
+    return f"; these runs took {minutes:.0f} minutes{build}"
+
+
 @functools.lru_cache(maxsize=None)
 def scrape(path):
     """Every sample of one Prometheus text scrape, by series (`name` or
@@ -599,7 +608,7 @@ def main():
     L.append("Written by `scripts/bench.sh` (through `scripts/bench_report.py`) from the runs of "
              f"{machine.get('date', '?')} on commit `{machine.get('commit', '?')}`"
              + (" with uncommitted changes" if machine.get("dirty") else "")
-             + ". Run the script again to reproduce every number here; it takes about five minutes.")
+             + ". Run the script again to reproduce every number here" + took(load(out, "elapsed.json")) + ".")
     L.append("")
     L.append("## Standard points")
     L.append("")
