@@ -16,8 +16,8 @@
 #       guest's idle vCPUs polling this long before they halt (a diagnostic of
 #       the machine, not a verdict; needs root; the old value is put back)
 #
-# Takes seven to eight minutes on a 2-core machine (plus the build); the
-# report says how long its own runs took.
+# Takes five to eight minutes on a 2-core machine (plus the build), as busy as
+# the host is; the report says how long its own runs took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
