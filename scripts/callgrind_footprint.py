@@ -32,8 +32,8 @@ CRATE = re.compile(r"/registry/src/[^/]+/([A-Za-z0-9_\-]+?)-\d+\.\d+")
 
 def crate_of(source, obj):
     """Where a cost line's code was written: a crate, std, palaver, or a library."""
-    if obj and "/target/" not in obj:
-        return os.path.basename(obj)  # libc, the dynamic loader: not built here
+    if obj and ".so" in os.path.basename(obj):
+        return os.path.basename(obj)  # libc, the dynamic loader: shared objects, not built here
     m = CRATE.search(source or "")
     if m:
         return m.group(1)
