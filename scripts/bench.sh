@@ -47,9 +47,11 @@ MOSQUITTO=$(command -v mosquitto || true)
 command -v python3 >/dev/null || need python3 "Install it: apt-get install -y python3"
 command -v curl >/dev/null || need curl "Install it: apt-get install -y curl"
 
+BUILT=false
 if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
   echo "== building release binaries"
   cargo build --release --locked -p palaver -p session-svc -p inference-svc -p gateway
+  BUILT=true
 fi
 for b in palaver session-svc inference-svc gateway; do
   [ -x "$BIN/$b" ] || need "$BIN/$b" "Build it: cargo build --release -p $b"
@@ -558,9 +560,7 @@ stop "$FAKE_PID"
 
 echo "== report"
 # How long the runs took (bash's SECONDS: since the script started, the
-# build included unless BENCH_NO_BUILD), for the report to say.
-built=true
-[ "${BENCH_NO_BUILD:-0}" = 1 ] && built=false
-echo "{\"seconds\": $SECONDS, \"built\": $built}" >"$OUT/elapsed.json"
+# build step included when it ran), for the report to say.
+echo "{\"seconds\": $SECONDS, \"built\": $BUILT}" >"$OUT/elapsed.json"
 python3 scripts/bench_report.py "$OUT" --markdown BENCHMARKS.md --svg docs/bench.svg
 echo "wrote BENCHMARKS.md and docs/bench.svg (raw results in ${OUT#"$ROOT"/})"
