@@ -72,50 +72,44 @@ impl ThinkFilter {
                         self.state = State::Outside;
                     }
                 }
-                State::Inside => match self.pending.find(CLOSE) {
-                    Some(i) => {
-                        self.pending.drain(..i + CLOSE.len());
+                State::Inside => match find_tag(&self.pending, &[CLOSE]) {
+                    Found::Tag { at, .. } => {
+                        self.pending.drain(..at + CLOSE.len());
                         // Models put blank lines between reasoning and answer.
                         self.state = State::Start;
                     }
-                    None => {
-                        let keep = tag_prefix_suffix(&self.pending, &[CLOSE]);
-                        self.pending.drain(..self.pending.len() - keep);
+                    Found::Partial(at) => {
+                        self.pending.drain(..at);
+                        return out;
+                    }
+                    Found::Nothing => {
+                        self.pending.clear();
                         return out;
                     }
                 },
-                State::Outside => {
-                    // No '<', no tag, nor the start of one: all of it is
-                    // visible. Most deltas take this way, which spares the
-                    // two substring searches below (each builds a searcher).
-                    if !self.pending.as_bytes().contains(&b'<') {
+                State::Outside => match find_tag(&self.pending, &[OPEN, CLOSE]) {
+                    Found::Tag { at, opens: true } => {
+                        out.push_str(&self.pending[..at]);
+                        self.pending.drain(..at + OPEN.len());
+                        self.state = State::Inside;
+                    }
+                    Found::Tag { at, opens: false } => {
+                        // A closing tag without an opening one: what is
+                        // still held before it was reasoning.
+                        self.pending.drain(..at + CLOSE.len());
+                        self.state = State::Start;
+                    }
+                    Found::Partial(at) => {
+                        out.push_str(&self.pending[..at]);
+                        self.pending.drain(..at);
+                        return out;
+                    }
+                    Found::Nothing => {
                         out.push_str(&self.pending);
                         self.pending.clear();
                         return out;
                     }
-                    let open = self.pending.find(OPEN);
-                    let close = self.pending.find(CLOSE);
-                    match (open, close) {
-                        (Some(o), c) if c.is_none_or(|c| o < c) => {
-                            out.push_str(&self.pending[..o]);
-                            self.pending.drain(..o + OPEN.len());
-                            self.state = State::Inside;
-                        }
-                        (_, Some(c)) => {
-                            // A closing tag without an opening one: what is
-                            // still held before it was reasoning.
-                            self.pending.drain(..c + CLOSE.len());
-                            self.state = State::Start;
-                        }
-                        _ => {
-                            let keep = tag_prefix_suffix(&self.pending, &[OPEN, CLOSE]);
-                            let emit = self.pending.len() - keep;
-                            out.push_str(&self.pending[..emit]);
-                            self.pending.drain(..emit);
-                            return out;
-                        }
-                    }
-                }
+                },
             }
         }
     }
@@ -131,17 +125,39 @@ impl ThinkFilter {
     }
 }
 
-/// Length of the longest suffix of `text` that is a proper prefix of one of
-/// `tags` (the start of a tag that the next chunk may complete).
-fn tag_prefix_suffix(text: &str, tags: &[&str]) -> usize {
-    let longest = tags.iter().map(|t| t.len() - 1).max().unwrap_or(0);
-    (1..=longest.min(text.len()))
-        .rev()
-        .find(|&n| {
-            text.is_char_boundary(text.len() - n)
-                && tags.iter().any(|t| t.starts_with(&text[text.len() - n..]))
-        })
-        .unwrap_or(0)
+/// What [`find_tag`] found first in the text held.
+#[derive(Debug, PartialEq, Eq)]
+enum Found {
+    /// A whole tag at byte `at`; `opens` when it is [`OPEN`].
+    Tag { at: usize, opens: bool },
+    /// From byte `at` on, the text is the start of a tag that the next
+    /// delta may complete: hold it back.
+    Partial(usize),
+    /// No tag, nor the start of one: all of it is decided.
+    Nothing,
+}
+
+/// The first of `tags` in `text`, or the start of one at its very end.
+///
+/// Every tag begins with '<', so only the places holding one are looked at,
+/// with memchr: most deltas have none and cost one scan, where a substring
+/// search per tag would build a searcher each time.
+fn find_tag(text: &str, tags: &[&str]) -> Found {
+    for at in memchr::memchr_iter(b'<', text.as_bytes()) {
+        // '<' is ASCII: `at` is a char boundary.
+        let rest = &text[at..];
+        if let Some(tag) = tags.iter().find(|t| rest.starts_with(**t)) {
+            return Found::Tag {
+                at,
+                opens: *tag == OPEN,
+            };
+        }
+        // Shorter than the tag it begins, so it runs to the end of `text`.
+        if tags.iter().any(|t| t.starts_with(rest)) {
+            return Found::Partial(at);
+        }
+    }
+    Found::Nothing
 }
 
 #[cfg(test)]
