@@ -475,10 +475,10 @@ elif ! command -v valgrind >/dev/null || ! command -v callgrind_control >/dev/nu
   echo "== code per turn: skipped, valgrind not found (apt-get install -y valgrind)"
 else
   echo "== code per turn: the three services under callgrind, one session, instant backend"
-  FOOTPRINT_DIR=$WORK/callgrind
-  mkdir -p "$FOOTPRINT_DIR"
-  start_stack 0
-  unset FOOTPRINT_DIR
+  dumps=$WORK/callgrind
+  mkdir -p "$dumps"
+  # For this stack only, `service` starts each service under callgrind.
+  FOOTPRINT_DIR=$dumps start_stack 0
   # No metrics scrapes around these runs: they would count as turn work.
   RUN_METRICS=""
   # Warm-up: the history grows to its trimmed length, every path has run.
@@ -488,7 +488,7 @@ else
   for pid in $INF_PID $SES_PID $GW_PID; do callgrind_ctl -d "$pid"; done
   for name in inference session gateway; do
     for _ in $(seq 1 100); do
-      compgen -G "$WORK/callgrind/$name.*.1" >/dev/null && continue 2
+      compgen -G "$dumps/$name.*.1" >/dev/null && continue 2
       sleep 0.1
     done
     echo "scripts/bench.sh: callgrind wrote no dump of $name" >&2
@@ -496,7 +496,7 @@ else
   done
   stop_stack
   turns=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["replies"])' "$OUT/footprint-turns.json")
-  python3 scripts/callgrind_footprint.py "$WORK/callgrind" "$turns" "$OUT/footprint.json"
+  python3 scripts/callgrind_footprint.py "$dumps" "$turns" "$OUT/footprint.json"
 fi
 
 # --- diagnostic: the one-session points without idle halting --------------
