@@ -78,12 +78,8 @@ impl ThinkFilter {
                         // Models put blank lines between reasoning and answer.
                         self.state = State::Start;
                     }
-                    Found::Partial(at) => {
+                    Found::Held(at) => {
                         self.pending.drain(..at);
-                        return out;
-                    }
-                    Found::Nothing => {
-                        self.pending.clear();
                         return out;
                     }
                 },
@@ -99,14 +95,9 @@ impl ThinkFilter {
                         self.pending.drain(..at + CLOSE.len());
                         self.state = State::Start;
                     }
-                    Found::Partial(at) => {
+                    Found::Held(at) => {
                         out.push_str(&self.pending[..at]);
                         self.pending.drain(..at);
-                        return out;
-                    }
-                    Found::Nothing => {
-                        out.push_str(&self.pending);
-                        self.pending.clear();
                         return out;
                     }
                 },
@@ -130,11 +121,10 @@ impl ThinkFilter {
 enum Found {
     /// A whole tag at byte `at`; `opens` when it is [`OPEN`].
     Tag { at: usize, opens: bool },
-    /// From byte `at` on, the text is the start of a tag that the next
-    /// delta may complete: hold it back.
-    Partial(usize),
-    /// No tag, nor the start of one: all of it is decided.
-    Nothing,
+    /// No whole tag. The text before byte `at` is decided; from `at` on it
+    /// is the start of a tag that the next delta may complete, to hold back
+    /// (`at` is the text's length when there is none).
+    Held(usize),
 }
 
 /// The first of `tags` in `text`, or the start of one at its very end.
@@ -154,10 +144,10 @@ fn find_tag(text: &str, tags: &[&str]) -> Found {
         }
         // Shorter than the tag it begins, so it runs to the end of `text`.
         if tags.iter().any(|t| t.starts_with(rest)) {
-            return Found::Partial(at);
+            return Found::Held(at);
         }
     }
-    Found::Nothing
+    Found::Held(text.len())
 }
 
 #[cfg(test)]
