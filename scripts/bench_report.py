@@ -296,7 +296,7 @@ def cold_budget(out_dir, runs, floors):
     return out
 
 
-def misses_notes(out_dir, runs, loop, fake, floors):
+def misses_notes(out_dir, runs, loop, floors):
     """Why the one-session points cost what they cost on this machine, from the data."""
     r1, ri = runs.get("p1"), runs.get("p1i")
     if not (r1 and ri and loop):
@@ -351,12 +351,6 @@ def misses_notes(out_dir, runs, loop, fake, floors):
     if budget:
         out.append("")
         out.extend(budget)
-    f100 = fake.get("100ms") if fake else None
-    if f100:
-        out.append("")
-        out.append(f"The fake alone, timed from Python over HTTP (Python's own time included), answers in "
-                   f"{f100['median_ms']:.2f} ms for its nominal 100 ms; P1 subtracts the nominal 100 ms, so "
-                   f"any overshoot counts against palaver (the floor's backend pauses the same way).")
     out.append("")
     return out
 
@@ -630,7 +624,7 @@ def main():
     L.append("")
     floors = {k: load(out, f"floor-{k}.json") for k in ("instant", "100ms")}
     floors.update({f"idle-{p}": load(out, f"floor-idle-{p}.json") for p in idle_pauses(runs)})
-    L.extend(misses_notes(out, runs, load(out, "loopback.json"), fake, floors))
+    L.extend(misses_notes(out, runs, load(out, "loopback.json"), floors))
     poll = load(out, "poll.json")
     if poll and (runs.get("poll-p1i") or runs.get("poll-p1")):
         pi, pp = runs.get("poll-p1i"), runs.get("poll-p1")
@@ -735,7 +729,8 @@ def main():
     if f_i and f_s:
         fake_line += (f" Measured alone over HTTP (a Python client, no palaver): median "
                       f"{f_i['median_ms']:.2f} ms instant, {f_s['median_ms']:.2f} ms for 100 ms. "
-                      "P1 subtracts the nominal 100 ms, so the fake's own overshoot counts against palaver.")
+                      "P1 subtracts the nominal 100 ms, so the fake's own overshoot counts against palaver "
+                      "(the floor's backend pauses the same way).")
     L.append(fake_line)
     L.append("- **Project**: `scripts/bench-projects.toml` defines project `bench` with `rate_limit = 0`. "
              "The shipped default (20 messages per 60 s per session) would answer almost every benchmark "
