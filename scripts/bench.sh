@@ -485,13 +485,15 @@ else
   bench footprint-warmup "$MQTT_PORT" --sessions 1 --warmup 0 --duration 6
   for pid in $INF_PID $SES_PID $GW_PID; do callgrind_ctl -z "$pid"; done
   bench footprint-turns "$MQTT_PORT" --sessions 1 --warmup 0 --duration 8
-  for pid in $INF_PID $SES_PID $GW_PID; do callgrind_ctl -d "$pid"; done
-  for name in inference session gateway; do
+  # A dump is written after callgrind_control returns: wait for each one
+  # (NAME.PID.1, valgrind running as the service's own process).
+  for pid in $INF_PID $SES_PID $GW_PID; do
+    callgrind_ctl -d "$pid"
     for _ in $(seq 1 100); do
-      compgen -G "$dumps/$name.*.1" >/dev/null && continue 2
+      compgen -G "$dumps/*.$pid.1" >/dev/null && continue 2
       sleep 0.1
     done
-    echo "scripts/bench.sh: callgrind wrote no dump of $name" >&2
+    echo "scripts/bench.sh: callgrind wrote no dump of process $pid" >&2
     exit 1
   done
   stop_stack
