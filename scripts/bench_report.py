@@ -26,10 +26,15 @@ OLD = {
     "P4": "(claimed ~12 ms)",
     "P5": "—",
 }
-# P1 and P1' targets (ms), from the same issue.
+# The targets, from the same issue. Each row of the table writes its target
+# from these and checks against the same numbers.
 P1_P50_MS, P1_P99_MS, P1I_P50_MS = 1.0, 3.0, 1.0
 SLOTS, BACKEND_S = 8, 0.100
 P2_CEILING = SLOTS / BACKEND_S  # 80 replies/s
+P2_SHARE = 0.99  # of P2_CEILING
+P3_RPS = 3000
+P4_HOLD_P99_MS = 1.0  # a bucket bound of the lock histogram, so its share is exact
+P5_RSS_MIB = 64
 SWEEP = [1, 8, 16, 32, 64]
 MIB = 1024
 
@@ -390,7 +395,7 @@ def p4(out, before_name, after_name):
     p99 = quantile(b, 0.99)
     return {
         "count": int(b[-1][1]),
-        "share_1ms": share_at_most(b, 0.001),
+        "share_within": share_at_most(b, P4_HOLD_P99_MS / 1000),
         "p50": p50,
         "p99": p99,
     }
@@ -400,10 +405,10 @@ def p4_text(r):
     if r is None or not r["count"]:
         return "—"
     le99, est99 = r["p99"]
-    share = r["share_1ms"]
+    share = r["share_within"]
     return (
         f"p99 ≤ {le99 * 1000:.3g} ms (bucket bound; ≈ {est99 * 1000:.2f} ms interpolated); "
-        f"{share * 100:.2f} % of {r['count']} holds ≤ 1 ms"
+        f"{share * 100:.2f} % of {r['count']} holds ≤ {P4_HOLD_P99_MS:g} ms"
     )
 
 
@@ -555,7 +560,7 @@ def main():
     a50, a99 = p1(runs.get("p1"))
     b50, b99 = p1(runs.get("up-p1"))
     ok = None if a50 is None else (a50 <= P1_P50_MS and a99 <= P1_P99_MS)
-    rows.append(("P1", "1 session, backend 100 ms: e2e minus 100 ms",
+    rows.append(("P1", f"1 session, backend {BACKEND_S * 1000:g} ms: e2e minus {BACKEND_S * 1000:g} ms",
                  f"p50 ≤ {P1_P50_MS:g} ms, p99 ≤ {P1_P99_MS:g} ms",
                  f"p50 {ms(a50)}, p99 {ms(a99)}", f"p50 {ms(b50)}, p99 {ms(b99)}", OLD["P1"], verdict(ok)))
     # P1'
@@ -575,24 +580,28 @@ def main():
 
     t2, s2 = p2(runs.get("p2"))
     tu2, _ = p2(runs.get("up-p2"))
-    rows.append(("P2", "64 sessions, backend 100 ms, limit 8", "≥ 99 % of 80 replies/s", t2, tu2,
-                 OLD["P2"], verdict(None if s2 is None else s2 >= 0.99)))
+    rows.append(("P2", f"64 sessions, backend {BACKEND_S * 1000:g} ms, limit {SLOTS}",
+                 f"≥ {P2_SHARE * 100:g} % of {P2_CEILING:g} replies/s", t2, tu2,
+                 OLD["P2"], verdict(None if s2 is None else s2 >= P2_SHARE)))
     # P3
     r, u = runs.get("p3"), runs.get("up-p3")
-    rows.append(("P3", "64 sessions, instant backend", "≥ 3,000 replies/s",
+    rows.append(("P3", "64 sessions, instant backend", f"≥ {P3_RPS:,} replies/s",
                  "—" if r is None else f"{r['replies_per_sec']:.0f} replies/s, p99 {ms(lat(r, 'p99'), 1)}",
                  "—" if u is None else f"{u['replies_per_sec']:.0f} replies/s, p99 {ms(lat(u, 'p99'), 1)}",
-                 OLD["P3"], verdict(None if r is None else r["replies_per_sec"] >= 3000)))
+                 OLD["P3"], verdict(None if r is None else r["replies_per_sec"] >= P3_RPS)))
     # P4
     h = p4(out, "p3-session-before.metrics", "p3-session-after.metrics")
     hu = p4(out, "up-p3-session-before.metrics", "up-p3-session-after.metrics")
-    ok = None if not h or not h["count"] else h["share_1ms"] >= 0.99
-    rows.append(("P4", "lock hold time under P3", "p99 ≤ 1 ms", p4_text(h), p4_text(hu), OLD["P4"], verdict(ok)))
+    # p99 ≤ the bound exactly when at least 99 % of the holds are within it.
+    ok = None if not h or not h["count"] else h["share_within"] >= 0.99
+    rows.append(("P4", "lock hold time under P3", f"p99 ≤ {P4_HOLD_P99_MS:g} ms", p4_text(h), p4_text(hu),
+                 OLD["P4"], verdict(ok)))
     # P5
     rt, worst = rss_text(load(out, "p5.json"))
     rtu, _ = rss_text(load(out, "up-p5.json"))
-    rows.append(("P5", "RSS of each service after P3", "≤ 64 MiB", rt, rtu + " (one process)" if rtu != "—" else rtu,
-                 OLD["P5"], verdict(None if worst is None else worst <= 64)))
+    rows.append(("P5", "RSS of each service after P3", f"≤ {P5_RSS_MIB} MiB", rt,
+                 rtu + " (one process)" if rtu != "—" else rtu,
+                 OLD["P5"], verdict(None if worst is None else worst <= P5_RSS_MIB)))
 
     svg_chart(runs, args.svg)
     svg_rel = os.path.relpath(args.svg, os.path.dirname(os.path.abspath(args.markdown)) or ".")
@@ -617,7 +626,8 @@ def main():
              "The old server's figures are quoted from the issue that set the targets, not measured here. "
              "P4's p99 comes from the histogram `palaver_session_lock_hold_seconds` (half-octave buckets), "
              "read over the P3 run only: the bucket's upper bound is an upper bound on the true p99, and "
-             "1 ms is a bucket bound, so the share of holds within 1 ms is exact. A turn holds its session "
+             f"{P4_HOLD_P99_MS:g} ms is a bucket bound, so the share of holds within {P4_HOLD_P99_MS:g} ms is exact. "
+             "A turn holds its session "
              "only inside Redis, for one compare-and-set script; the histogram records that script's run "
              "time by Redis's own clock (control actions, absent here, record their lock from taken to "
              "released).")
@@ -650,7 +660,7 @@ def main():
     L.append("")
     L.append("## Sessions sweep (services + mosquitto)")
     L.append("")
-    L.append("| sessions | instant: replies/s | p50 | p99 | lock hold p99 (share ≤ 1 ms) | "
+    L.append(f"| sessions | instant: replies/s | p50 | p99 | lock hold p99 (share ≤ {P4_HOLD_P99_MS:g} ms) | "
              "backend 100 ms: replies/s | p50 | p99 | errors |")
     L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     inst = ["p1i"] + [f"sweep-instant-{n}" for n in SWEEP[1:-1]] + ["p3"]
@@ -666,7 +676,7 @@ def main():
             if label == a:
                 hold = p4(out, f"{a}-session-before.metrics", f"{a}-session-after.metrics")
                 if hold and hold["count"]:
-                    cells.append(f"≤ {hold['p99'][0] * 1000:.3g} ms ({hold['share_1ms'] * 100:.1f} %)")
+                    cells.append(f"≤ {hold['p99'][0] * 1000:.3g} ms ({hold['share_within'] * 100:.1f} %)")
                 else:
                     cells.append("—")
         errs = sum(r["errors_total"] for r in (ra, rb) if r)
@@ -674,7 +684,7 @@ def main():
         L.append("| " + " | ".join(cells) + " |")
     L.append("")
     L.append("Lock hold p99 is the bucket bound from session-svc's histogram over that run alone; "
-             "in brackets the exact share of holds within 1 ms.")
+             f"in brackets the exact share of holds within {P4_HOLD_P99_MS:g} ms.")
     L.append("")
     errors = {k: v["errors"] for k, v in runs.items() if v["errors_total"]}
     if errors:
