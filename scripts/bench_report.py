@@ -243,17 +243,47 @@ def cold_budget(out_dir, runs, floors):
         return []
     out = ["#### What a turn runs, and what idleness does to it", ""]
     per = {f"{w['idle_ms']:g}": w["ns_per_line"] for w in mem["median_by_idle"]} if mem else {}
+    busy_mem = load(out_dir, "idle-memory-busy.json")
+    busy = {f"{w['idle_ms']:g}": w["ns_per_line"] for w in busy_mem["median_by_idle"]} if busy_mem else {}
     if mem:
         out.append(f"`palaver idle-memory` walks {mem['lines']} cache lines ({mem['bytes'] // 1024} KiB, within "
                    "one core's L2 cache) in a random chain, each load waiting for the one before, back to back "
                    "and after sleeping: the price of one cache miss wherever the line is found after that much "
-                   f"idleness (median of {mem['rounds']} walks).")
+                   f"idleness (median of {mem['rounds']} walks)."
+                   + (" The last column is the same walk with every vCPU kept busy: a spinner on each CPU at "
+                      "`SCHED_IDLE`, which any task that wakes preempts at once, so that this VM's vCPUs never "
+                      "halt while the walker sleeps." if busy else ""))
         out.append("")
-        out.append("| idle before the walk | ns per cache line | µs for all of them |")
-        out.append("|---:|---:|---:|")
+        if busy:
+            out.append("| idle before the walk | ns per cache line | µs for all of them | ns per line, vCPUs kept busy |")
+            out.append("|---:|---:|---:|---:|")
+        else:
+            out.append("| idle before the walk | ns per cache line | µs for all of them |")
+            out.append("|---:|---:|---:|")
         for k, v in per.items():
-            out.append(f"| {k} ms | {v:.1f} | {v * mem['lines'] / 1000:.0f} |")
+            row = f"| {k} ms | {v:.1f} | {v * mem['lines'] / 1000:.0f} |"
+            if busy:
+                row += f" {busy[k]:.1f} |" if k in busy else " — |"
+            out.append(row)
         out.append("")
+        r1, rb = runs.get("p1"), runs.get("busy-p1")
+        if busy and "100" in per and "100" in busy:
+            text = (f"After 100 ms idle a line costs {busy['100']:.0f} ns with the vCPUs kept busy, against "
+                    f"{per['100']:.0f} ns when they halt: ")
+            if busy["100"] < 0.5 * per["100"]:
+                text += "keeping them busy keeps the caches, so here they are lost to this VM's own halting."
+            else:
+                text += ("the caches are lost either way, to the host and whatever else it runs, not to this "
+                         "VM's halting.")
+            if r1 and rb:
+                halted, kept = lat(r1, "p50") - BACKEND_S * 1000, lat(rb, "p50") - BACKEND_S * 1000
+                text += (f" P1 rerun with the spinners (a diagnostic, not a verdict): p50 {kept:.2f} ms, "
+                         f"p99 {lat(rb, 'p99') - BACKEND_S * 1000:.2f} ms, against p50 {halted:.2f} ms as "
+                         "measured above: "
+                         + (f"keeping the vCPUs from halting takes {halted - kept:.2f} ms off it."
+                            if kept < halted else "keeping the vCPUs from halting does not lower it."))
+            out.append(text)
+            out.append("")
     if fp:
         out.append(f"Instruction counts over {fp['turns']} turns of one session against the instant backend, "
                    "history at its 20 messages as in P1', each service run under `valgrind --tool=callgrind` "
@@ -540,7 +570,7 @@ def main():
     args = ap.parse_args()
     out = args.results
 
-    names = ["p1i", "p1", "p2", "p3", "up-p1i", "up-p1", "up-p2", "up-p3", "poll-p1i", "poll-p1"]
+    names = ["p1i", "p1", "p2", "p3", "up-p1i", "up-p1", "up-p2", "up-p3", "poll-p1i", "poll-p1", "busy-p1"]
     names += [f"sweep-instant-{n}" for n in SWEEP[1:-1]] + [f"sweep-100ms-{n}" for n in SWEEP[1:-1]]
     names += [n[:-len(".json")] for n in os.listdir(out) if re.fullmatch(r"idle-\d+\.json", n)]
     runs = {n: load(out, n + ".json") for n in names}
