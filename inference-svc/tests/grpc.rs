@@ -278,6 +278,26 @@ async fn vllm_errors_map_to_status_codes() {
         "chunks before the error: {text:?}"
     );
 
+    // vLLM finishing a reply with "abort" cut it short: no reply, either way.
+    fake.set_fault(Fault::AbortMidStream);
+    let err = s.client.generate(request("x", 8)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.message().contains("aborted"), "{}", err.message());
+    let mut stream = s
+        .client
+        .generate_stream(request("one two three four", 64))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = loop {
+        match stream.next().await {
+            Some(Ok(c)) => assert!(c.finish_reason.is_empty(), "finished: {c:?}"),
+            Some(Err(status)) => break status,
+            None => panic!("stream ended without the error"),
+        }
+    };
+    assert_eq!(status.code(), Code::Unavailable);
+
     fake.set_fault(Fault::None);
     let mut config = fast_openai(&fake);
     config.model = Some("not-served".into());

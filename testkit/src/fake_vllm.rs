@@ -55,6 +55,10 @@ pub enum Fault {
     ContextTooLong,
     /// 200, a few content chunks, then vLLM's error event and `[DONE]`.
     ErrorMidStream,
+    /// 200, a few content chunks, then a chunk finishing with `"abort"` (vLLM
+    /// cutting a generation short itself, e.g. while it shuts down) and
+    /// `[DONE]`.
+    AbortMidStream,
     /// 200 and headers, then never a chunk (a request stuck in vLLM's queue).
     Hang,
     /// Close the connection without sending a byte of a response.
@@ -385,7 +389,8 @@ async fn chat_completions(
 
     let fault = lock(&shared.fault).clone();
     match fault {
-        Fault::None | Fault::ErrorMidStream | Fault::Hang | Fault::Drop => {}
+        Fault::None | Fault::ErrorMidStream | Fault::AbortMidStream | Fault::Hang | Fault::Drop => {
+        }
         Fault::Status(code, body) => {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             return (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
@@ -626,17 +631,24 @@ fn reply_events(
         }
         // Rendered while "the model runs", so that writing them costs the
         // fake nothing after the pause it promised.
-        let events = (fault != Fault::ErrorMidStream).then(|| reply.events(include_usage));
+        let cut_short = matches!(fault, Fault::ErrorMidStream | Fault::AbortMidStream);
+        let events = (!cut_short).then(|| reply.events(include_usage));
         if !pause_until(&shutdown, arrived + config.ttft).await {
             yield Err(aborted());
             return;
         }
         let Some(events) = events else {
             // The role chunk and up to three tokens, none finishing, then
-            // the engine fails.
+            // the engine fails or gives up.
             yield Ok(reply.chunk("", true, false));
             for piece in reply.pieces.iter().take(3) {
                 yield Ok(reply.chunk(piece, false, false));
+            }
+            if fault == Fault::AbortMidStream {
+                let aborted = Generated { finish: "abort", ..reply };
+                yield Ok(aborted.chunk("", false, true));
+                yield Ok(Bytes::from_static(b"data: [DONE]\n\n"));
+                return;
             }
             let error = json!({"error": {
                 "message": "The engine failed while generating (fault: error mid-stream).",
@@ -700,7 +712,13 @@ async fn unary_reply(
             "The engine failed while generating (fault: error mid-stream).",
         );
     }
-    let text: String = reply.pieces.concat();
+    let (text, finish) = match fault {
+        Fault::AbortMidStream => (
+            reply.pieces.iter().take(3).map(String::as_str).collect(),
+            "abort",
+        ),
+        _ => (reply.pieces.concat(), reply.finish),
+    };
     axum::Json(json!({
         "id": reply.id,
         "object": "chat.completion",
@@ -710,7 +728,7 @@ async fn unary_reply(
             "index": 0,
             "message": {"role": "assistant", "content": text, "reasoning_content": null, "tool_calls": []},
             "logprobs": null,
-            "finish_reason": reply.finish,
+            "finish_reason": finish,
             "stop_reason": null,
         }],
         "usage": reply.usage(),

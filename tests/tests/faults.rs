@@ -67,6 +67,11 @@ async fn each_backend_fault_ends_in_an_error_reply_and_the_session_recovers() {
             "Error: The model is unavailable",
         ),
         ("error mid-stream", Fault::ErrorMidStream, "Error: "),
+        (
+            "abort mid-stream",
+            Fault::AbortMidStream,
+            "Error: The model is unavailable",
+        ),
         ("hang", Fault::Hang, "Error: The request timed out"),
     ];
     for (i, (name, fault, want)) in faults.into_iter().enumerate() {

@@ -222,6 +222,14 @@ impl OpenAiBackend {
                     if let Some(u) = event.usage {
                         usage = Some(u);
                     }
+                    if event.finish_reason.as_deref() == Some("abort") {
+                        // vLLM cut the generation short itself (shutting
+                        // down, or giving up on a preempted request): the
+                        // text so far is no reply, to store or to send.
+                        Err::<(), _>(InferenceError::Unavailable(
+                            "the model server aborted the reply before it was finished".into(),
+                        ))?;
+                    }
                     if event.finish_reason.is_some() {
                         finish_reason = event.finish_reason;
                     }
