@@ -8,13 +8,16 @@
 use serde::{Deserialize, Serialize};
 
 /// One session's stored conversation.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Dialog {
     /// The session's own system prompt; `None` uses the project's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system_prompt: Option<String>,
     /// Sequence number of the next turn. Never reused, so a reply finds its
     /// turn even after older turns were trimmed or the history was cleared.
+    /// A dialog's first number is random ([`random_first_seq`]), so that a
+    /// session deleted and begun again does not reuse the numbers of the
+    /// dialog it replaced either.
     pub next_seq: u64,
     /// Turns, oldest first.
     #[serde(default)]
@@ -74,6 +77,22 @@ pub struct Opening<'a> {
     /// A new system prompt for the session from this turn on.
     pub system_prompt: Option<&'a str>,
     pub limits: Limits,
+    /// The first turn number, should this turn begin a new dialog: from
+    /// [`random_first_seq`] in the service, fixed in tests.
+    pub first_seq: u64,
+}
+
+/// A first turn number for a new dialog.
+///
+/// A reply still being generated when its session is deleted comes back
+/// with its turn's number. Had the new dialog that a next message starts
+/// under the same key numbered from 0 again, that reply would find and fill
+/// the new dialog's turn of the same number (or, on a failed generation,
+/// take it away). Random starts make that a chance of one in 2^52 per turn
+/// of the old dialog. Below 2^52: the number never overflows and stays exact
+/// for any tool that reads the stored JSON as doubles.
+pub fn random_first_seq() -> u64 {
+    rand::random_range(0..1u64 << 52)
 }
 
 /// What opening a turn produced.
@@ -125,6 +144,15 @@ impl Turn {
 }
 
 impl Dialog {
+    /// An empty dialog whose first turn is numbered `first_seq`.
+    pub fn starting_at(first_seq: u64) -> Self {
+        Self {
+            system_prompt: None,
+            next_seq: first_seq,
+            turns: Vec::new(),
+        }
+    }
+
     /// Starts a turn for `message`. With a request id seen before, nothing is
     /// appended: a finished turn is replayed, an unfinished one is generated
     /// again under its original number.
@@ -238,6 +266,14 @@ impl Dialog {
         }
     }
 
+    /// [`Dialog::open`] on the stored dialog, if there is one, else on a new
+    /// one numbered from the opening's `first_seq`.
+    pub fn open_in(dialog: &mut Option<Dialog>, o: &Opening<'_>) -> Opened {
+        dialog
+            .get_or_insert_with(|| Dialog::starting_at(o.first_seq))
+            .open(o)
+    }
+
     /// Phase 3 as one step; false if it changed nothing.
     pub fn end(&mut self, seq: u64, ending: Ending<'_>) -> bool {
         match ending {
@@ -286,7 +322,7 @@ mod tests {
 
     #[test]
     fn replies_finishing_out_of_order_sit_after_their_messages() {
-        let mut d = Dialog::default();
+        let mut d = Dialog::starting_at(0);
         let s1 = gen(d.begin("u1", None, None));
         let s2 = gen(d.begin("u2", None, None));
         assert!(d.complete(s2, "a2"));
@@ -296,7 +332,7 @@ mod tests {
 
     #[test]
     fn retried_request_id_is_not_appended_twice() {
-        let mut d = Dialog::default();
+        let mut d = Dialog::starting_at(0);
         let s = gen(d.begin("u1", Some("r1"), None));
         assert_eq!(gen(d.begin("u1", Some("r1"), None)), s);
         assert_eq!(d.turns.len(), 1);
@@ -311,7 +347,7 @@ mod tests {
 
     #[test]
     fn prompt_for_a_turn_has_earlier_turns_only() {
-        let mut d = Dialog::default();
+        let mut d = Dialog::starting_at(0);
         let s1 = gen(d.begin("u1", None, None));
         let s2 = gen(d.begin("u2", None, Some("be terse")));
         d.complete(s1, "a1");
@@ -323,7 +359,7 @@ mod tests {
 
     #[test]
     fn trim_drops_whole_oldest_turns_and_keeps_the_current_one() {
-        let mut d = Dialog::default();
+        let mut d = Dialog::starting_at(0);
         for i in 0..5 {
             let s = gen(d.begin(&format!("u{i}"), None, None));
             d.complete(s, &format!("a{i}"));
@@ -357,7 +393,7 @@ mod tests {
         assert_eq!(approx_tokens("🎉"), 1);
         assert_eq!(approx_tokens(""), 1, "at least one per message");
         // So a budget of 6 keeps 8 + 8 such characters and a short message.
-        let mut d = Dialog::default();
+        let mut d = Dialog::starting_at(0);
         let s = gen(d.begin("éééééééé", None, None));
         d.complete(s, "éééééééé");
         let cur = gen(d.begin("ab", None, None));
@@ -373,7 +409,7 @@ mod tests {
 
     #[test]
     fn abandon_removes_only_an_unanswered_turn() {
-        let mut d = Dialog::default();
+        let mut d = Dialog::starting_at(0);
         let s1 = gen(d.begin("u1", None, None));
         d.complete(s1, "a1");
         let s2 = gen(d.begin("u2", None, None));
@@ -387,7 +423,7 @@ mod tests {
 
     #[test]
     fn round_trips_through_json() {
-        let mut d = Dialog::default();
+        let mut d = Dialog::starting_at(0);
         let s = gen(d.begin("ü \"quoted\"", Some("r"), Some("p")));
         d.complete(s, "a");
         let json = serde_json::to_string(&d).unwrap();

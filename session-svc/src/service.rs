@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status};
 
 use palaver_core::projects::ProjectSettings;
 
-use crate::dialog::Role;
+use crate::dialog::{random_first_seq, Dialog, Role};
 use crate::error::SessionError;
 use crate::metrics::{KindLabel, OutcomeLabel};
 use crate::store::{SessionId, Store};
@@ -458,7 +458,10 @@ impl<S: Store> Sessions for SessionService<S> {
         let store = self.turns.store();
         let (dialog, project_prompt) =
             tokio::join!(store.load(id), store.project_prompt(&r.project));
-        let dialog = dialog.map_err(|e| self.fail(e.into()))?.unwrap_or_default();
+        // No dialog reads as an empty one; its numbering is never used.
+        let dialog = dialog
+            .map_err(|e| self.fail(e.into()))?
+            .unwrap_or_else(|| Dialog::starting_at(0));
         let project_prompt = project_prompt.map_err(|e| self.fail(e.into()))?;
         let system_prompt = dialog
             .system_prompt
@@ -481,7 +484,8 @@ impl<S: Store> Sessions for SessionService<S> {
         self.turns
             .locked(id, settings.session_ttl, move |d| {
                 if let Some(p) = prompt {
-                    d.get_or_insert_with(Default::default).system_prompt = Some(p);
+                    d.get_or_insert_with(|| Dialog::starting_at(random_first_seq()))
+                        .system_prompt = Some(p);
                 }
                 if let (Some(d), false) = (d, keep_history) {
                     d.clear();

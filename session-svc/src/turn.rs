@@ -23,7 +23,7 @@ use palaver_core::projects::{ProjectSettings, Projects};
 use rand::Rng;
 use tokio::time::Instant;
 
-use crate::dialog::{Dialog, Ending, Limits, Opened, Opening, Role};
+use crate::dialog::{random_first_seq, Dialog, Ending, Limits, Opened, Opening, Role};
 use crate::error::SessionError;
 use crate::metrics::{Metrics, PhaseLabel};
 use crate::store::{Admit, RateLimit, SessionId, Step, Store, StoreError};
@@ -125,6 +125,7 @@ impl<S: Store> Turns<S> {
             request_id: t.request_id,
             system_prompt: t.system_prompt,
             limits,
+            first_seq: random_first_seq(),
         };
         // The project's run-time prompt and the session index live under
         // other keys (another hash slot): read and written beside the turn's

@@ -19,7 +19,7 @@ fn sid(session_id: &str) -> SessionId<'_> {
 }
 
 fn dialog_with(msg: &str) -> Dialog {
-    let mut d = Dialog::default();
+    let mut d = Dialog::starting_at(0);
     d.begin(msg, None, None);
     d
 }
@@ -100,6 +100,7 @@ fn opening(message: &str) -> Opening<'_> {
         request_id: None,
         system_prompt: None,
         limits: WIDE,
+        first_seq: 0,
     }
 }
 
@@ -166,7 +167,7 @@ enum TurnStep<'a> {
 /// checking after each that both returned and hold the same; returns the
 /// dialog.
 async fn apply_on_both<S: Store>(s: &S, id: SessionId<'_>, steps: Vec<TurnStep<'_>>) -> Dialog {
-    let mut want = Dialog::default();
+    let mut want = Dialog::starting_at(0);
     let mut seqs = Vec::new();
     for (i, step) in steps.into_iter().enumerate() {
         match step {
@@ -209,6 +210,7 @@ async fn one_step_changes_follow_the_dialog_rules<S: Store>(s: &S) {
         request_id,
         system_prompt,
         limits,
+        first_seq: 0,
     };
     let long = "x".repeat(30);
     let odd = "quotes \" \\ / tab\t newline\n nul\u{0} ünïcödé 🎉";
@@ -398,7 +400,7 @@ async fn redis_replicas_interleaving_on_one_session_lose_nothing() {
     let a = connect(&redis).await;
     let b = connect(&redis).await;
     let id = sid("two-replicas");
-    let mut want = Dialog::default();
+    let mut want = Dialog::starting_at(0);
     for i in 0..6 {
         let (store, other) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
         let message = format!("u{i}");

@@ -156,7 +156,9 @@ impl Store for MemoryStore {
             }
             // Changed in place: no copy of the dialog under the store's mutex.
             s.expire(now);
-            let (dialog, exp) = s.dialog.get_or_insert_with(|| (Dialog::default(), now));
+            let (dialog, exp) = s
+                .dialog
+                .get_or_insert_with(|| (Dialog::starting_at(opening.first_seq), now));
             let value = dialog.open(opening);
             *exp = now + ttl;
             Step::Done {

@@ -339,10 +339,8 @@ impl Store for RedisStore {
         opening: &Opening<'_>,
         ttl: Duration,
     ) -> Result<Step<Opened>, StoreError> {
-        self.change(id, rate, ttl, |d| {
-            d.get_or_insert_with(Dialog::default).open(opening)
-        })
-        .await
+        self.change(id, rate, ttl, |d| Dialog::open_in(d, opening))
+            .await
     }
 
     async fn end_turn(

@@ -1,0 +1,79 @@
+//! A session deleted while one of its replies is being generated, and begun
+//! again at once under the same id: the late reply belongs to the dialog
+//! that was deleted, never to the new one.
+//!
+//! Timing is relative to the fake vLLM's latency `L`: the old reply arrives
+//! about `L` after its request, the new turn opens a few milliseconds after
+//! the delete, so the old reply comes back while the new turn waits for its
+//! own.
+
+use std::time::Duration;
+
+use palaver_proto::session::v1::{ChatRequest, Role, SessionRef};
+use palaver_tests::{Stack, StackOptions};
+use tokio::time::Instant;
+
+const L: Duration = Duration::from_millis(800);
+
+fn chat(message: &str) -> ChatRequest {
+    ChatRequest {
+        project: "general".into(),
+        session_id: "again".into(),
+        message: message.into(),
+        ..Default::default()
+    }
+}
+
+fn session() -> SessionRef {
+    SessionRef {
+        project: "general".into(),
+        session_id: "again".into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_finishing_after_its_session_was_deleted_stays_out_of_the_new_dialog() {
+    let stack = Stack::start(StackOptions::with_backend(L, Duration::ZERO, 4)).await;
+    let mut client = stack.sessions(0).await;
+
+    let old = tokio::spawn({
+        let mut c = client.clone();
+        async move { c.chat(chat("before the delete")).await }
+    });
+    let deadline = Instant::now() + L / 2;
+    while stack.vllm.in_flight() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the first turn never reached vLLM"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let deleted = client.delete_session(session()).await.unwrap().into_inner();
+    assert!(deleted.existed, "the first turn's message was stored");
+    let new = tokio::spawn({
+        let mut c = client.clone();
+        async move { c.chat(chat("after the delete")).await }
+    });
+
+    // Both callers get their own reply: the old one is delivered, only not
+    // stored (its dialog is gone).
+    let old = old.await.unwrap().expect("the old turn is answered");
+    let new = new.await.unwrap().expect("the new turn is answered");
+    assert!(old.get_ref().text.contains("before the delete"), "{old:?}");
+    assert!(new.get_ref().text.contains("after the delete"), "{new:?}");
+
+    let history = client.get_history(session()).await.unwrap().into_inner();
+    let stored: Vec<(Role, &str)> = history
+        .messages
+        .iter()
+        .map(|m| (m.role(), m.content.as_str()))
+        .collect();
+    assert_eq!(
+        stored,
+        [
+            (Role::User, "after the delete"),
+            (Role::Assistant, new.get_ref().text.as_str()),
+        ],
+        "the new dialog holds its own turn and reply only"
+    );
+}
