@@ -28,9 +28,6 @@ use crate::turn::{abandon_on_drop, NewTurn, Prepared, Turns};
 /// Longest accepted session id, request id and system prompt.
 const MAX_ID_BYTES: usize = 256;
 const MAX_SYSTEM_PROMPT_CHARS: usize = 32_000;
-/// Hard ceiling for a client's `max_tokens`; the model's context is the real
-/// limit and vLLM reports it.
-const MAX_TOKENS_CEILING: u32 = 32_768;
 
 /// The `Sessions` gRPC service over a store.
 pub struct SessionService<S: Store> {
@@ -96,7 +93,7 @@ impl<S: Store> SessionService<S> {
                     sampling: Some(inf::Sampling {
                         temperature: req.temperature.unwrap_or(settings.temperature),
                         top_p: req.top_p.unwrap_or(settings.top_p),
-                        max_tokens: req.max_tokens.unwrap_or(settings.max_tokens),
+                        max_tokens: max_tokens(req.max_tokens, settings.max_tokens),
                     }),
                     // Unique per attempt: vLLM refuses duplicate ids in flight,
                     // and a client's retry may overlap its first attempt.
@@ -366,14 +363,20 @@ fn validate_chat(req: &pb::ChatRequest, max_chars: usize) -> Result<(), SessionE
             return Err(invalid("top_p must be greater than 0 and at most 1"));
         }
     }
-    if let Some(m) = req.max_tokens {
-        if m == 0 || m > MAX_TOKENS_CEILING {
-            return Err(invalid(format!(
-                "max_tokens must be between 1 and {MAX_TOKENS_CEILING}"
-            )));
-        }
+    if req.max_tokens == Some(0) {
+        return Err(invalid("max_tokens must be at least 1"));
     }
     Ok(())
+}
+
+/// A turn's completion length: the client's, at most the project's.
+///
+/// The project's `max_tokens` is its default and its ceiling. A client may
+/// ask for less, never for more: a longer reply holds one of the GPU's
+/// generation slots longer, and past the model's context vLLM refuses the
+/// request outright instead of shortening it.
+fn max_tokens(asked: Option<u32>, project: u32) -> u32 {
+    asked.map_or(project, |m| m.min(project))
 }
 
 fn history_message((role, content): (Role, String)) -> pb::HistoryMessage {
@@ -612,5 +615,18 @@ mod tests {
         let mut ok = req();
         ok.temperature = Some(0.0);
         assert!(validate_chat(&ok, 10).is_ok(), "temperature 0 is valid");
+        ok.max_tokens = Some(1_000_000);
+        assert!(
+            validate_chat(&ok, 10).is_ok(),
+            "a long max_tokens is lowered, not refused"
+        );
+    }
+
+    #[test]
+    fn a_clients_max_tokens_is_at_most_the_projects() {
+        assert_eq!(max_tokens(None, 512), 512, "the project's is the default");
+        assert_eq!(max_tokens(Some(100), 512), 100, "less is taken");
+        assert_eq!(max_tokens(Some(512), 512), 512);
+        assert_eq!(max_tokens(Some(30_000), 512), 512, "more is lowered");
     }
 }

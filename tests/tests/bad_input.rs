@@ -265,3 +265,21 @@ async fn temperature_zero_means_zero() {
     assert_eq!(sent["temperature"], json!(0.0));
     assert_eq!(sent["max_tokens"], json!(33));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_max_tokens_above_the_projects_is_lowered_to_it() {
+    let options = StackOptions::default();
+    let ceiling = options.projects.get("general").unwrap().max_tokens;
+    let stack = Stack::start(options).await;
+    let mut c = stack.mqtt().await;
+    c.subscribe("general/assistant_response/mt").await;
+    c.publish(
+        "general/user_input",
+        j(json!({"sessionId": "mt", "message": "go on forever", "maxTokens": 100_000})),
+    )
+    .await;
+    let r = c.recv(Duration::from_secs(10)).await.expect("a reply");
+    assert!(!r.payload.starts_with("Error"), "{}", r.payload);
+    let sent = stack.vllm.last_request().expect("the fake saw the request");
+    assert_eq!(sent["max_tokens"], json!(ceiling));
+}
