@@ -70,13 +70,24 @@ pub struct InferenceArgs {
     )]
     pub idle_timeout_ms: u64,
 
-    /// Longest whole generation, in milliseconds.
+    /// Longest whole generation, in milliseconds; longer for a long max_tokens
+    /// (see --min-tokens-per-sec).
     #[arg(
         long,
         env = "PALAVER_INFERENCE_REQUEST_TIMEOUT_MS",
         default_value_t = 300_000
     )]
     pub request_timeout_ms: u64,
+
+    /// Slowest pace a reply is allowed after its first token, in tokens per second:
+    /// a reply may take the first-token timeout plus max_tokens / this, when that
+    /// is longer than --request-timeout-ms.
+    #[arg(
+        long,
+        env = "PALAVER_INFERENCE_MIN_TOKENS_PER_SEC",
+        default_value_t = 5.0
+    )]
+    pub min_tokens_per_sec: f64,
 
     /// Simulator: time to first token, in milliseconds.
     #[arg(long, env = "PALAVER_INFERENCE_SIM_TTFT_MS", default_value_t = 200)]
@@ -127,6 +138,7 @@ impl InferenceArgs {
             first_token_timeout: Duration::from_millis(self.first_token_timeout_ms),
             idle_timeout: Duration::from_millis(self.idle_timeout_ms),
             request_timeout: Duration::from_millis(self.request_timeout_ms),
+            min_tokens_per_sec: self.min_tokens_per_sec,
             sim_ttft: Duration::from_millis(self.sim_ttft_ms),
             sim_tokens_per_sec: self.sim_tokens_per_sec,
             strip_think: self.strip_think,
@@ -169,8 +181,11 @@ pub struct Config {
     pub first_token_timeout: Duration,
     /// Longest silence between two streamed chunks.
     pub idle_timeout: Duration,
-    /// Longest whole generation, retries included.
+    /// Longest whole generation, retries included, unless `max_tokens` at
+    /// `min_tokens_per_sec` needs longer.
     pub request_timeout: Duration,
+    /// Slowest pace allowed after the first token, in tokens per second.
+    pub min_tokens_per_sec: f64,
     /// Simulator: time to first token.
     pub sim_ttft: Duration,
     /// Simulator: words per second (0 or less: no pacing).
@@ -194,6 +209,7 @@ impl Config {
             first_token_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(300),
+            min_tokens_per_sec: 5.0,
             sim_ttft: Duration::from_millis(200),
             sim_tokens_per_sec: 50.0,
             strip_think: true,
@@ -222,8 +238,14 @@ impl Config {
         {
             return bad("timeouts must be above zero");
         }
-        if self.sim_tokens_per_sec.is_nan() {
-            return bad("sim_tokens_per_sec must be a number");
+        if !(self.min_tokens_per_sec.is_finite() && self.min_tokens_per_sec >= 0.01) {
+            return bad("min_tokens_per_sec must be at least 0.01");
+        }
+        // Zero or less means no pacing; a positive pace is one token per
+        // 1/tps seconds, which must be a duration.
+        let tps = self.sim_tokens_per_sec;
+        if tps.is_nan() || (tps > 0.0 && tps < 0.001) {
+            return bad("sim_tokens_per_sec must be 0 (no pacing) or at least 0.001");
         }
         Ok(())
     }
@@ -266,6 +288,13 @@ mod tests {
         assert!(parse(&["--backend", "openai"]).is_err());
         assert!(parse(&["--max-concurrent", "0"]).is_err());
         assert!(!parse(&["--strip-think", "false"]).unwrap().strip_think);
+        assert!(parse(&["--min-tokens-per-sec", "0"]).is_err());
+        assert!(parse(&["--min-tokens-per-sec", "NaN"]).is_err());
+        assert!(parse(&["--sim-tokens-per-sec", "1e-20"]).is_err());
+        assert!(
+            parse(&["--sim-tokens-per-sec", "0"]).is_ok(),
+            "0: no pacing"
+        );
     }
 
     #[test]

@@ -384,6 +384,40 @@ async fn timeouts_are_deadline_exceeded_and_free_the_slot() {
     assert!(reply.is_ok(), "{reply:?}");
 }
 
+/// The whole reply's deadline: `request_timeout`, or longer when
+/// `max_tokens` at `min_tokens_per_sec` needs it. The fake takes 20 ms to
+/// its first token and 100 ms for each of the other four.
+#[tokio::test]
+async fn the_whole_reply_deadline_grows_with_max_tokens() {
+    let fake = FakeVllm::start(FakeVllmConfig {
+        ttft: Duration::from_millis(20),
+        tpot: Duration::from_millis(100),
+        tokens: 5,
+        ..FakeVllmConfig::default()
+    })
+    .await;
+    let mut config = fast_openai(&fake);
+    config.first_token_timeout = Duration::from_millis(200);
+    config.request_timeout = Duration::from_millis(300);
+    config.min_tokens_per_sec = 50.0;
+    let mut s = start(config).await;
+
+    // 5 tokens: 200 ms + 5 / 50 s is no more than the 300 ms, and the
+    // reply's 420 ms are past it.
+    let err = s.client.generate(request("x", 5)).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded);
+    assert!(
+        err.message().contains("did not finish within 300 ms"),
+        "{}",
+        err.message()
+    );
+
+    // 40 tokens may take 200 ms + 40 / 50 s = 1 s: the same 420 ms reply
+    // is in time.
+    let reply = s.client.generate(request("x", 40)).await;
+    assert!(reply.is_ok(), "{reply:?}");
+}
+
 #[tokio::test]
 async fn a_client_that_leaves_aborts_the_vllm_request() {
     let fake = FakeVllm::start(FakeVllmConfig {

@@ -62,6 +62,7 @@ struct Inner {
     first_token_timeout: Duration,
     idle_timeout: Duration,
     request_timeout: Duration,
+    min_tokens_per_sec: f64,
     strip_think: bool,
     think_starts_open: bool,
 }
@@ -79,6 +80,8 @@ enum Bound {
 struct Deadlines {
     first_token: Instant,
     total: Instant,
+    /// How long the whole reply was given, for the error that says so.
+    budget: Duration,
 }
 
 impl OpenAiBackend {
@@ -110,6 +113,7 @@ impl OpenAiBackend {
                 first_token_timeout: config.first_token_timeout,
                 idle_timeout: config.idle_timeout,
                 request_timeout: config.request_timeout,
+                min_tokens_per_sec: config.min_tokens_per_sec,
                 strip_think: config.strip_think,
                 think_starts_open: config.think_starts_open,
             }),
@@ -121,10 +125,12 @@ impl OpenAiBackend {
     pub async fn generate(&self, req: GenerateParams) -> Result<TokenStream, InferenceError> {
         let inner = &self.inner;
         let start = Instant::now();
-        let total = start + inner.request_timeout;
+        let budget = inner.reply_budget(req.max_tokens);
+        let total = start + budget;
         let deadlines = Deadlines {
             first_token: (start + inner.first_token_timeout).min(total),
             total,
+            budget,
         };
         let first_token_error = || inner.first_token_error(deadlines);
 
@@ -191,7 +197,7 @@ impl OpenAiBackend {
                 let next = timeout_at(deadline, body.next()).await.map_err(|_| match bound {
                     Bound::FirstToken => inner.first_token_error(deadlines),
                     Bound::Idle => inner.idle_error(),
-                    Bound::Total => inner.total_error(),
+                    Bound::Total => inner.total_error(deadlines),
                 })?;
                 let events = match next {
                     Some(Ok(bytes)) => parser.push(&bytes).map_err(|_| {
@@ -376,9 +382,18 @@ impl Inner {
         }
     }
 
+    /// How long a whole reply of `max_tokens` may take: `request_timeout`,
+    /// or longer when a reply that long, at the slowest pace allowed after
+    /// its first token, needs more. vLLM sets no deadline of its own, and a
+    /// fixed one would fail every long reply at the same point.
+    fn reply_budget(&self, max_tokens: u32) -> Duration {
+        let generating = Duration::from_secs_f64(f64::from(max_tokens) / self.min_tokens_per_sec);
+        (self.first_token_timeout + generating).max(self.request_timeout)
+    }
+
     fn first_token_error(&self, d: Deadlines) -> InferenceError {
         if d.first_token >= d.total {
-            self.total_error()
+            self.total_error(d)
         } else {
             InferenceError::Timeout(format!(
                 "the model sent no token within {} ms",
@@ -394,10 +409,10 @@ impl Inner {
         ))
     }
 
-    fn total_error(&self) -> InferenceError {
+    fn total_error(&self, d: Deadlines) -> InferenceError {
         InferenceError::Timeout(format!(
             "the model did not finish within {} ms",
-            self.request_timeout.as_millis()
+            d.budget.as_millis()
         ))
     }
 }
