@@ -102,6 +102,18 @@ pub enum ControlOp {
     DeleteProject,
 }
 
+impl ControlOp {
+    /// The one session this action changes; `None` for the project-wide ones.
+    pub fn session_id(&self) -> Option<&str> {
+        match self {
+            Self::SetSessionPrompt { session_id, .. }
+            | Self::ClearSession { session_id }
+            | Self::DeleteSession { session_id } => Some(session_id),
+            Self::SetProjectPrompt { .. } | Self::ClearProject | Self::DeleteProject => None,
+        }
+    }
+}
+
 /// A control action and where its acknowledgement goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ControlRequest {

@@ -363,9 +363,17 @@ impl Link {
             metrics.dropped("backlog_full");
             return;
         };
+        // A session's control action takes its place in the session's line
+        // like a chat message: a template or a clear sent just before a
+        // message is applied before that message is stored, and one sent
+        // just after waits for it to be stored.
+        let ticket = request
+            .op
+            .session_id()
+            .map(|sid| self.shared.turns.ticket(&self.project, sid));
         let turns = self.shared.turns.clone();
         let publisher = self.publisher.clone();
-        tokio::spawn(async move { turns.control(publisher, request, permit).await });
+        tokio::spawn(async move { turns.control(publisher, request, permit, ticket).await });
     }
 }
 

@@ -159,15 +159,30 @@ impl Turns {
         }
     }
 
-    /// Applies one control action and publishes its acknowledgement.
-    pub async fn control(&self, publisher: Publisher, request: ControlRequest, permit: Permit) {
+    /// Applies one control action and publishes its acknowledgement. With a
+    /// ticket (a session's action), it waits for the session's previous
+    /// message to be stored, and the next one waits until the action is done.
+    pub async fn control(
+        &self,
+        publisher: Publisher,
+        request: ControlRequest,
+        permit: Permit,
+        mut ticket: Option<Ticket>,
+    ) {
         let project = publisher.project().to_owned();
         let span = tracing::info_span!("control", project = %project, op = op_name(&request.op));
         async move {
+            let in_line = async {
+                if let Some(t) = &mut ticket {
+                    t.wait_turn().await;
+                }
+                self.call_control(&project, &request.op).await
+            };
             let outcome = tokio::select! {
                 _ = self.abandon.cancelled() => None,
-                r = self.call_control(&project, &request.op) => Some(r),
+                r = in_line => Some(r),
             };
+            drop(ticket);
             match outcome {
                 None => self.metrics.dropped("abandoned_at_shutdown"),
                 Some(Ok(())) => {

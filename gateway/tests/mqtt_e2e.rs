@@ -1,7 +1,8 @@
 //! The gateway against a real mosquitto and a fake session-svc.
 //!
 //! The fake answers by the message text (`slow:<ms>`, `ratelimit`,
-//! `invalid`, anything else is echoed) and records every call, so these
+//! `invalid`, anything else is echoed), takes 300 ms over a reset of a
+//! session whose id starts with `slow-`, and records every call, so these
 //! tests check the MQTT side exactly: topics, payloads, error strings,
 //! control acknowledgements, presence and shutdown. The full-stack tests
 //! live in the workspace's `tests/` crate.
@@ -61,7 +62,12 @@ struct Calls {
     resets: Vec<ResetSessionRequest>,
     deletes: Vec<SessionRef>,
     updates: Vec<UpdateProjectRequest>,
+    /// Chats and resets as they reached the fake and, for resets, ended.
+    log: Vec<String>,
 }
+
+/// How long the fake takes over a reset of a `slow-` session.
+const SLOW_RESET: Duration = Duration::from_millis(300);
 
 #[derive(Clone, Default)]
 struct Fake {
@@ -106,6 +112,14 @@ impl Sessions for Fake {
         &self,
         request: Request<ChatRequest>,
     ) -> Result<Response<Self::ChatStreamStream>, Status> {
+        // Logged before it is accepted: whatever the gateway does once it
+        // is accepted comes later.
+        let message = &request.get_ref().message;
+        self.calls
+            .lock()
+            .unwrap()
+            .log
+            .push(format!("chat {message}"));
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let this = self.clone();
         tokio::spawn(async move {
@@ -131,7 +145,18 @@ impl Sessions for Fake {
         &self,
         request: Request<ResetSessionRequest>,
     ) -> Result<Response<ResetSessionReply>, Status> {
-        self.calls.lock().unwrap().resets.push(request.into_inner());
+        let req = request.into_inner();
+        let slow = req.session_id.starts_with("slow-");
+        {
+            let mut calls = self.calls.lock().unwrap();
+            calls.log.push(format!("reset {} began", req.session_id));
+            calls.resets.push(req.clone());
+        }
+        if slow {
+            tokio::time::sleep(SLOW_RESET).await;
+        }
+        let mut calls = self.calls.lock().unwrap();
+        calls.log.push(format!("reset {} ended", req.session_id));
         Ok(Response::new(ResetSessionReply {}))
     }
 
@@ -407,6 +432,55 @@ async fn chat_turns_follow_the_wire_protocol() {
         assert!(metrics.contains(needle), "missing {needle} in\n{metrics}");
     }
 
+    gw.shutdown.cancel();
+    gw.task.await.unwrap().unwrap();
+}
+
+/// A session's control action and its chat messages reach session-svc in
+/// the order they were published: a message right behind a template waits
+/// for the template to be applied (else it would be answered with the old
+/// prompt, and stored only to be cleared by the reset), and a message right
+/// before a clear is stored before the clear runs.
+#[tokio::test]
+async fn a_sessions_control_actions_and_messages_keep_their_order() {
+    let broker = Broker::start();
+    let fake = Fake::default();
+    let session = start_fake(fake.clone()).await;
+    let gw = start_gateway(config(&broker, session, &["p"])).await;
+    let mut c = Client::connect(broker.port()).await;
+
+    c.publish(
+        "p/template",
+        r#"{"sessionId":"slow-1","systemPrompt":"New","reset":true}"#,
+    )
+    .await;
+    c.publish(
+        "p/user_input",
+        r#"{"sessionId":"slow-1","message":"after the template"}"#,
+    )
+    .await;
+    c.reply_on("p/assistant_response/slow-1").await;
+    c.publish(
+        "p/user_input",
+        r#"{"sessionId":"slow-2","message":"before the clear"}"#,
+    )
+    .await;
+    c.publish("p/clear_history/slow-2", "").await;
+    assert_eq!(
+        c.reply_on("p/hint/slow-2").await,
+        r#"{"hint":"History cleared"}"#
+    );
+    assert_eq!(
+        fake.calls.lock().unwrap().log,
+        [
+            "reset slow-1 began",
+            "reset slow-1 ended",
+            "chat after the template",
+            "chat before the clear",
+            "reset slow-2 began",
+            "reset slow-2 ended",
+        ]
+    );
     gw.shutdown.cancel();
     gw.task.await.unwrap().unwrap();
 }
