@@ -24,7 +24,8 @@ pub struct SessionKeys {
 pub struct ProjectKeys {
     /// The project's default system prompt, set over MQTT or gRPC.
     pub prompt: String,
-    /// Ids of the project's sessions, for project-wide clear/delete.
+    /// Ids of the project's live sessions, for project-wide clear/delete: a
+    /// sorted set scored by when each id's entry expires (Unix ms).
     pub sessions: String,
 }
 
@@ -59,7 +60,9 @@ impl KeySpace {
         let tag = format!("{}:{{p:{}}}", self.prefix, encode(project));
         ProjectKeys {
             prompt: format!("{tag}:prompt"),
-            sessions: format!("{tag}:sessions"),
+            // Not `:sessions`: that name held a plain set, whose entries
+            // never expired one by one.
+            sessions: format!("{tag}:active"),
         }
     }
 }

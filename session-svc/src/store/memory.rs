@@ -2,7 +2,7 @@
 //! semantics (locks with holder tokens and TTLs, expiring sessions, the same
 //! sliding-window rate limit).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -65,18 +65,20 @@ impl Session {
 #[derive(Default)]
 struct Project {
     prompt: Option<String>,
-    /// Like the Redis set: one TTL for the whole index, refreshed whenever a
-    /// session is touched (so touching costs O(1), not O(sessions)).
-    sessions: HashSet<String>,
-    sessions_expire: Option<Instant>,
+    /// Like the Redis sorted set: session id → when its entry expires,
+    /// refreshed by each of the session's turns.
+    sessions: HashMap<String, Instant>,
+    /// Entries left by the last sweep of expired ones: the next sweep waits
+    /// until the index has doubled, so touching stays O(1) on average.
+    swept_to: usize,
 }
 
 impl Project {
-    /// Forgets the index once its TTL has passed.
-    fn expire(&mut self, now: Instant) {
-        if self.sessions_expire.is_some_and(|exp| exp <= now) {
-            self.sessions.clear();
-            self.sessions_expire = None;
+    fn touch(&mut self, session_id: &str, expires: Instant, now: Instant) {
+        self.sessions.insert(session_id.to_owned(), expires);
+        if self.sessions.len() > 2 * self.swept_to.max(64) {
+            self.sessions.retain(|_, exp| *exp > now);
+            self.swept_to = self.sessions.len();
         }
     }
 }
@@ -122,7 +124,8 @@ impl MemoryStore {
         }
         state.sessions.retain(|_, s| !s.is_empty(now));
         for p in state.projects.values_mut() {
-            p.expire(now);
+            p.sessions.retain(|_, exp| *exp > now);
+            p.swept_to = p.sessions.len();
         }
     }
 }
@@ -255,11 +258,10 @@ impl Store for MemoryStore {
     }
 
     async fn touch_index(&self, id: SessionId<'_>, ttl: Duration) -> Result<(), StoreError> {
-        let exp = Instant::now() + ttl;
+        let now = Instant::now();
         self.with(|st| {
             let p = st.projects.entry(id.project.to_owned()).or_default();
-            p.sessions.insert(id.session_id.to_owned());
-            p.sessions_expire = Some(exp);
+            p.touch(id.session_id, now + ttl, now);
         });
         Ok(())
     }
@@ -267,9 +269,12 @@ impl Store for MemoryStore {
     async fn sessions(&self, project: &str) -> Result<Vec<String>, StoreError> {
         let now = Instant::now();
         Ok(self.with(|st| {
-            st.projects.get_mut(project).map_or_else(Vec::new, |p| {
-                p.expire(now);
-                p.sessions.iter().cloned().collect()
+            st.projects.get(project).map_or_else(Vec::new, |p| {
+                p.sessions
+                    .iter()
+                    .filter(|(_, exp)| **exp > now)
+                    .map(|(id, _)| id.clone())
+                    .collect()
             })
         }))
     }

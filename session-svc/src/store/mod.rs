@@ -142,7 +142,7 @@ pub trait Store: Clone + Send + Sync + 'static {
         ttl: Duration,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Ids of the project's sessions (may include a few that expired).
+    /// Ids of the project's sessions touched within their TTL.
     fn sessions(
         &self,
         project: &str,

@@ -121,6 +121,14 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
+/// This process's clock in Unix milliseconds, for the index's expiry scores.
+/// Replicas' clocks differ by milliseconds; the scores are an hour apart.
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 fn parse_dialog(bytes: &[u8]) -> Result<Dialog, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
@@ -429,9 +437,15 @@ impl Store for RedisStore {
     }
 
     async fn touch_index(&self, id: SessionId<'_>, ttl: Duration) -> Result<(), StoreError> {
+        // Each id's entry expires with its session; the ones past their
+        // time go on every touch, so the index holds the live sessions only,
+        // however many one-message sessions came and went.
         let k = self.keys.project(id.project);
+        let now = unix_millis();
         let _: () = redis::pipe()
-            .sadd(&k.sessions, id.session_id)
+            .zadd(&k.sessions, id.session_id, now.saturating_add(millis(ttl)))
+            .ignore()
+            .zrembyscore(&k.sessions, "-inf", now)
             .ignore()
             .pexpire(&k.sessions, millis(ttl) as i64)
             .ignore()
@@ -443,8 +457,11 @@ impl Store for RedisStore {
 
     async fn sessions(&self, project: &str) -> Result<Vec<String>, StoreError> {
         let k = self.keys.project(project);
-        redis::cmd("SMEMBERS")
+        // ZRANGEBYSCORE rather than ZRANGE … BYSCORE: Redis before 6.2 too.
+        redis::cmd("ZRANGEBYSCORE")
             .arg(&k.sessions)
+            .arg(format!("({}", unix_millis()))
+            .arg("+inf")
             .query_async(&mut self.conn.clone())
             .await
             .map_err(unavailable)
@@ -456,7 +473,7 @@ impl Store for RedisStore {
         // Different hash slots: two commands, not one script.
         let mut c1 = self.conn.clone();
         let mut c2 = self.conn.clone();
-        let mut srem = redis::cmd("SREM");
+        let mut srem = redis::cmd("ZREM");
         srem.arg(&p.sessions).arg(id.session_id);
         let mut del = redis::cmd("DEL");
         del.arg(&s.rate);
