@@ -4,7 +4,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::Stream;
+use futures::{Stream, StreamExt as _};
 use palaver_proto::inference::v1 as inf;
 use palaver_proto::inference::v1::inference_client::InferenceClient;
 use palaver_proto::session::v1 as pb;
@@ -13,7 +13,7 @@ use rand::Rng;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::StreamExt as _;
+
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
@@ -28,6 +28,8 @@ use crate::turn::{abandon_on_drop, NewTurn, Prepared, Turns};
 /// Longest accepted session id, request id and system prompt.
 const MAX_ID_BYTES: usize = 256;
 const MAX_SYSTEM_PROMPT_CHARS: usize = 32_000;
+/// Sessions a project-wide clear or delete works on at once.
+const PROJECT_ACTION_CONCURRENCY: usize = 16;
 
 /// The `Sessions` gRPC service over a store.
 pub struct SessionService<S: Store> {
@@ -547,11 +549,11 @@ impl<S: Store> Sessions for SessionService<S> {
         // A new project prompt with a reset also drops the sessions' own
         // prompts, so every session speaks with the new one from now on.
         let new_prompt = r.system_prompt.is_some();
-        let mut touched = 0u32;
-        for sid in &ids {
+        let project = r.project.as_str();
+        let changes = ids.into_iter().map(|sid| async move {
             let id = SessionId {
-                project: &r.project,
-                session_id: sid,
+                project,
+                session_id: &sid,
             };
             let changed = self
                 .turns
@@ -568,12 +570,18 @@ impl<S: Store> Sessions for SessionService<S> {
                         None => false,
                     },
                 })
-                .await
-                .map_err(|e| self.fail(e))?;
+                .await?;
             if action == pb::SessionAction::Delete || !changed {
-                store.forget(id).await.map_err(|e| self.fail(e.into()))?;
+                store.forget(id).await?;
             }
-            touched += u32::from(changed);
+            Ok::<_, SessionError>(u32::from(changed))
+        });
+        // A few sessions at a time: one by one, each its lock's round trips,
+        // a project of thousands of sessions outlasts the caller's deadline.
+        let mut done = futures::stream::iter(changes).buffer_unordered(PROJECT_ACTION_CONCURRENCY);
+        let mut touched = 0u32;
+        while let Some(changed) = done.next().await {
+            touched += changed.map_err(|e| self.fail(e))?;
         }
         Ok(Response::new(pb::UpdateProjectReply { sessions: touched }))
     }

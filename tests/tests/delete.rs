@@ -1,15 +1,17 @@
+//! Deleting and clearing sessions, one and all.
+//!
 //! A session deleted while one of its replies is being generated, and begun
 //! again at once under the same id: the late reply belongs to the dialog
-//! that was deleted, never to the new one.
-//!
-//! Timing is relative to the fake vLLM's latency `L`: the old reply arrives
-//! about `L` after its request, the new turn opens a few milliseconds after
-//! the delete, so the old reply comes back while the new turn waits for its
-//! own.
+//! that was deleted, never to the new one. Timing is relative to the fake
+//! vLLM's latency `L`: the old reply arrives about `L` after its request,
+//! the new turn opens a few milliseconds after the delete, so the old reply
+//! comes back while the new turn waits for its own.
 
 use std::time::Duration;
 
-use palaver_proto::session::v1::{ChatRequest, Role, SessionRef};
+use palaver_proto::session::v1::{
+    ChatRequest, Role, SessionAction, SessionRef, UpdateProjectRequest,
+};
 use palaver_tests::{Stack, StackOptions};
 use tokio::time::Instant;
 
@@ -76,4 +78,71 @@ async fn a_reply_finishing_after_its_session_was_deleted_stays_out_of_the_new_di
         ],
         "the new dialog holds its own turn and reply only"
     );
+}
+
+/// Project-wide actions reach every live session: more sessions than the
+/// service works on at once, all cleared, then all deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_project_wide_clear_and_delete_reach_every_session() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let client = stack.sessions(0).await;
+    let ids: Vec<String> = (0..40).map(|i| format!("many-{i}")).collect();
+    let turns = ids.iter().map(|sid| {
+        let mut c = client.clone();
+        let request = ChatRequest {
+            project: "general".into(),
+            session_id: sid.clone(),
+            message: "remember me".into(),
+            ..Default::default()
+        };
+        async move { c.chat(request).await.expect("answered") }
+    });
+    futures::future::join_all(turns).await;
+    let history = |sid: &str| {
+        let mut c = client.clone();
+        let session = SessionRef {
+            project: "general".into(),
+            session_id: sid.into(),
+        };
+        async move { c.get_history(session).await.unwrap().into_inner() }
+    };
+    assert_eq!(history("many-7").await.messages.len(), 2);
+
+    let mut c = client.clone();
+    let cleared = c
+        .update_project(UpdateProjectRequest {
+            project: "general".into(),
+            system_prompt: Some("Speak like a pirate.".into()),
+            sessions: SessionAction::Clear.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cleared.sessions, 40, "every session was cleared");
+    for sid in &ids {
+        let h = history(sid).await;
+        assert!(h.messages.is_empty(), "{sid} kept {:?}", h.messages);
+        assert_eq!(h.system_prompt, "Speak like a pirate.");
+    }
+
+    let deleted = c
+        .update_project(UpdateProjectRequest {
+            project: "general".into(),
+            system_prompt: None,
+            sessions: SessionAction::Delete.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(deleted.sessions, 40, "every session was deleted");
+    let again = c
+        .update_project(UpdateProjectRequest {
+            project: "general".into(),
+            system_prompt: None,
+            sessions: SessionAction::Delete.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.sessions, 0, "nothing left to delete");
 }
