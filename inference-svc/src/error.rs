@@ -23,6 +23,12 @@ pub enum InferenceError {
     /// long for the model); retrying the same request cannot help.
     #[error("{0}")]
     InvalidArgument(String),
+    /// The model server is over its own capacity: 429, or 503 (what recent
+    /// vLLM answers past a configured queue size). Several inference-svc
+    /// replicas sharing one vLLM each count only their own 8; the server's
+    /// queue is where they meet.
+    #[error("{0}")]
+    BackendBusy(String),
     /// The model server cannot be reached or answered with a server error;
     /// retrying later may help.
     #[error("{0}")]
@@ -48,6 +54,7 @@ impl InferenceError {
         match self {
             Self::QueueFull => "queue_full",
             Self::QueueTimeout(_) => "queue_timeout",
+            Self::BackendBusy(_) => "backend_busy",
             Self::InvalidArgument(_) => "invalid_argument",
             Self::Unavailable(_) => "unavailable",
             Self::ModelNotFound(_) => "model_not_found",
@@ -61,7 +68,9 @@ impl InferenceError {
 impl From<InferenceError> for Status {
     fn from(e: InferenceError) -> Self {
         let code = match &e {
-            InferenceError::QueueFull | InferenceError::QueueTimeout(_) => Code::ResourceExhausted,
+            InferenceError::QueueFull
+            | InferenceError::QueueTimeout(_)
+            | InferenceError::BackendBusy(_) => Code::ResourceExhausted,
             InferenceError::InvalidArgument(_) => Code::InvalidArgument,
             // A model the server does not serve is, for the caller, a model
             // that is unavailable: the gateway then says so in its reply.
@@ -72,7 +81,9 @@ impl From<InferenceError> for Status {
         let mut status = Status::new(code, e.to_string());
         if matches!(
             e,
-            InferenceError::QueueFull | InferenceError::QueueTimeout(_)
+            InferenceError::QueueFull
+                | InferenceError::QueueTimeout(_)
+                | InferenceError::BackendBusy(_)
         ) {
             // RESOURCE_EXHAUSTED also means "rate limited" elsewhere in
             // palaver; the gateway needs this to pick the "overloaded" reply.
@@ -94,6 +105,7 @@ mod tests {
         for e in [
             InferenceError::QueueFull,
             InferenceError::QueueTimeout(Duration::from_millis(30)),
+            InferenceError::BackendBusy("the model server is busy (503)".into()),
         ] {
             let s = Status::from(e);
             assert_eq!(s.code(), Code::ResourceExhausted);

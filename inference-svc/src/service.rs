@@ -149,7 +149,9 @@ impl CallRecord {
             self.metrics.record(Outcome::Error);
             self.metrics.record_error(e.kind());
             match &e {
-                InferenceError::QueueFull | InferenceError::QueueTimeout(_) => {
+                InferenceError::QueueFull
+                | InferenceError::QueueTimeout(_)
+                | InferenceError::BackendBusy(_) => {
                     tracing::info!(session = %self.affinity_key, error = %e, "generation refused")
                 }
                 InferenceError::InvalidArgument(_) => {

@@ -255,6 +255,23 @@ async fn vllm_errors_map_to_status_codes() {
     assert_eq!(err.code(), Code::Unavailable);
     assert!(err.message().contains("engine dead"), "{}", err.message());
 
+    // The server over its own capacity: overloaded, like a full queue here.
+    for code in [429, 503] {
+        fake.set_fault(Fault::Status(
+            code,
+            r#"{"error":{"message":"too many waiting requests","code":503}}"#.into(),
+        ));
+        let err = s.client.generate(request("x", 8)).await.unwrap_err();
+        assert_eq!(err.code(), Code::ResourceExhausted, "{code}");
+        assert_eq!(
+            err.metadata()
+                .get(ERROR_KIND_HEADER)
+                .and_then(|v| v.to_str().ok()),
+            Some(ERROR_KIND_OVERLOADED),
+            "{code}"
+        );
+    }
+
     fake.set_fault(Fault::ErrorMidStream);
     let err = s.client.generate(request("x", 8)).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
@@ -320,7 +337,7 @@ async fn a_dropped_connection_is_retried_once_then_unavailable() {
 
     // A status that arrived is never retried.
     fake.reset_stats();
-    fake.set_fault(Fault::Status(503, "{}".into()));
+    fake.set_fault(Fault::Status(500, "{}".into()));
     let err = s.client.generate(request("x", 8)).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
     assert_eq!(fake.requests(), 1);

@@ -66,6 +66,14 @@ async fn each_backend_fault_ends_in_an_error_reply_and_the_session_recovers() {
             ),
             "Error: The model is unavailable",
         ),
+        (
+            "503 past vLLM's queue limit",
+            Fault::Status(
+                503,
+                r#"{"error":{"message":"too many waiting requests","code":503}}"#.into(),
+            ),
+            "Server is overloaded. Please try again in a moment.",
+        ),
         ("error mid-stream", Fault::ErrorMidStream, "Error: "),
         (
             "abort mid-stream",

@@ -375,7 +375,10 @@ impl Inner {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
                 InferenceError::Unavailable("the model server refused palaver's api key".into())
             }
-            s if s == StatusCode::TOO_MANY_REQUESTS || s.is_server_error() => {
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
+                InferenceError::BackendBusy(format!("the model server is busy ({code}): {quoted}"))
+            }
+            s if s.is_server_error() => {
                 InferenceError::Unavailable(format!("the model server failed ({code}): {quoted}"))
             }
             _ => InferenceError::Backend(format!("the model server answered {code}: {quoted}")),
