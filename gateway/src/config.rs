@@ -98,6 +98,13 @@ pub struct GatewayArgs {
     #[arg(long, env = "PALAVER_MAX_PAYLOAD_BYTES", default_value_t = 262_144)]
     pub max_payload_bytes: usize,
 
+    /// Largest MQTT packet taken from the broker, in bytes. Between
+    /// --max-payload-bytes and this a message is read and dropped; past it the
+    /// MQTT client gives up the project's connection and reconnects, losing the
+    /// replies in flight. Keep it at or above the broker's message_size_limit.
+    #[arg(long, env = "PALAVER_MAX_PACKET_BYTES", default_value_t = 16_777_216)]
+    pub max_packet_bytes: usize,
+
     /// QoS of replies, hints and error replies (0, 1 or 2).
     #[arg(long, env = "PALAVER_REPLY_QOS", default_value_t = 1,
           value_parser = clap::value_parser!(u8).range(0..=2))]
@@ -148,6 +155,7 @@ impl GatewayArgs {
         config.request_timeout = Duration::from_millis(self.request_timeout_ms);
         config.max_pending = self.max_pending;
         config.max_payload_bytes = self.max_payload_bytes;
+        config.max_packet_bytes = self.max_packet_bytes;
         config.reply_qos = self.reply_qos;
         config.heartbeat = Duration::from_secs(self.heartbeat_secs);
         config.service_name = self.service_name;
@@ -185,6 +193,10 @@ pub struct Config {
     pub max_pending: usize,
     /// Largest payload read; larger ones are dropped unread.
     pub max_payload_bytes: usize,
+    /// Largest MQTT packet the client accepts: anything bigger ends the
+    /// connection (rumqttc's rule), so this sits well above
+    /// `max_payload_bytes`, for oversize messages to be dropped instead.
+    pub max_packet_bytes: usize,
     /// QoS (0..=2) of replies, error replies and hints.
     pub reply_qos: u8,
     /// Interval of the presence heartbeat.
@@ -220,6 +232,7 @@ impl Config {
             request_timeout: Duration::from_millis(120_000),
             max_pending: 1000,
             max_payload_bytes: 262_144,
+            max_packet_bytes: 16 * 1024 * 1024,
             reply_qos: 1,
             heartbeat: Duration::from_secs(30),
             service_name: "palaver-gateway".into(),
@@ -268,6 +281,13 @@ impl Config {
                 "max-payload-bytes must be within 1..={MAX_PAYLOAD_LIMIT}"
             ));
         }
+        if self.max_packet_bytes < self.max_payload_bytes.saturating_add(PACKET_OVERHEAD)
+            || self.max_packet_bytes > MAX_PACKET_LIMIT
+        {
+            return invalid(format!(
+                "max-packet-bytes must be at least max-payload-bytes + {PACKET_OVERHEAD} and at most {MAX_PACKET_LIMIT}"
+            ));
+        }
         if self.reply_qos > 2 {
             return invalid("reply QoS must be 0, 1 or 2".into());
         }
@@ -289,9 +309,13 @@ impl Config {
 /// Cap on `max_pending`: a semaphore of this many permits is still cheap and
 /// no deployment needs more turns waiting per gateway.
 const MAX_PENDING_LIMIT: usize = 1_000_000;
-/// Cap on `max_payload_bytes`: the MQTT client's packet limit is derived from
-/// it (4x + 1 KiB) and must stay a sane allocation.
+/// Cap on `max_payload_bytes`.
 const MAX_PAYLOAD_LIMIT: usize = 16 * 1024 * 1024;
+/// Room for a PUBLISH's header and topic beside the payload.
+const PACKET_OVERHEAD: usize = 1024;
+/// Cap on `max_packet_bytes`: mosquitto's own largest message (256 MiB); one
+/// packet of it is held in memory while it is read.
+const MAX_PACKET_LIMIT: usize = 256 * 1024 * 1024;
 
 fn is_topic_level(s: &str) -> bool {
     !s.is_empty()
@@ -462,6 +486,8 @@ mod tests {
             Box::new(|c| c.shared_group = Some(String::new())),
             Box::new(|c| c.max_pending = 0),
             Box::new(|c| c.max_payload_bytes = 0),
+            Box::new(|c| c.max_packet_bytes = c.max_payload_bytes),
+            Box::new(|c| c.max_packet_bytes = 1 << 30),
             Box::new(|c| c.reply_qos = 3),
             Box::new(|c| c.request_timeout = Duration::ZERO),
             Box::new(|c| c.heartbeat = Duration::ZERO),

@@ -100,14 +100,10 @@ pub fn mqtt_options(config: &Config, project: &str) -> MqttOptions {
     // Clean sessions: nothing to resume after a restart; subscriptions are
     // renewed on every ConnAck instead.
     opts.set_clean_session(true);
-    // Payloads somewhat over max-payload-bytes must reach us to be dropped
-    // and counted: rumqttc treats an oversize incoming packet as fatal to
-    // the connection.
-    let incoming = config
-        .max_payload_bytes
-        .saturating_mul(4)
-        .saturating_add(1024);
-    opts.set_max_packet_size(incoming, MAX_OUTGOING_PACKET_BYTES);
+    // Payloads over max-payload-bytes must reach us to be dropped and
+    // counted: rumqttc treats an oversize incoming packet as fatal to the
+    // connection, and a reconnect loses the replies in flight.
+    opts.set_max_packet_size(config.max_packet_bytes, MAX_OUTGOING_PACKET_BYTES);
     if let Some(user) = &config.mqtt_username {
         opts.set_credentials(
             user.clone(),
@@ -385,7 +381,7 @@ mod tests {
     fn options_follow_the_config() {
         let mut config = Config::new("broker", 1999, "http://x:1", vec!["p".into()]);
         config.client_id = "gw".into();
-        config.max_payload_bytes = 1000;
+        config.max_packet_bytes = 5024;
         config.mqtt_username = Some("u".into());
         let opts = mqtt_options(&config, "p");
         assert_eq!(opts.client_id(), "gw-p");

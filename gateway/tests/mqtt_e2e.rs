@@ -713,7 +713,9 @@ async fn oversize_packet_costs_a_reconnect_not_the_gateway() {
     let broker = Broker::start();
     let session = start_fake(Fake::default()).await;
     let mut registry = Registry::default();
-    let gw = Gateway::new(config(&broker, session, &["p"]), &mut registry).unwrap();
+    let mut cfg = config(&broker, session, &["p"]);
+    cfg.max_packet_bytes = 32 * 1024;
+    let gw = Gateway::new(cfg, &mut registry).unwrap();
     let mut ready = gw.ready_watch();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(gw.run(shutdown.clone()));
@@ -723,8 +725,27 @@ async fn oversize_packet_costs_a_reconnect_not_the_gateway() {
         .unwrap();
     let mut c = Client::connect(broker.port()).await;
 
-    // Above 4x max-payload-bytes + 1 KiB: rumqttc refuses the packet and the
-    // connection is re-established.
+    // Over max-payload-bytes (4 KiB here), within max-packet-bytes (32 KiB):
+    // read, dropped and counted, the connection kept.
+    c.publish("p/user_input", vec![b'x'; 24 * 1024]).await;
+    c.publish(
+        "p/user_input",
+        r#"{"sessionId":"ok","message":"still here"}"#,
+    )
+    .await;
+    assert_eq!(
+        c.reply_on("p/assistant_response/ok").await,
+        "echo[ok]: still here"
+    );
+    assert!(*ready.borrow(), "the connection was kept");
+    assert!(
+        metrics_text(&registry).contains(r#"palaver_gateway_dropped_total{reason="too_large"} 1"#),
+        "{}",
+        metrics_text(&registry)
+    );
+
+    // Over max-packet-bytes: rumqttc refuses the packet and the connection
+    // is re-established.
     c.publish("p/user_input", vec![b'x'; 64 * 1024]).await;
     tokio::time::timeout(WAIT, ready.wait_for(|r| !*r))
         .await
