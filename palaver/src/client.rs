@@ -29,7 +29,8 @@ const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
 /// Where the broker is and how to log in; shared by `chat` and `send`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BrokerArgs {
-    /// Broker as mqtt://host:port; when given, --host and --port are ignored.
+    /// Broker as mqtt://host:port; when given, --host and --port are ignored
+    /// (but --host or --port typed on the command line beat PALAVER_MQTT_URL).
     #[arg(long, env = "PALAVER_MQTT_URL")]
     pub mqtt_url: Option<String>,
 
@@ -62,6 +63,19 @@ pub struct Target {
 }
 
 impl BrokerArgs {
+    /// Drops a broker URL that came from the environment when `--host` or
+    /// `--port` was typed: PALAVER_MQTT_URL is the gateway's own variable,
+    /// and a flag on the command line is the more deliberate choice.
+    /// `matches` are the subcommand's.
+    pub fn prefer_typed_flags(&mut self, matches: &clap::ArgMatches) {
+        use clap::parser::ValueSource::{CommandLine, EnvVariable};
+        let typed = |id: &str| matches.value_source(id) == Some(CommandLine);
+        if matches.value_source("mqtt_url") == Some(EnvVariable) && (typed("host") || typed("port"))
+        {
+            self.mqtt_url = None;
+        }
+    }
+
     /// The broker to talk to: `--mqtt-url` if given, else `--host`/`--port`.
     pub fn target(&self) -> Result<Target, ClientError> {
         let (host, port) = match &self.mqtt_url {

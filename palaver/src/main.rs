@@ -2,11 +2,11 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Subcommand};
 use palaver::{bench, chat, fake_vllm, floor, idle_memory, logging, send, up};
 
 /// palaver: MQTT clients chat with an LLM.
-#[derive(Debug, Parser)]
+#[derive(Debug, clap::Parser)]
 #[command(name = "palaver", version, about, long_about = None)]
 struct Cli {
     #[command(subcommand)]
@@ -41,7 +41,16 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let Some((_, sub)) = matches.subcommand() {
+        match &mut cli.command {
+            Command::Chat(a) => a.broker.prefer_typed_flags(sub),
+            Command::Send(a) => a.broker.prefer_typed_flags(sub),
+            Command::Bench(a) => a.broker.prefer_typed_flags(sub),
+            _ => {}
+        }
+    }
     match cli.runtime.run(run(cli.command)) {
         Ok(code) => code,
         Err(e) => {

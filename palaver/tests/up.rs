@@ -235,6 +235,21 @@ async fn send_gets_a_reply_and_the_session_remembers() {
         ]
     );
 
+    // --port on the command line beats a broker URL in the environment.
+    let out = palaver("send")
+        .env("PALAVER_MQTT_URL", "mqtt://127.0.0.1:1")
+        .args(["--port", &up.mqtt_port.to_string(), "--timeout-secs", "20"])
+        .args(["--session", "s3", "typed port"])
+        .output()
+        .await
+        .expect("palaver send runs");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // maxTokens reaches the simulator: one word per token.
     let (code, short, err) = up
         .send(&["--session", "s2", "--max-tokens", "3", "count my words"])
