@@ -90,6 +90,14 @@ impl Turns {
                 None => {
                     tracing::warn!(turn = %who, "turn abandoned at shutdown");
                     self.metrics.dropped("abandoned_at_shutdown");
+                    // Its request was acknowledged to the broker long ago, so
+                    // nothing else will answer it: say so in the words
+                    // clients retry on, ahead of the "offline" status.
+                    let _ = publisher.try_publish(
+                        OutKind::Error,
+                        &turn.reply_topic,
+                        errors::OVERLOADED_TEXT.as_bytes().to_vec(),
+                    );
                 }
                 Some(Ok(reply)) => {
                     tracing::debug!(

@@ -679,6 +679,38 @@ async fn shutdown_drains_then_goes_offline() {
     .await;
 }
 
+/// A turn still running when the shutdown grace is over is answered with
+/// the overloaded text (clients retry on it) before the gateway goes offline.
+#[tokio::test]
+async fn a_turn_abandoned_at_shutdown_is_told_to_retry() {
+    let broker = Broker::start();
+    let fake = Fake::default();
+    let session = start_fake(fake.clone()).await;
+    let mut cfg = config(&broker, session, &["p"]);
+    cfg.shutdown_grace = Duration::from_millis(200);
+    let gw = start_gateway(cfg).await;
+    let mut c = Client::connect(broker.port()).await;
+
+    let arrived = fake.chat_arrived.notified();
+    c.publish("p/user_input", r#"{"sessionId":"a","message":"slow:5000"}"#)
+        .await;
+    tokio::time::timeout(WAIT, arrived).await.unwrap();
+    gw.shutdown.cancel();
+
+    let (topic, text) = c.next_on(|t| is_reply(t) || t.ends_with("/status")).await;
+    assert_eq!(
+        (topic.as_str(), text.as_str()),
+        ("p/assistant_response/a", OVERLOADED_TEXT)
+    );
+    let (_, status) = c.next_on(|t| t == "p/status").await;
+    assert!(status.contains("offline"), "{status}");
+    tokio::time::timeout(WAIT, gw.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
 #[tokio::test]
 async fn last_will_and_heartbeat() {
     let broker = Broker::start();
