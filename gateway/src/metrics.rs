@@ -69,6 +69,7 @@ pub struct Metrics {
     pending: Gauge,
     turn_seconds: Histogram,
     errors: Family<KindLabel, Counter>,
+    subscribed: Family<ProjectLabel, Gauge>,
 }
 
 impl Metrics {
@@ -83,6 +84,7 @@ impl Metrics {
             // millisecond; the default deadline is 120 s.
             turn_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 20)),
             errors: Family::default(),
+            subscribed: Family::default(),
         };
         // prometheus-client appends `_total` to counters.
         registry.register(
@@ -115,7 +117,23 @@ impl Metrics {
             "Requests answered with an error, by kind",
             m.errors.clone(),
         );
+        registry.register(
+            "palaver_gateway_subscribed",
+            "1 while the project's broker connection is up with every subscription granted, else 0",
+            m.subscribed.clone(),
+        );
         m
+    }
+
+    /// Whether `project` is connected with all its subscriptions granted: a
+    /// broker that refuses some (an ACL, no shared subscriptions) leaves the
+    /// gateway connected and heartbeating while it serves nothing.
+    pub fn subscribed(&self, project: &str, ready: bool) {
+        self.subscribed
+            .get_or_create(&ProjectLabel {
+                project: project.to_owned(),
+            })
+            .set(i64::from(ready));
     }
 
     /// One message arrived for `project`.

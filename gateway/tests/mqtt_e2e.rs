@@ -428,6 +428,8 @@ async fn chat_turns_follow_the_wire_protocol() {
         r#"palaver_gateway_errors_total{kind="rate_limited"} 1"#,
         r#"palaver_gateway_mqtt_messages_in_total{project="q"} 1"#,
         r#"palaver_gateway_pending 0"#,
+        r#"palaver_gateway_subscribed{project="p"} 1"#,
+        r#"palaver_gateway_subscribed{project="q"} 1"#,
     ] {
         assert!(metrics.contains(needle), "missing {needle} in\n{metrics}");
     }
