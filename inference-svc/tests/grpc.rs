@@ -166,6 +166,30 @@ async fn generate_stream_streams_and_strips_think_across_chunks() {
         .all(|c| c.finish_reason.is_empty()));
 }
 
+/// A reply that is all reasoning (a thinking model out of max_tokens inside
+/// `<think>`) is an error, not an empty answer.
+#[tokio::test]
+async fn a_reply_that_is_all_reasoning_is_an_error() {
+    for chunks in [
+        vec!["<think>the user wants".to_owned(), " a greeting".to_owned()],
+        vec!["<think>done</think>".to_owned(), "\n\n".to_owned()],
+    ] {
+        let fake = FakeVllm::start(FakeVllmConfig {
+            reply: Reply::Chunks(chunks.clone()),
+            ..FakeVllmConfig::default()
+        })
+        .await;
+        let mut s = start(fast_openai(&fake)).await;
+        let err = s.client.generate(request("hi", 64)).await.unwrap_err();
+        assert_eq!(err.code(), Code::Internal, "{chunks:?}");
+        assert!(
+            err.message().contains("no text outside its reasoning"),
+            "{chunks:?}: {}",
+            err.message()
+        );
+    }
+}
+
 #[tokio::test]
 async fn never_more_than_max_concurrent_generations_reach_vllm() {
     let fake = FakeVllm::start(FakeVllmConfig {

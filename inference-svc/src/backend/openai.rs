@@ -181,6 +181,8 @@ impl OpenAiBackend {
             let mut finish_reason: Option<String> = None;
             let mut usage: Option<Usage> = None;
             let mut done = false;
+            // Whether any text outside the reasoning came through.
+            let mut answered = false;
 
             while !done {
                 // Which bound applies now; its error is only worded if it hits.
@@ -244,6 +246,7 @@ impl OpenAiBackend {
                         None => event.content,
                     };
                     if !visible.is_empty() {
+                        answered |= !visible.trim().is_empty();
                         yield Chunk { delta: visible, ..Chunk::default() };
                     }
                 }
@@ -257,6 +260,15 @@ impl OpenAiBackend {
                 InferenceError::Backend("the model server ended the reply without finishing it".into())
             })?;
             let rest = think.as_mut().map(ThinkFilter::finish).unwrap_or_default();
+            if !answered && rest.trim().is_empty() {
+                // A thinking model that spent max_tokens reasoning (or a
+                // reply of nothing): an empty answer, stored and sent, would
+                // read as a bug in the client.
+                Err::<(), _>(InferenceError::Backend(format!(
+                    "the model's reply had no text outside its reasoning (finish reason {finish_reason:?}); \
+                     raise max_tokens or turn the model's thinking off"
+                )))?;
+            }
             yield Chunk { delta: rest, finish_reason: Some(finish_reason), usage };
         }
     }
