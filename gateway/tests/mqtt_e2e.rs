@@ -634,6 +634,24 @@ async fn deadlines_and_a_missing_session_svc() {
     gw.task.await.unwrap().unwrap();
 }
 
+/// Publishes a turn of session `sid` that the fake takes `ms` over, starts
+/// the gateway's shutdown once the turn has reached the fake, and returns the
+/// first reply or status message after that.
+async fn shut_down_mid_turn(
+    c: &mut Client,
+    fake: &Fake,
+    gw: &Running,
+    sid: &str,
+    ms: u64,
+) -> (String, String) {
+    let arrived = fake.chat_arrived.notified();
+    let request = serde_json::json!({"sessionId": sid, "message": format!("slow:{ms}")});
+    c.publish("p/user_input", request.to_string()).await;
+    tokio::time::timeout(WAIT, arrived).await.unwrap();
+    gw.shutdown.cancel();
+    c.next_on(|t| is_reply(t) || t.ends_with("/status")).await
+}
+
 #[tokio::test]
 async fn shutdown_drains_then_goes_offline() {
     let broker = Broker::start();
@@ -642,14 +660,8 @@ async fn shutdown_drains_then_goes_offline() {
     let gw = start_gateway(config(&broker, session, &["p", "q"])).await;
     let mut c = Client::connect(broker.port()).await;
 
-    let arrived = fake.chat_arrived.notified();
-    c.publish("p/user_input", r#"{"sessionId":"d","message":"slow:700"}"#)
-        .await;
-    tokio::time::timeout(WAIT, arrived).await.unwrap();
-    gw.shutdown.cancel();
-
     // The turn in flight is still answered, and only then "offline".
-    let (topic, text) = c.next_on(|t| is_reply(t) || t.ends_with("/status")).await;
+    let (topic, text) = shut_down_mid_turn(&mut c, &fake, &gw, "d", 700).await;
     assert_eq!(
         (topic.as_str(), text.as_str()),
         ("p/assistant_response/d", "echo[d]: slow:700")
@@ -693,13 +705,7 @@ async fn a_turn_abandoned_at_shutdown_is_told_to_retry() {
     let gw = start_gateway(cfg).await;
     let mut c = Client::connect(broker.port()).await;
 
-    let arrived = fake.chat_arrived.notified();
-    c.publish("p/user_input", r#"{"sessionId":"a","message":"slow:5000"}"#)
-        .await;
-    tokio::time::timeout(WAIT, arrived).await.unwrap();
-    gw.shutdown.cancel();
-
-    let (topic, text) = c.next_on(|t| is_reply(t) || t.ends_with("/status")).await;
+    let (topic, text) = shut_down_mid_turn(&mut c, &fake, &gw, "a", 5000).await;
     assert_eq!(
         (topic.as_str(), text.as_str()),
         ("p/assistant_response/a", OVERLOADED_TEXT)

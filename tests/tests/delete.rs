@@ -108,41 +108,38 @@ async fn a_project_wide_clear_and_delete_reach_every_session() {
     };
     assert_eq!(history("many-7").await.messages.len(), 2);
 
-    let mut c = client.clone();
-    let cleared = c
-        .update_project(UpdateProjectRequest {
+    // How many sessions a project-wide action touched.
+    let for_all = |system_prompt: Option<&str>, action: SessionAction| {
+        let mut c = client.clone();
+        let request = UpdateProjectRequest {
             project: "general".into(),
-            system_prompt: Some("Speak like a pirate.".into()),
-            sessions: SessionAction::Clear.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(cleared.sessions, 40, "every session was cleared");
+            system_prompt: system_prompt.map(str::to_owned),
+            sessions: action.into(),
+        };
+        async move {
+            c.update_project(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .sessions
+        }
+    };
+    let cleared = for_all(Some("Speak like a pirate."), SessionAction::Clear).await;
+    assert_eq!(cleared, 40, "every session was cleared");
     for sid in &ids {
         let h = history(sid).await;
         assert!(h.messages.is_empty(), "{sid} kept {:?}", h.messages);
         assert_eq!(h.system_prompt, "Speak like a pirate.");
     }
 
-    let deleted = c
-        .update_project(UpdateProjectRequest {
-            project: "general".into(),
-            system_prompt: None,
-            sessions: SessionAction::Delete.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(deleted.sessions, 40, "every session was deleted");
-    let again = c
-        .update_project(UpdateProjectRequest {
-            project: "general".into(),
-            system_prompt: None,
-            sessions: SessionAction::Delete.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(again.sessions, 0, "nothing left to delete");
+    assert_eq!(
+        for_all(None, SessionAction::Delete).await,
+        40,
+        "every session was deleted"
+    );
+    assert_eq!(
+        for_all(None, SessionAction::Delete).await,
+        0,
+        "nothing left to delete"
+    );
 }
