@@ -176,11 +176,16 @@ impl<S: Store> Turns<S> {
             project,
             session_id,
         };
-        self.one_step(None, |_| {
-            self.store
-                .end_turn(id, seq, Ending::Reply(reply), settings.session_ttl)
-        })
-        .await?;
+        // The dialog now lives a TTL from here: so does its index entry.
+        let (stored, indexed) = tokio::join!(
+            self.one_step(None, |_| {
+                self.store
+                    .end_turn(id, seq, Ending::Reply(reply), settings.session_ttl)
+            }),
+            self.store.touch_index(id, settings.session_ttl)
+        );
+        stored?;
+        indexed?;
         self.observe_phase("store", started);
         Ok(())
     }
@@ -197,11 +202,15 @@ impl<S: Store> Turns<S> {
             project,
             session_id,
         };
-        self.one_step(None, |_| {
-            self.store
-                .end_turn(id, seq, Ending::Abandon, settings.session_ttl)
-        })
-        .await
+        let (taken_back, indexed) = tokio::join!(
+            self.one_step(None, |_| {
+                self.store
+                    .end_turn(id, seq, Ending::Abandon, settings.session_ttl)
+            }),
+            self.store.touch_index(id, settings.session_ttl)
+        );
+        taken_back?;
+        Ok(indexed?)
     }
 
     /// Runs a one-step change, retrying while a two-step change holds the
@@ -284,7 +293,16 @@ impl<S: Store> Turns<S> {
                         .lock_hold
                         .observe(acquired.elapsed().as_secs_f64());
                     return match committed {
-                        Ok(true) => Ok(out),
+                        Ok(true) => {
+                            // A dialog kept lives a TTL from here: so does its
+                            // entry in the project's index.
+                            if dialog.is_some() {
+                                if let Err(e) = self.store.touch_index(id, ttl).await {
+                                    tracing::warn!(error = %e, "session changed but not indexed");
+                                }
+                            }
+                            Ok(out)
+                        }
                         Ok(false) => Err(SessionError::LockLost),
                         Err(e) => {
                             // Free the session now rather than at the TTL.

@@ -296,17 +296,20 @@ async fn project_index_and_prompt<S: Store>(s: &S) {
     assert_eq!(s.sessions("tutor").await.unwrap(), ["y/z:{}"]);
     assert!(s.sessions("npc").await.unwrap().is_empty());
 
-    // Each id leaves the index when its own session expires, however busy
-    // the project's other sessions keep it.
+    // Each id leaves the index when its own session expires, and only then,
+    // whichever TTL the project's other sessions were touched with last.
     let brief = SessionId {
         project: "tutor",
         session_id: "one-message",
     };
+    s.touch_index(q, TTL).await.unwrap();
     s.touch_index(brief, Duration::from_millis(150))
         .await
         .unwrap();
+    let mut ids = s.sessions("tutor").await.unwrap();
+    ids.sort();
+    assert_eq!(ids, ["one-message", "y/z:{}"]);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    s.touch_index(q, TTL).await.unwrap();
     assert_eq!(s.sessions("tutor").await.unwrap(), ["y/z:{}"]);
 
     assert_eq!(s.project_prompt("tutor").await.unwrap(), None);

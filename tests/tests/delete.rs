@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use palaver_proto::session::v1::{
-    ChatRequest, Role, SessionAction, SessionRef, UpdateProjectRequest,
+    ChatRequest, ResetSessionRequest, Role, SessionAction, SessionRef, UpdateProjectRequest,
 };
 use palaver_tests::{Stack, StackOptions};
 use tokio::time::Instant;
@@ -142,4 +142,60 @@ async fn a_project_wide_clear_and_delete_reach_every_session() {
         0,
         "nothing left to delete"
     );
+}
+
+/// A session kept alive by a control action (here a new prompt, history
+/// kept) stays in the project's index as long as its dialog lives, not only
+/// a TTL after its last message. Sessions live 1 s here: a message at 0, the
+/// prompt at 0.6 s (the dialog now lives to 1.6 s), the clear at 1.2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_kept_alive_by_a_control_action_stays_in_the_project_index() {
+    let options = StackOptions {
+        projects: palaver_core::projects::Projects::from_toml(
+            "[projects.brief]\nsession_ttl_secs = 1\nrate_limit = 0\n",
+        )
+        .unwrap(),
+        ..StackOptions::default()
+    };
+    let stack = Stack::start(options).await;
+    let mut c = stack.sessions(0).await;
+    let session = SessionRef {
+        project: "brief".into(),
+        session_id: "kept".into(),
+    };
+    c.chat(ChatRequest {
+        project: "brief".into(),
+        session_id: "kept".into(),
+        message: "hello".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("answered");
+    let answered = Instant::now();
+
+    tokio::time::sleep_until(answered + Duration::from_millis(600)).await;
+    c.reset_session(ResetSessionRequest {
+        project: "brief".into(),
+        session_id: "kept".into(),
+        system_prompt: Some("Be brief.".into()),
+        keep_history: true,
+    })
+    .await
+    .unwrap();
+
+    tokio::time::sleep_until(answered + Duration::from_millis(1200)).await;
+    let history = c.get_history(session.clone()).await.unwrap().into_inner();
+    assert_eq!(history.messages.len(), 2, "the dialog is still alive");
+    let cleared = c
+        .update_project(UpdateProjectRequest {
+            project: "brief".into(),
+            system_prompt: None,
+            sessions: SessionAction::Clear.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cleared.sessions, 1, "the live session was found");
+    let history = c.get_history(session).await.unwrap().into_inner();
+    assert!(history.messages.is_empty(), "{:?}", history.messages);
 }

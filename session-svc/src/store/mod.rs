@@ -135,7 +135,8 @@ pub trait Store: Clone + Send + Sync + 'static {
         token: &str,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Records that the session exists (for project-wide actions) for `ttl`.
+    /// Records that the session lives `ttl` from now, for project-wide
+    /// actions: called wherever its dialog's TTL is refreshed.
     fn touch_index(
         &self,
         id: SessionId<'_>,

@@ -439,15 +439,15 @@ impl Store for RedisStore {
     async fn touch_index(&self, id: SessionId<'_>, ttl: Duration) -> Result<(), StoreError> {
         // Each id's entry expires with its session; the ones past their
         // time go on every touch, so the index holds the live sessions only,
-        // however many one-message sessions came and went.
+        // however many one-message sessions came and went. No expiry on the
+        // key itself: one TTL for all would cut short the entries of longer
+        // ones, and what an idle project leaves is its last TTL's sessions.
         let k = self.keys.project(id.project);
         let now = unix_millis();
         let _: () = redis::pipe()
             .zadd(&k.sessions, id.session_id, now.saturating_add(millis(ttl)))
             .ignore()
             .zrembyscore(&k.sessions, "-inf", now)
-            .ignore()
-            .pexpire(&k.sessions, millis(ttl) as i64)
             .ignore()
             .query_async(&mut self.conn.clone())
             .await
