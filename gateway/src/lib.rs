@@ -226,6 +226,9 @@ impl Gateway {
         tracing::info!(pending = shared.backlog.in_use(), "gateway draining");
         draining.cancel();
         readiness.clear();
+        for project in &shared.config.projects {
+            shared.metrics.subscribed(project, false);
+        }
         // Unsubscribing lets the broker route new requests to other members
         // of a shared group instead of to a gateway that will refuse them.
         for (_, handle, subscriptions, _) in &links {
