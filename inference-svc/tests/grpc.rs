@@ -183,7 +183,7 @@ async fn a_reply_that_is_all_reasoning_is_an_error() {
         let err = s.client.generate(request("hi", 64)).await.unwrap_err();
         assert_eq!(err.code(), Code::Internal, "{chunks:?}");
         assert!(
-            err.message().contains("no text outside its reasoning"),
+            err.message().contains("had no text outside its reasoning"),
             "{chunks:?}: {}",
             err.message()
         );

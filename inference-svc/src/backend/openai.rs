@@ -264,9 +264,13 @@ impl OpenAiBackend {
                 // A thinking model that spent max_tokens reasoning (or a
                 // reply of nothing): an empty answer, stored and sent, would
                 // read as a bug in the client.
+                let why = if think.is_some() {
+                    "no text outside its reasoning: raise max_tokens or turn the model's thinking off"
+                } else {
+                    "no text"
+                };
                 Err::<(), _>(InferenceError::Backend(format!(
-                    "the model's reply had no text outside its reasoning (finish reason {finish_reason:?}); \
-                     raise max_tokens or turn the model's thinking off"
+                    "the model's reply had {why} (finish reason {finish_reason:?})"
                 )))?;
             }
             yield Chunk { delta: rest, finish_reason: Some(finish_reason), usage };
