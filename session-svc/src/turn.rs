@@ -132,7 +132,7 @@ impl<S: Store> Turns<S> {
         // step, not inside it.
         let (project_prompt, indexed, opened) = tokio::join!(
             self.store.project_prompt(t.project),
-            self.store.touch_index(id, settings.session_ttl),
+            self.index(id, settings.session_ttl),
             self.one_step(rate, |rate| {
                 self.store
                     .open_turn(id, rate, &opening, settings.session_ttl)
@@ -176,16 +176,11 @@ impl<S: Store> Turns<S> {
             project,
             session_id,
         };
-        // The dialog now lives a TTL from here: so does its index entry.
-        let (stored, indexed) = tokio::join!(
-            self.one_step(None, |_| {
-                self.store
-                    .end_turn(id, seq, Ending::Reply(reply), settings.session_ttl)
-            }),
-            self.store.touch_index(id, settings.session_ttl)
-        );
-        stored?;
-        indexed?;
+        self.one_step(None, |_| {
+            self.store
+                .end_turn(id, seq, Ending::Reply(reply), settings.session_ttl)
+        })
+        .await?;
         self.observe_phase("store", started);
         Ok(())
     }
@@ -202,15 +197,22 @@ impl<S: Store> Turns<S> {
             project,
             session_id,
         };
-        let (taken_back, indexed) = tokio::join!(
-            self.one_step(None, |_| {
-                self.store
-                    .end_turn(id, seq, Ending::Abandon, settings.session_ttl)
-            }),
-            self.store.touch_index(id, settings.session_ttl)
-        );
-        taken_back?;
-        Ok(indexed?)
+        self.one_step(None, |_| {
+            self.store
+                .end_turn(id, seq, Ending::Abandon, settings.session_ttl)
+        })
+        .await
+    }
+
+    /// Keeps the session in its project's index for two TTLs, called where a
+    /// turn begins (phase 1) and where a control action changes the dialog.
+    ///
+    /// Two, because the end of a turn starts the dialog's TTL over as well,
+    /// but only while the dialog still exists: within one TTL of the turn's
+    /// start, so the dialog lives less than two TTLs past it. Phase 3, on
+    /// every reply's path, then needs no index write of its own.
+    async fn index(&self, id: SessionId<'_>, ttl: Duration) -> Result<(), StoreError> {
+        self.store.touch_index(id, ttl.saturating_mul(2)).await
     }
 
     /// Runs a one-step change, retrying while a two-step change holds the
@@ -294,10 +296,8 @@ impl<S: Store> Turns<S> {
                         .observe(acquired.elapsed().as_secs_f64());
                     return match committed {
                         Ok(true) => {
-                            // A dialog kept lives a TTL from here: so does its
-                            // entry in the project's index.
                             if dialog.is_some() {
-                                if let Err(e) = self.store.touch_index(id, ttl).await {
+                                if let Err(e) = self.index(id, ttl).await {
                                     tracing::warn!(error = %e, "session changed but not indexed");
                                 }
                             }

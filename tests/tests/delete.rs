@@ -144,15 +144,17 @@ async fn a_project_wide_clear_and_delete_reach_every_session() {
     );
 }
 
-/// A session kept alive by a control action (here a new prompt, history
-/// kept) stays in the project's index as long as its dialog lives, not only
-/// a TTL after its last message. Sessions live 1 s here: a message at 0, the
-/// prompt at 0.6 s (the dialog now lives to 1.6 s), the clear at 1.2 s.
+/// A session kept alive by control actions alone (here new prompts, the
+/// history kept) stays in the project's index as long as its dialog lives.
+/// Sessions live 2 s here. A message, answered at 0, keeps its session
+/// indexed for two TTLs, to 4 s at most. New prompts at 1.4 s and 2.8 s keep
+/// the dialog to 4.8 s, and the clear comes at 4.3 s: 0.3 s after the
+/// message's index entry would have gone, 0.5 s before the dialog goes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_session_kept_alive_by_a_control_action_stays_in_the_project_index() {
+async fn a_session_kept_alive_by_control_actions_stays_in_the_project_index() {
     let options = StackOptions {
         projects: palaver_core::projects::Projects::from_toml(
-            "[projects.brief]\nsession_ttl_secs = 1\nrate_limit = 0\n",
+            "[projects.brief]\nsession_ttl_secs = 2\nrate_limit = 0\n",
         )
         .unwrap(),
         ..StackOptions::default()
@@ -173,17 +175,19 @@ async fn a_session_kept_alive_by_a_control_action_stays_in_the_project_index() {
     .expect("answered");
     let answered = Instant::now();
 
-    tokio::time::sleep_until(answered + Duration::from_millis(600)).await;
-    c.reset_session(ResetSessionRequest {
-        project: "brief".into(),
-        session_id: "kept".into(),
-        system_prompt: Some("Be brief.".into()),
-        keep_history: true,
-    })
-    .await
-    .unwrap();
+    for (at, prompt) in [(1400, "Be brief."), (2800, "Be briefer.")] {
+        tokio::time::sleep_until(answered + Duration::from_millis(at)).await;
+        c.reset_session(ResetSessionRequest {
+            project: "brief".into(),
+            session_id: "kept".into(),
+            system_prompt: Some(prompt.into()),
+            keep_history: true,
+        })
+        .await
+        .unwrap();
+    }
 
-    tokio::time::sleep_until(answered + Duration::from_millis(1200)).await;
+    tokio::time::sleep_until(answered + Duration::from_millis(4300)).await;
     let history = c.get_history(session.clone()).await.unwrap().into_inner();
     assert_eq!(history.messages.len(), 2, "the dialog is still alive");
     let cleared = c
@@ -198,4 +202,41 @@ async fn a_session_kept_alive_by_a_control_action_stays_in_the_project_index() {
     assert_eq!(cleared.sessions, 1, "the live session was found");
     let history = c.get_history(session).await.unwrap().into_inner();
     assert!(history.messages.is_empty(), "{:?}", history.messages);
+}
+
+/// A reply stored late in its session's life keeps the dialog a TTL past
+/// itself, and the index entry its message made still covers that. Sessions
+/// live 2 s, the backend takes 1.5 s: the message is indexed at about -1.5 s
+/// (the reply counts as 0), the dialog lives to 2 s, the clear comes at
+/// 1.2 s, 0.7 s after a one-TTL entry would have gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_reply_came_late_stays_in_the_project_index() {
+    let options = StackOptions {
+        projects: palaver_core::projects::Projects::from_toml(
+            "[projects.brief]\nsession_ttl_secs = 2\nrate_limit = 0\n",
+        )
+        .unwrap(),
+        ..StackOptions::with_backend(Duration::from_millis(1500), Duration::ZERO, 4)
+    };
+    let stack = Stack::start(options).await;
+    let mut c = stack.sessions(0).await;
+    c.chat(ChatRequest {
+        project: "brief".into(),
+        session_id: "late".into(),
+        message: "take your time".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("answered");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let cleared = c
+        .update_project(UpdateProjectRequest {
+            project: "brief".into(),
+            system_prompt: None,
+            sessions: SessionAction::Clear.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cleared.sessions, 1, "the live session was found");
 }

@@ -65,22 +65,9 @@ impl Session {
 #[derive(Default)]
 struct Project {
     prompt: Option<String>,
-    /// Like the Redis sorted set: session id → when its entry expires,
-    /// refreshed by each of the session's turns.
+    /// Like the Redis sorted set: session id → when its entry expires.
+    /// Expired entries go in the same periodic sweep as expired sessions.
     sessions: HashMap<String, Instant>,
-    /// Entries left by the last sweep of expired ones: the next sweep waits
-    /// until the index has doubled, so touching stays O(1) on average.
-    swept_to: usize,
-}
-
-impl Project {
-    fn touch(&mut self, session_id: &str, expires: Instant, now: Instant) {
-        self.sessions.insert(session_id.to_owned(), expires);
-        if self.sessions.len() > 2 * self.swept_to.max(64) {
-            self.sessions.retain(|_, exp| *exp > now);
-            self.swept_to = self.sessions.len();
-        }
-    }
 }
 
 #[derive(Default)]
@@ -125,7 +112,6 @@ impl MemoryStore {
         state.sessions.retain(|_, s| !s.is_empty(now));
         for p in state.projects.values_mut() {
             p.sessions.retain(|_, exp| *exp > now);
-            p.swept_to = p.sessions.len();
         }
     }
 }
@@ -258,10 +244,10 @@ impl Store for MemoryStore {
     }
 
     async fn touch_index(&self, id: SessionId<'_>, ttl: Duration) -> Result<(), StoreError> {
-        let now = Instant::now();
+        let exp = Instant::now() + ttl;
         self.with(|st| {
             let p = st.projects.entry(id.project.to_owned()).or_default();
-            p.touch(id.session_id, now + ttl, now);
+            p.sessions.insert(id.session_id.to_owned(), exp);
         });
         Ok(())
     }

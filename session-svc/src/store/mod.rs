@@ -135,8 +135,8 @@ pub trait Store: Clone + Send + Sync + 'static {
         token: &str,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Records that the session lives `ttl` from now, for project-wide
-    /// actions: called wherever its dialog's TTL is refreshed.
+    /// Keeps the session in its project's index, for project-wide actions,
+    /// until `ttl` from now.
     fn touch_index(
         &self,
         id: SessionId<'_>,
