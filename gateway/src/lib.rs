@@ -128,7 +128,12 @@ impl Gateway {
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
         let metrics = Metrics::register(registry);
-        let readiness = Arc::new(Readiness::new(config.projects.len()));
+        let gauges = config
+            .projects
+            .iter()
+            .map(|p| metrics.subscribed(p))
+            .collect();
+        let readiness = Arc::new(Readiness::new(gauges));
         Ok(Self {
             config,
             metrics,
@@ -226,9 +231,6 @@ impl Gateway {
         tracing::info!(pending = shared.backlog.in_use(), "gateway draining");
         draining.cancel();
         readiness.clear();
-        for project in &shared.config.projects {
-            shared.metrics.subscribed(project, false);
-        }
         // Unsubscribing lets the broker route new requests to other members
         // of a shared group instead of to a gateway that will refuse them.
         for (_, handle, subscriptions, _) in &links {

@@ -156,14 +156,6 @@ impl Link {
         self.subscriptions.clone()
     }
 
-    /// Readiness for the process (tests, `palaver up`) and for the operator
-    /// (`palaver_gateway_subscribed`).
-    fn set_ready(&self, ready: bool) {
-        // The metric first: whoever sees readiness change sees it too.
-        self.shared.metrics.subscribed(&self.project, ready);
-        self.shared.readiness.set(self.index, ready);
-    }
-
     /// Polls until the gateway's DISCONNECT has gone out and the broker has
     /// closed the connection (or, while closing, until the broker is
     /// unreachable).
@@ -187,11 +179,11 @@ impl Link {
                         .count();
                     if refused == 0 {
                         tracing::info!(project = %self.project, topics = ?self.subscriptions, "subscribed");
-                        self.set_ready(true);
+                        self.shared.readiness.set(self.index, true);
                     } else {
                         tracing::error!(project = %self.project, refused, topics = ?self.subscriptions,
                             "broker refused subscriptions (ACL? shared subscriptions unsupported?)");
-                        self.set_ready(false);
+                        self.shared.readiness.set(self.index, false);
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => self.on_publish(publish),
@@ -203,7 +195,7 @@ impl Link {
                 Ok(_) => {}
                 Err(e) => {
                     self.connected.store(false, Ordering::Relaxed);
-                    self.set_ready(false);
+                    self.shared.readiness.set(self.index, false);
                     if self.shared.closing.is_cancelled() {
                         tracing::warn!(project = %self.project, error = %e, "broker unreachable while closing; giving up");
                         break;

@@ -125,15 +125,16 @@ impl Metrics {
         m
     }
 
-    /// Whether `project` is connected with all its subscriptions granted: a
+    /// The gauge of whether `project` is connected with all its
+    /// subscriptions granted, for [`crate::readiness::Readiness`] to set: a
     /// broker that refuses some (an ACL, no shared subscriptions) leaves the
     /// gateway connected and heartbeating while it serves nothing.
-    pub fn subscribed(&self, project: &str, ready: bool) {
+    pub fn subscribed(&self, project: &str) -> Gauge {
         self.subscribed
             .get_or_create(&ProjectLabel {
                 project: project.to_owned(),
             })
-            .set(i64::from(ready));
+            .clone()
     }
 
     /// One message arrived for `project`.

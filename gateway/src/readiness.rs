@@ -3,23 +3,31 @@
 //! Tests (and orchestration) must not publish before the broker knows the
 //! gateway's subscriptions, or the message is lost; the flag turns true only
 //! when every project's connection has its SubAck, and false again while any
-//! of them is reconnecting.
+//! of them is reconnecting. Each project's state is also a gauge
+//! (`palaver_gateway_subscribed`), for the operator outside the process.
 
 use std::sync::Mutex;
 
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 
 /// Per-project subscription state, summarised in one watch channel.
 pub struct Readiness {
     subscribed: Mutex<Vec<bool>>,
+    /// One per project, in the same order, set with `subscribed`.
+    gauges: Vec<Gauge>,
     all: watch::Sender<bool>,
 }
 
 impl Readiness {
-    /// `projects` connections, none subscribed yet.
-    pub fn new(projects: usize) -> Self {
+    /// One connection per gauge, none subscribed yet.
+    pub fn new(gauges: Vec<Gauge>) -> Self {
+        for g in &gauges {
+            g.set(0);
+        }
         Self {
-            subscribed: Mutex::new(vec![false; projects]),
+            subscribed: Mutex::new(vec![false; gauges.len()]),
+            gauges,
             all: watch::Sender::new(false),
         }
     }
@@ -29,6 +37,7 @@ impl Readiness {
         let mut state = self.subscribed.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(slot) = state.get_mut(index) {
             *slot = subscribed;
+            self.gauges[index].set(i64::from(subscribed));
         }
         let all = !state.is_empty() && state.iter().all(|s| *s);
         self.all.send_if_modified(|current| {
@@ -62,10 +71,12 @@ mod tests {
 
     #[test]
     fn true_only_when_all_are_subscribed() {
-        let r = Readiness::new(2);
+        let gauges = vec![Gauge::default(), Gauge::default()];
+        let r = Readiness::new(gauges.clone());
         let rx = r.watch();
         r.set(0, true);
         assert!(!*rx.borrow());
+        assert_eq!((gauges[0].get(), gauges[1].get()), (1, 0));
         r.set(1, true);
         assert!(*rx.borrow());
         r.set(0, false);
@@ -74,6 +85,7 @@ mod tests {
         assert!(*rx.borrow());
         r.clear();
         assert!(!*rx.borrow());
+        assert_eq!((gauges[0].get(), gauges[1].get()), (0, 0));
         r.set(7, true); // out of range: ignored, no panic
         assert!(!*rx.borrow());
     }
