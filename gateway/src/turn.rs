@@ -175,12 +175,15 @@ impl Turns {
         publisher: Publisher,
         request: ControlRequest,
         permit: Permit,
-        mut ticket: Option<Ticket>,
+        ticket: Option<Ticket>,
     ) {
         let project = publisher.project().to_owned();
         let span = tracing::info_span!("control", project = %project, op = op_name(&request.op));
         async move {
+            // The ticket goes with this future: the session's next message
+            // may go once the action is done (or abandoned).
             let in_line = async {
+                let mut ticket = ticket;
                 if let Some(t) = &mut ticket {
                     t.wait_turn().await;
                 }
@@ -190,7 +193,6 @@ impl Turns {
                 _ = self.abandon.cancelled() => None,
                 r = in_line => Some(r),
             };
-            drop(ticket);
             match outcome {
                 None => self.metrics.dropped("abandoned_at_shutdown"),
                 Some(Ok(())) => {
