@@ -235,6 +235,23 @@ fn config(broker: &Broker, session: SocketAddr, projects: &[&str]) -> Config {
     c
 }
 
+/// A broker, a recording fake session-svc, a gateway serving `projects`
+/// (its config changed by `tweak`) and a client that sees every message.
+/// The broker lives as long as the first value.
+async fn start_all(
+    projects: &[&str],
+    tweak: impl FnOnce(&mut Config),
+) -> (Broker, Fake, Running, Client) {
+    let broker = Broker::start();
+    let fake = Fake::default();
+    let session = start_fake(fake.clone()).await;
+    let mut cfg = config(&broker, session, projects);
+    tweak(&mut cfg);
+    let gw = start_gateway(cfg).await;
+    let c = Client::connect(broker.port()).await;
+    (broker, fake, gw, c)
+}
+
 /// A client that sees every message on the broker.
 /// The shared test client, subscribed to everything.
 struct Client(TestClient);
@@ -293,11 +310,7 @@ fn is_reply(t: &str) -> bool {
 
 #[tokio::test]
 async fn chat_turns_follow_the_wire_protocol() {
-    let broker = Broker::start();
-    let fake = Fake::default();
-    let session = start_fake(fake.clone()).await;
-    let gw = start_gateway(config(&broker, session, &["p", "q"])).await;
-    let mut c = Client::connect(broker.port()).await;
+    let (_broker, fake, gw, mut c) = start_all(&["p", "q"], |_| {}).await;
 
     // Default reply topic, temperature 0 forwarded as 0.
     c.publish(
@@ -445,11 +458,7 @@ async fn chat_turns_follow_the_wire_protocol() {
 /// before a clear is stored before the clear runs.
 #[tokio::test]
 async fn a_sessions_control_actions_and_messages_keep_their_order() {
-    let broker = Broker::start();
-    let fake = Fake::default();
-    let session = start_fake(fake.clone()).await;
-    let gw = start_gateway(config(&broker, session, &["p"])).await;
-    let mut c = Client::connect(broker.port()).await;
+    let (_broker, fake, gw, mut c) = start_all(&["p"], |_| {}).await;
 
     c.publish(
         "p/template",
@@ -489,11 +498,7 @@ async fn a_sessions_control_actions_and_messages_keep_their_order() {
 
 #[tokio::test]
 async fn control_topics_map_to_the_sessions_api() {
-    let broker = Broker::start();
-    let fake = Fake::default();
-    let session = start_fake(fake.clone()).await;
-    let gw = start_gateway(config(&broker, session, &["p"])).await;
-    let mut c = Client::connect(broker.port()).await;
+    let (_broker, fake, gw, mut c) = start_all(&["p"], |_| {}).await;
 
     c.publish(
         "p/template",
@@ -654,11 +659,7 @@ async fn shut_down_mid_turn(
 
 #[tokio::test]
 async fn shutdown_drains_then_goes_offline() {
-    let broker = Broker::start();
-    let fake = Fake::default();
-    let session = start_fake(fake.clone()).await;
-    let gw = start_gateway(config(&broker, session, &["p", "q"])).await;
-    let mut c = Client::connect(broker.port()).await;
+    let (_broker, fake, gw, mut c) = start_all(&["p", "q"], |_| {}).await;
 
     // The turn in flight is still answered, and only then "offline".
     let (topic, text) = shut_down_mid_turn(&mut c, &fake, &gw, "d", 700).await;
@@ -697,13 +698,8 @@ async fn shutdown_drains_then_goes_offline() {
 /// the overloaded text (clients retry on it) before the gateway goes offline.
 #[tokio::test]
 async fn a_turn_abandoned_at_shutdown_is_told_to_retry() {
-    let broker = Broker::start();
-    let fake = Fake::default();
-    let session = start_fake(fake.clone()).await;
-    let mut cfg = config(&broker, session, &["p"]);
-    cfg.shutdown_grace = Duration::from_millis(200);
-    let gw = start_gateway(cfg).await;
-    let mut c = Client::connect(broker.port()).await;
+    let (_broker, fake, gw, mut c) =
+        start_all(&["p"], |c| c.shutdown_grace = Duration::from_millis(200)).await;
 
     let (topic, text) = shut_down_mid_turn(&mut c, &fake, &gw, "a", 5000).await;
     assert_eq!(
