@@ -49,6 +49,28 @@ pub enum InferenceError {
 }
 
 impl InferenceError {
+    /// The gRPC code callers see for this error.
+    pub fn code(&self) -> Code {
+        match self {
+            Self::QueueFull | Self::QueueTimeout(_) | Self::BackendBusy(_) => {
+                Code::ResourceExhausted
+            }
+            Self::InvalidArgument(_) => Code::InvalidArgument,
+            // A model the server does not serve is, for the caller, a model
+            // that is unavailable: the gateway then says so in its reply.
+            Self::Unavailable(_) | Self::ModelNotFound(_) => Code::Unavailable,
+            Self::Timeout(_) => Code::DeadlineExceeded,
+            Self::Backend(_) | Self::Config(_) => Code::Internal,
+        }
+    }
+
+    /// Too much work here or at the model server: the caller should try
+    /// again in a moment ("Server is overloaded" at the gateway). All that
+    /// inference-svc answers RESOURCE_EXHAUSTED.
+    pub fn is_overload(&self) -> bool {
+        self.code() == Code::ResourceExhausted
+    }
+
     /// A short, stable label for metrics (`palaver_inference_errors_total{kind}`).
     pub fn kind(&self) -> &'static str {
         match self {
@@ -67,24 +89,9 @@ impl InferenceError {
 
 impl From<InferenceError> for Status {
     fn from(e: InferenceError) -> Self {
-        let code = match &e {
-            InferenceError::QueueFull
-            | InferenceError::QueueTimeout(_)
-            | InferenceError::BackendBusy(_) => Code::ResourceExhausted,
-            InferenceError::InvalidArgument(_) => Code::InvalidArgument,
-            // A model the server does not serve is, for the caller, a model
-            // that is unavailable: the gateway then says so in its reply.
-            InferenceError::Unavailable(_) | InferenceError::ModelNotFound(_) => Code::Unavailable,
-            InferenceError::Timeout(_) => Code::DeadlineExceeded,
-            InferenceError::Backend(_) | InferenceError::Config(_) => Code::Internal,
-        };
+        let code = e.code();
         let mut status = Status::new(code, e.to_string());
-        if matches!(
-            e,
-            InferenceError::QueueFull
-                | InferenceError::QueueTimeout(_)
-                | InferenceError::BackendBusy(_)
-        ) {
+        if e.is_overload() {
             // RESOURCE_EXHAUSTED also means "rate limited" elsewhere in
             // palaver; the gateway needs this to pick the "overloaded" reply.
             status.metadata_mut().insert(

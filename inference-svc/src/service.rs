@@ -149,9 +149,7 @@ impl CallRecord {
             self.metrics.record(Outcome::Error);
             self.metrics.record_error(e.kind());
             match &e {
-                InferenceError::QueueFull
-                | InferenceError::QueueTimeout(_)
-                | InferenceError::BackendBusy(_) => {
+                e if e.is_overload() => {
                     tracing::info!(session = %self.affinity_key, error = %e, "generation refused")
                 }
                 InferenceError::InvalidArgument(_) => {
