@@ -246,7 +246,7 @@ impl OpenAiBackend {
                         None => event.content,
                     };
                     if !visible.is_empty() {
-                        answered |= !visible.trim().is_empty();
+                        answered = answered || !visible.trim().is_empty();
                         yield Chunk { delta: visible, ..Chunk::default() };
                     }
                 }
