@@ -65,6 +65,10 @@ pub enum Fault {
     Drop,
 }
 
+/// Tokens a reply gets before [`Fault::ErrorMidStream`] or
+/// [`Fault::AbortMidStream`] cuts it short.
+const CUT_SHORT_AFTER: usize = 3;
+
 /// Behaviour of a [`FakeVllm`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct FakeVllmConfig {
@@ -638,10 +642,10 @@ fn reply_events(
             return;
         }
         let Some(events) = events else {
-            // The role chunk and up to three tokens, none finishing, then
-            // the engine fails or gives up.
+            // The role chunk and up to CUT_SHORT_AFTER tokens, none
+            // finishing, then the engine fails or gives up.
             yield Ok(reply.chunk("", true, false));
-            for piece in reply.pieces.iter().take(3) {
+            for piece in reply.pieces.iter().take(CUT_SHORT_AFTER) {
                 yield Ok(reply.chunk(piece, false, false));
             }
             if fault == Fault::AbortMidStream {
@@ -714,7 +718,12 @@ async fn unary_reply(
     }
     let (text, finish) = match fault {
         Fault::AbortMidStream => (
-            reply.pieces.iter().take(3).map(String::as_str).collect(),
+            reply
+                .pieces
+                .iter()
+                .take(CUT_SHORT_AFTER)
+                .map(String::as_str)
+                .collect(),
             "abort",
         ),
         _ => (reply.pieces.concat(), reply.finish),
