@@ -98,26 +98,26 @@ stop() {
   wait "$1" 2>/dev/null || true
 }
 
-# busy_vcpus / idle_vcpus: one spinner per CPU at SCHED_IDLE, the policy any
-# task that wakes preempts at once. They keep this VM's vCPUs from halting
-# when palaver sits idle, and give way to palaver whenever it runs: the
-# diagnostic of whether what idleness costs is the VM's own halting or the
-# host's. SPIN_PIDS is empty when chrt or taskset (util-linux) is missing.
-SPIN_PIDS=()
-busy_vcpus() {
-  command -v chrt >/dev/null && command -v taskset >/dev/null || return 0
-  local cpu
+# with_busy_vcpus CMD...: runs CMD with one spinner per CPU at SCHED_IDLE,
+# the policy any task that wakes preempts at once. They keep this VM's
+# vCPUs from halting when palaver sits idle, and give way to palaver
+# whenever it runs: the diagnostic of whether what idleness costs is the
+# VM's own halting or the host's. Skipped without chrt and taskset
+# (util-linux).
+with_busy_vcpus() {
+  if ! command -v chrt >/dev/null || ! command -v taskset >/dev/null; then
+    echo "== skipped, no chrt or taskset: $*"
+    return 0
+  fi
+  local cpu pid spinners=()
   for cpu in $(seq 0 $(($(nproc) - 1))); do
     taskset -c "$cpu" chrt --idle 0 bash -c 'while :; do :; done' &
-    SPIN_PIDS+=("$!")
+    spinners+=("$!")
     PIDS+=("$!")
   done
   echo "taskset -c CPU chrt --idle 0 bash -c 'while :; do :; done'   # one per CPU" >>"$OUT/commands.txt"
-}
-idle_vcpus() {
-  local pid
-  for pid in "${SPIN_PIDS[@]}"; do stop "$pid"; done
-  SPIN_PIDS=()
+  "$@"
+  for pid in "${spinners[@]}"; do stop "$pid"; done
 }
 
 # show_logs: the start and the end of every log so far, on stderr. The start
@@ -329,22 +329,20 @@ EOF
 # What reading memory costs after the process sat idle: a chain of cache
 # lines walked back to back and after sleeps (what a service's reply path
 # finds in the caches once the backend's pause is over).
-echo "== memory after idle"
-echo "$BIN/palaver idle-memory --json" >>"$OUT/commands.txt"
-"$BIN/palaver" idle-memory --json >"$OUT/idle-memory.json"
-python3 - "$OUT/idle-memory.json" <<'EOF'
+# idle_memory NAME: the walk, to $OUT/NAME.json.
+idle_memory() {
+  echo "== $1"
+  echo "$BIN/palaver idle-memory --json" >>"$OUT/commands.txt"
+  "$BIN/palaver" idle-memory --json >"$OUT/$1.json"
+  python3 - "$OUT/$1.json" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
 print(f"   {r['lines']} cache lines, ns per line:",
       ", ".join(f"{w['ns_per_line']:.0f} after {w['idle_ms']:g} ms idle" for w in r["median_by_idle"]))
 EOF
-busy_vcpus
-if [ ${#SPIN_PIDS[@]} -gt 0 ]; then
-  echo "== memory after idle, every vCPU kept busy"
-  echo "$BIN/palaver idle-memory --json" >>"$OUT/commands.txt"
-  "$BIN/palaver" idle-memory --json >"$OUT/idle-memory-busy.json"
-fi
-idle_vcpus
+}
+idle_memory idle-memory
+with_busy_vcpus idle_memory idle-memory-busy
 
 # The same fourteen hops a turn crosses, with no work at any of them:
 # `palaver floor` sends a frame through six relay processes (tokio, like the
@@ -475,11 +473,7 @@ echo "== services + mosquitto, backend 100 ms"
 start_stack 100
 calibrate_fake "$FAKE_URL" 100ms
 bench p1 "$MQTT_PORT" --sessions 1 --warmup "$WARMUP" --duration "$LONG"
-busy_vcpus
-if [ ${#SPIN_PIDS[@]} -gt 0 ]; then
-  bench busy-p1 "$MQTT_PORT" --sessions 1 --warmup "$WARMUP" --duration "$LONG"
-fi
-idle_vcpus
+with_busy_vcpus bench busy-p1 "$MQTT_PORT" --sessions 1 --warmup "$WARMUP" --duration "$LONG"
 for n in 8 16 32; do
   bench sweep-100ms-$n "$MQTT_PORT" --sessions "$n" --warmup "$WARMUP" --duration "$SWEEP_DURATION"
 done

@@ -254,17 +254,14 @@ def cold_budget(out_dir, runs, floors):
                       "`SCHED_IDLE`, which any task that wakes preempts at once, so that this VM's vCPUs never "
                       "halt while the walker sleeps." if busy else ""))
         out.append("")
-        if busy:
-            out.append("| idle before the walk | ns per cache line | µs for all of them | ns per line, vCPUs kept busy |")
-            out.append("|---:|---:|---:|---:|")
-        else:
-            out.append("| idle before the walk | ns per cache line | µs for all of them |")
-            out.append("|---:|---:|---:|")
+        head = ["idle before the walk", "ns per cache line", "µs for all of them"]
+        head += ["ns per line, vCPUs kept busy"] if busy else []
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "---:|" * len(head))
         for k, v in per.items():
-            row = f"| {k} ms | {v:.1f} | {v * mem['lines'] / 1000:.0f} |"
-            if busy:
-                row += f" {busy[k]:.1f} |" if k in busy else " — |"
-            out.append(row)
+            cells = [f"{k} ms", f"{v:.1f}", f"{v * mem['lines'] / 1000:.0f}"]
+            cells += [f"{busy[k]:.1f}" if k in busy else "—"] if busy else []
+            out.append("| " + " | ".join(cells) + " |")
         out.append("")
         r1, rb = runs.get("p1"), runs.get("busy-p1")
         if busy and "100" in per and "100" in busy:
