@@ -146,15 +146,16 @@ async fn a_project_wide_clear_and_delete_reach_every_session() {
 
 /// A session kept alive by control actions alone (here new prompts, the
 /// history kept) stays in the project's index as long as its dialog lives.
-/// Sessions live 2 s here. A message, answered at 0, keeps its session
-/// indexed for two TTLs, to 4 s at most. New prompts at 1.4 s and 2.8 s keep
-/// the dialog to 4.8 s, and the clear comes at 4.3 s: 0.3 s after the
-/// message's index entry would have gone, 0.5 s before the dialog goes.
+/// Sessions live 3 s here. A message, answered at 0, keeps its session
+/// indexed for two TTLs: to 6 s at most, never later. New prompts at 1.5,
+/// 3 and 4.5 s each come 1.5 s before the dialog would go, and keep it to
+/// 7.5 s. The clear comes at 6.2 s, after the message's index entry would
+/// have gone and 1.3 s before the dialog goes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_kept_alive_by_control_actions_stays_in_the_project_index() {
     let options = StackOptions {
         projects: palaver_core::projects::Projects::from_toml(
-            "[projects.brief]\nsession_ttl_secs = 2\nrate_limit = 0\n",
+            "[projects.brief]\nsession_ttl_secs = 3\nrate_limit = 0\n",
         )
         .unwrap(),
         ..StackOptions::default()
@@ -175,7 +176,11 @@ async fn a_session_kept_alive_by_control_actions_stays_in_the_project_index() {
     .expect("answered");
     let answered = Instant::now();
 
-    for (at, prompt) in [(1400, "Be brief."), (2800, "Be briefer.")] {
+    for (at, prompt) in [
+        (1500, "Be brief."),
+        (3000, "Be briefer."),
+        (4500, "Be brief again."),
+    ] {
         tokio::time::sleep_until(answered + Duration::from_millis(at)).await;
         c.reset_session(ResetSessionRequest {
             project: "brief".into(),
@@ -187,7 +192,7 @@ async fn a_session_kept_alive_by_control_actions_stays_in_the_project_index() {
         .unwrap();
     }
 
-    tokio::time::sleep_until(answered + Duration::from_millis(4300)).await;
+    tokio::time::sleep_until(answered + Duration::from_millis(6200)).await;
     let history = c.get_history(session.clone()).await.unwrap().into_inner();
     assert_eq!(history.messages.len(), 2, "the dialog is still alive");
     let cleared = c
