@@ -9,28 +9,59 @@
 
 use std::time::Duration;
 
+use palaver_core::projects::Projects;
+use palaver_proto::session::v1::sessions_client::SessionsClient;
 use palaver_proto::session::v1::{
     ChatRequest, ResetSessionRequest, Role, SessionAction, SessionRef, UpdateProjectRequest,
 };
 use palaver_tests::{Stack, StackOptions};
 use tokio::time::Instant;
+use tonic::transport::Channel;
 
 const L: Duration = Duration::from_millis(800);
 
-fn chat(message: &str) -> ChatRequest {
+fn chat(project: &str, session_id: &str, message: &str) -> ChatRequest {
     ChatRequest {
-        project: "general".into(),
-        session_id: "again".into(),
+        project: project.into(),
+        session_id: session_id.into(),
         message: message.into(),
         ..Default::default()
     }
 }
 
-fn session() -> SessionRef {
+fn session(project: &str, session_id: &str) -> SessionRef {
     SessionRef {
-        project: "general".into(),
-        session_id: "again".into(),
+        project: project.into(),
+        session_id: session_id.into(),
     }
+}
+
+/// Project `brief` alone, its sessions living `ttl_secs`, no rate limit.
+fn brief(ttl_secs: u64) -> Projects {
+    Projects::from_toml(&format!(
+        "[projects.brief]\nsession_ttl_secs = {ttl_secs}\nrate_limit = 0\n"
+    ))
+    .unwrap()
+}
+
+/// Runs a project-wide action; how many sessions it touched.
+async fn for_all(
+    c: &SessionsClient<Channel>,
+    project: &str,
+    system_prompt: Option<&str>,
+    action: SessionAction,
+) -> u32 {
+    let request = UpdateProjectRequest {
+        project: project.into(),
+        system_prompt: system_prompt.map(str::to_owned),
+        sessions: action.into(),
+    };
+    c.clone()
+        .update_project(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .sessions
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -40,7 +71,7 @@ async fn a_reply_finishing_after_its_session_was_deleted_stays_out_of_the_new_di
 
     let old = tokio::spawn({
         let mut c = client.clone();
-        async move { c.chat(chat("before the delete")).await }
+        async move { c.chat(chat("general", "again", "before the delete")).await }
     });
     let deadline = Instant::now() + L / 2;
     while stack.vllm.in_flight() == 0 {
@@ -50,11 +81,15 @@ async fn a_reply_finishing_after_its_session_was_deleted_stays_out_of_the_new_di
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let deleted = client.delete_session(session()).await.unwrap().into_inner();
+    let deleted = client
+        .delete_session(session("general", "again"))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(deleted.existed, "the first turn's message was stored");
     let new = tokio::spawn({
         let mut c = client.clone();
-        async move { c.chat(chat("after the delete")).await }
+        async move { c.chat(chat("general", "again", "after the delete")).await }
     });
 
     // Both callers get their own reply: the old one is delivered, only not
@@ -64,7 +99,11 @@ async fn a_reply_finishing_after_its_session_was_deleted_stays_out_of_the_new_di
     assert!(old.get_ref().text.contains("before the delete"), "{old:?}");
     assert!(new.get_ref().text.contains("after the delete"), "{new:?}");
 
-    let history = client.get_history(session()).await.unwrap().into_inner();
+    let history = client
+        .get_history(session("general", "again"))
+        .await
+        .unwrap()
+        .into_inner();
     let stored: Vec<(Role, &str)> = history
         .messages
         .iter()
@@ -89,42 +128,24 @@ async fn a_project_wide_clear_and_delete_reach_every_session() {
     let ids: Vec<String> = (0..40).map(|i| format!("many-{i}")).collect();
     let turns = ids.iter().map(|sid| {
         let mut c = client.clone();
-        let request = ChatRequest {
-            project: "general".into(),
-            session_id: sid.clone(),
-            message: "remember me".into(),
-            ..Default::default()
-        };
+        let request = chat("general", sid, "remember me");
         async move { c.chat(request).await.expect("answered") }
     });
     futures::future::join_all(turns).await;
     let history = |sid: &str| {
         let mut c = client.clone();
-        let session = SessionRef {
-            project: "general".into(),
-            session_id: sid.into(),
-        };
+        let session = session("general", sid);
         async move { c.get_history(session).await.unwrap().into_inner() }
     };
     assert_eq!(history("many-7").await.messages.len(), 2);
 
-    // How many sessions a project-wide action touched.
-    let for_all = |system_prompt: Option<&str>, action: SessionAction| {
-        let mut c = client.clone();
-        let request = UpdateProjectRequest {
-            project: "general".into(),
-            system_prompt: system_prompt.map(str::to_owned),
-            sessions: action.into(),
-        };
-        async move {
-            c.update_project(request)
-                .await
-                .unwrap()
-                .into_inner()
-                .sessions
-        }
-    };
-    let cleared = for_all(Some("Speak like a pirate."), SessionAction::Clear).await;
+    let cleared = for_all(
+        &client,
+        "general",
+        Some("Speak like a pirate."),
+        SessionAction::Clear,
+    )
+    .await;
     assert_eq!(cleared, 40, "every session was cleared");
     for sid in &ids {
         let h = history(sid).await;
@@ -133,12 +154,12 @@ async fn a_project_wide_clear_and_delete_reach_every_session() {
     }
 
     assert_eq!(
-        for_all(None, SessionAction::Delete).await,
+        for_all(&client, "general", None, SessionAction::Delete).await,
         40,
         "every session was deleted"
     );
     assert_eq!(
-        for_all(None, SessionAction::Delete).await,
+        for_all(&client, "general", None, SessionAction::Delete).await,
         0,
         "nothing left to delete"
     );
@@ -153,27 +174,15 @@ async fn a_project_wide_clear_and_delete_reach_every_session() {
 /// have gone and 1.3 s before the dialog goes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_kept_alive_by_control_actions_stays_in_the_project_index() {
-    let options = StackOptions {
-        projects: palaver_core::projects::Projects::from_toml(
-            "[projects.brief]\nsession_ttl_secs = 3\nrate_limit = 0\n",
-        )
-        .unwrap(),
+    let stack = Stack::start(StackOptions {
+        projects: brief(3),
         ..StackOptions::default()
-    };
-    let stack = Stack::start(options).await;
-    let mut c = stack.sessions(0).await;
-    let session = SessionRef {
-        project: "brief".into(),
-        session_id: "kept".into(),
-    };
-    c.chat(ChatRequest {
-        project: "brief".into(),
-        session_id: "kept".into(),
-        message: "hello".into(),
-        ..Default::default()
     })
-    .await
-    .expect("answered");
+    .await;
+    let mut c = stack.sessions(0).await;
+    c.chat(chat("brief", "kept", "hello"))
+        .await
+        .expect("answered");
     let answered = Instant::now();
 
     for (at, prompt) in [
@@ -193,19 +202,22 @@ async fn a_session_kept_alive_by_control_actions_stays_in_the_project_index() {
     }
 
     tokio::time::sleep_until(answered + Duration::from_millis(6200)).await;
-    let history = c.get_history(session.clone()).await.unwrap().into_inner();
-    assert_eq!(history.messages.len(), 2, "the dialog is still alive");
-    let cleared = c
-        .update_project(UpdateProjectRequest {
-            project: "brief".into(),
-            system_prompt: None,
-            sessions: SessionAction::Clear.into(),
-        })
+    let history = c.get_history(session("brief", "kept")).await.unwrap();
+    assert_eq!(
+        history.into_inner().messages.len(),
+        2,
+        "the dialog is still alive"
+    );
+    assert_eq!(
+        for_all(&c, "brief", None, SessionAction::Clear).await,
+        1,
+        "the live session was found"
+    );
+    let history = c
+        .get_history(session("brief", "kept"))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(cleared.sessions, 1, "the live session was found");
-    let history = c.get_history(session).await.unwrap().into_inner();
     assert!(history.messages.is_empty(), "{:?}", history.messages);
 }
 
@@ -216,32 +228,19 @@ async fn a_session_kept_alive_by_control_actions_stays_in_the_project_index() {
 /// 1.2 s, 0.7 s after a one-TTL entry would have gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_whose_reply_came_late_stays_in_the_project_index() {
-    let options = StackOptions {
-        projects: palaver_core::projects::Projects::from_toml(
-            "[projects.brief]\nsession_ttl_secs = 2\nrate_limit = 0\n",
-        )
-        .unwrap(),
+    let stack = Stack::start(StackOptions {
+        projects: brief(2),
         ..StackOptions::with_backend(Duration::from_millis(1500), Duration::ZERO, 4)
-    };
-    let stack = Stack::start(options).await;
-    let mut c = stack.sessions(0).await;
-    c.chat(ChatRequest {
-        project: "brief".into(),
-        session_id: "late".into(),
-        message: "take your time".into(),
-        ..Default::default()
     })
-    .await
-    .expect("answered");
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    let cleared = c
-        .update_project(UpdateProjectRequest {
-            project: "brief".into(),
-            system_prompt: None,
-            sessions: SessionAction::Clear.into(),
-        })
+    .await;
+    let mut c = stack.sessions(0).await;
+    c.chat(chat("brief", "late", "take your time"))
         .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(cleared.sessions, 1, "the live session was found");
+        .expect("answered");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        for_all(&c, "brief", None, SessionAction::Clear).await,
+        1,
+        "the live session was found"
+    );
 }
