@@ -52,8 +52,11 @@ impl SessionOrder {
 }
 
 /// One message's place in its session's line. Dropping it lets the next
-/// message go, so an error or a cancelled task never blocks the session.
+/// message go once this one's predecessors have, so an error or a cancelled
+/// task never blocks the session, and never lets a later message overtake
+/// an earlier one still in phase 1.
 pub struct Ticket {
+    /// The previous message's signal; `None` once it came (our turn).
     previous: Option<oneshot::Receiver<()>>,
     done: Option<oneshot::Sender<()>>,
     key: Key,
@@ -63,28 +66,57 @@ pub struct Ticket {
 
 impl Ticket {
     /// Waits until the session's previous message was accepted (or failed).
+    /// Cancel-safe: dropped while waiting, the ticket still waits in line.
     pub async fn wait_turn(&mut self) {
-        if let Some(prev) = self.previous.take() {
+        if let Some(prev) = &mut self.previous {
             // An error means the previous ticket was dropped: our turn too.
             let _ = prev.await;
+            self.previous = None;
         }
     }
 
     /// This message is accepted: the next one may go.
     pub fn release(&mut self) {
         if let Some(done) = self.done.take() {
-            let _ = done.send(());
-            let mut tails = self.order.tails.lock().unwrap_or_else(|p| p.into_inner());
-            if tails.get(&self.key).is_some_and(|(id, _)| *id == self.id) {
-                tails.remove(&self.key);
-            }
+            self.order.pass_on(&self.key, self.id, done);
+        }
+    }
+}
+
+impl SessionOrder {
+    /// Signals the ticket after `id` and forgets the session's line if `id`
+    /// was its last ticket.
+    fn pass_on(&self, key: &Key, id: u64, done: oneshot::Sender<()>) {
+        let _ = done.send(());
+        let mut tails = self.tails.lock().unwrap_or_else(|p| p.into_inner());
+        if tails.get(key).is_some_and(|(tail, _)| *tail == id) {
+            tails.remove(key);
         }
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.release();
+        let Some(done) = self.done.take() else {
+            return;
+        };
+        match self.previous.take() {
+            None => self.order.pass_on(&self.key, self.id, done),
+            // Gone before its turn (a timeout that included the wait): the
+            // next message still waits for this one's predecessor.
+            Some(prev) => {
+                let (order, key, id) = (self.order.clone(), self.key.clone(), self.id);
+                match tokio::runtime::Handle::try_current() {
+                    Ok(rt) => {
+                        rt.spawn(async move {
+                            let _ = prev.await;
+                            order.pass_on(&key, id, done);
+                        });
+                    }
+                    Err(_) => order.pass_on(&key, id, done),
+                }
+            }
+        }
     }
 }
 
@@ -109,6 +141,28 @@ mod tests {
             .await
             .expect("released");
         drop((first, second, other));
+        assert_eq!(order.len(), 0, "no entry outlives its messages");
+    }
+
+    #[tokio::test]
+    async fn a_ticket_dropped_while_waiting_keeps_its_successor_waiting() {
+        let order = Arc::new(SessionOrder::default());
+        let mut first = order.ticket("p", "s");
+        let mut second = order.ticket("p", "s");
+        let mut third = order.ticket("p", "s");
+        first.wait_turn().await;
+        // The second times out while waiting for the first (still in phase 1).
+        let waited = tokio::time::timeout(Duration::from_millis(20), second.wait_turn()).await;
+        assert!(waited.is_err());
+        drop(second);
+        let overtook = tokio::time::timeout(Duration::from_millis(50), third.wait_turn()).await;
+        assert!(overtook.is_err(), "third went before first was accepted");
+        first.release();
+        tokio::time::timeout(Duration::from_millis(500), third.wait_turn())
+            .await
+            .expect("goes once the first is accepted");
+        drop((first, third));
+        tokio::task::yield_now().await;
         assert_eq!(order.len(), 0, "no entry outlives its messages");
     }
 
