@@ -28,8 +28,9 @@ use serde_json::{Map, Value};
 use crate::errors::EMPTY_MESSAGE_TEXT;
 use crate::topics;
 
-/// Longest session id the gateway forwards, in bytes; see the module docs.
-pub const MAX_SESSION_ID_BYTES: usize = 1024;
+/// Longest session id the gateway forwards, in bytes: session-svc's limit,
+/// so a longer one is refused here with a reply rather than there.
+pub const MAX_SESSION_ID_BYTES: usize = 256;
 
 /// Refusal text for an array or object `sessionId`.
 pub const BAD_SESSION_ID_TEXT: &str = "Error: sessionId must be a string or a number.";
@@ -91,11 +92,13 @@ impl ChatTurn {
     /// in its reply topic and matches on both), so two clients of one
     /// session may well both send `"1"`; unscoped, the second would be
     /// answered with the first one's stored reply. A retry from the same
-    /// client carries the same pair and is still recognised.
+    /// client carries the same pair and is still recognised. The client id's
+    /// length goes first, so that no two pairs make the same key (`a` +
+    /// `b:c` against `a:b` + `c`).
     pub fn idempotency_key(&self) -> Option<String> {
         let request_id = self.request_id.as_deref()?;
         Some(match self.client_id.as_deref() {
-            Some(client) => format!("{client}:{request_id}"),
+            Some(client) => format!("{}:{client}:{request_id}", client.len()),
             None => request_id.to_owned(),
         })
     }
@@ -605,7 +608,12 @@ mod tests {
         let key = |json: &str| chat(json).idempotency_key();
         assert_eq!(
             key(r#"{"sessionId":"s","message":"m","clientId":"c1","requestId":"r1"}"#).as_deref(),
-            Some("c1:r1")
+            Some("2:c1:r1")
+        );
+        assert_ne!(
+            key(r#"{"sessionId":"s","message":"m","clientId":"a","requestId":"b:c"}"#),
+            key(r#"{"sessionId":"s","message":"m","clientId":"a:b","requestId":"c"}"#),
+            "no two pairs share a key"
         );
         assert_eq!(
             key(r#"{"sessionId":"s","message":"m","requestId":"r1"}"#).as_deref(),

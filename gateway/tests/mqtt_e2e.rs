@@ -341,7 +341,7 @@ async fn chat_turns_follow_the_wire_protocol() {
     );
     assert_eq!(
         fake.calls.lock().unwrap().chats.last().unwrap().request_id,
-        "c1:r1",
+        "2:c1:r1",
         "request ids are scoped by client id"
     );
 
