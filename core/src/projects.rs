@@ -198,6 +198,10 @@ fn validate_name(name: &str) -> Result<(), ProjectsError> {
     Ok(())
 }
 
+/// Longest session TTL and rate window: a month is far past any chat's
+/// idle time, and keeps every deadline computed from them representable.
+const MAX_PERIOD: Duration = Duration::from_secs(30 * 24 * 3600);
+
 fn validate(name: &str, s: &ProjectSettings) -> Result<(), ProjectsError> {
     let fail = |what: &str| Err(ProjectsError::Invalid(format!("project {name}: {what}")));
     if !(0.0..=2.0).contains(&s.temperature) {
@@ -214,6 +218,9 @@ fn validate(name: &str, s: &ProjectSettings) -> Result<(), ProjectsError> {
     }
     if s.session_ttl.is_zero() || s.rate_window.is_zero() {
         return fail("session_ttl_secs and rate_window_secs must be at least 1");
+    }
+    if s.session_ttl > MAX_PERIOD || s.rate_window > MAX_PERIOD {
+        return fail("session_ttl_secs and rate_window_secs must be at most 2592000 (30 days)");
     }
     Ok(())
 }
@@ -243,6 +250,8 @@ mod tests {
             "[projects.x]\ntemperature = 3.0",
             "[projects.x]\ntop_p = 0.0",
             "[projects.x]\nunknown_key = 1",
+            "[projects.x]\nsession_ttl_secs = 18446744073709551615",
+            "[projects.x]\nrate_window_secs = 2592001",
         ] {
             assert!(Projects::from_toml(bad).is_err(), "accepted {bad:?}");
         }
