@@ -63,6 +63,7 @@ impl FakeVllmArgs {
             tpot: Duration::from_secs_f64(self.tpot / 1000.0),
             tokens: self.tokens,
             reply: Reply::Echo,
+            strict_roles: true,
         }
     }
 }

@@ -82,6 +82,11 @@ pub struct FakeVllmConfig {
     pub tokens: usize,
     /// What to answer.
     pub reply: Reply,
+    /// Refuse a prompt whose roles do not alternate, as the chat templates
+    /// of Gemma, Mistral and others do: after an optional system message,
+    /// user and assistant take turns, starting and ending with user. vLLM
+    /// answers such a prompt with a 400.
+    pub strict_roles: bool,
 }
 
 impl Default for FakeVllmConfig {
@@ -92,8 +97,27 @@ impl Default for FakeVllmConfig {
             tpot: Duration::from_millis(5),
             tokens: 16,
             reply: Reply::Echo,
+            strict_roles: true,
         }
     }
+}
+
+/// Whether `messages` is what a strict chat template accepts.
+fn roles_alternate(messages: &[Value]) -> bool {
+    let roles: Vec<&str> = messages
+        .iter()
+        .map(|m| m.get("role").and_then(Value::as_str).unwrap_or(""))
+        .collect();
+    let turns = match roles.first() {
+        Some(&"system") => &roles[1..],
+        _ => &roles[..],
+    };
+    !turns.is_empty()
+        && turns.len() % 2 == 1
+        && turns
+            .iter()
+            .enumerate()
+            .all(|(i, r)| *r == if i % 2 == 0 { "user" } else { "assistant" })
 }
 
 /// Counters and switches shared by the handlers and the test.
@@ -371,6 +395,13 @@ async fn chat_completions(
             "messages: field required",
         );
     };
+    if config.strict_roles && !roles_alternate(messages) {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "BadRequestError",
+            "Conversation roles must alternate user/assistant/user/assistant/...",
+        );
+    }
     let stream = request.get("stream").and_then(Value::as_bool) == Some(true);
     let stream_options = request.get("stream_options").filter(|v| !v.is_null());
     if stream_options.is_some() && !stream {

@@ -6,9 +6,11 @@
 //! - `fake_vllm`: an OpenAI-compatible HTTP server with configurable latency
 //!   that counts requests in flight;
 //! - [`mqtt`]: a test client that queues what the broker delivers;
+//! - [`link`]: a TCP link that a test can cut and restore;
 //! - [`pause`]: sleeping a given time and no longer, for the fake's latency.
 
 pub mod fake_vllm;
+pub mod link;
 pub mod mqtt;
 pub mod pause;
 pub mod process;
