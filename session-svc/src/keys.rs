@@ -56,6 +56,12 @@ impl KeySpace {
         }
     }
 
+    /// The heartbeat of one session-svc process: while it exists, the turns
+    /// that process owns are being worked on.
+    pub fn replica(&self, replica: &str) -> String {
+        format!("{}:replica:{}", self.prefix, encode(replica))
+    }
+
     pub fn project(&self, project: &str) -> ProjectKeys {
         let tag = format!("{}:{{p:{}}}", self.prefix, encode(project));
         ProjectKeys {

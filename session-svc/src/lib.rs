@@ -49,7 +49,13 @@ pub enum ServeError {
 /// A session-svc instance, ready to serve.
 pub struct Server<S: Store> {
     service: SessionService<S>,
+    /// For the heartbeat that tells other replicas this one's turns live.
+    turns: Arc<turn::Turns<S>>,
 }
+
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+const KEEP_ALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+const KEEP_ALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl<S: Store> Server<S> {
     /// Builds the service over `store`; the connection to inference-svc is
@@ -59,9 +65,16 @@ impl<S: Store> Server<S> {
             url: config.inference_url.clone(),
             reason,
         };
+        // Bounded connects and HTTP/2 keep-alive, as the gateway's channel
+        // has: a dead inference-svc is noticed in seconds, not at the OS's
+        // TCP timeout.
         let channel = Endpoint::from_shared(config.inference_url.clone())
             .map_err(|e| bad_url(e.to_string()))?
             .tcp_nodelay(true)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+            .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
             .connect_lazy();
         let metrics = Arc::new(metrics::Metrics::new(registry));
         let turns = Arc::new(turn::Turns::new(
@@ -71,7 +84,8 @@ impl<S: Store> Server<S> {
             metrics,
         ));
         Ok(Self {
-            service: SessionService::new(turns, InferenceClient::new(channel)),
+            service: SessionService::new(turns.clone(), InferenceClient::new(channel)),
+            turns,
         })
     }
 
@@ -82,6 +96,12 @@ impl<S: Store> Server<S> {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> Result<(), ServeError> {
+        let beating = CancellationToken::new();
+        let heartbeat = {
+            let (turns, beating) = (self.turns.clone(), beating.clone());
+            tokio::spawn(async move { turns.heartbeat(beating).await })
+        };
+        let _stop_beating = beating.drop_guard();
         let (reporter, health) = tonic_health::server::health_reporter();
         reporter
             .set_serving::<SessionsServer<SessionService<S>>>()
@@ -108,6 +128,9 @@ impl<S: Store> Server<S> {
                 tracing::info!("session-svc draining in-flight turns");
             })
             .await?;
+        // Beats until the last turn is drained, so that none is taken over.
+        drop(_stop_beating);
+        let _ = heartbeat.await;
         Ok(())
     }
 }

@@ -34,6 +34,9 @@ pub struct Metrics {
     /// Time from the first attempt at a change until it got through (one
     /// round trip when the session is free).
     pub lock_wait: Histogram,
+    /// Swaps that lost to another change of the same session and were
+    /// tried again: contention on one session.
+    pub swap_retries: Counter,
     /// Turn latency by phase.
     pub phase: Family<PhaseLabel, Histogram>,
     /// Turns by outcome (ok, replay, error).
@@ -61,6 +64,7 @@ impl Metrics {
             phase: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.000_05, 2.0, 22))
             }),
+            swap_retries: Counter::default(),
             turns: Family::default(),
             errors: Family::default(),
             in_flight: Gauge::default(),
@@ -83,6 +87,11 @@ impl Metrics {
             "Turn latency by phase",
             prometheus_client::registry::Unit::Seconds,
             m.phase.clone(),
+        );
+        r.register(
+            "swap_retries",
+            "Swaps of a turn that lost to another change of the session and were tried again",
+            m.swap_retries.clone(),
         );
         r.register("turns", "Turns by outcome", m.turns.clone());
         r.register("errors", "Failed calls by kind", m.errors.clone());

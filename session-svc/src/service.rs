@@ -3,6 +3,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::{Stream, StreamExt as _};
 use palaver_proto::inference::v1 as inf;
@@ -23,11 +24,15 @@ use crate::dialog::{random_first_seq, Dialog, Role};
 use crate::error::SessionError;
 use crate::metrics::{KindLabel, OutcomeLabel};
 use crate::store::{SessionId, Store};
-use crate::turn::{abandon_on_drop, NewTurn, Prepared, Turns};
+use crate::turn::{Awaited, LogSafe, NewTurn, Prepared, TurnOwner, Turns};
 
 /// Longest accepted session id, request id and system prompt.
 const MAX_ID_BYTES: usize = 256;
 const MAX_SYSTEM_PROMPT_CHARS: usize = 32_000;
+/// Deadline of a turn whose caller set none: the gateway's default.
+const DEFAULT_DEADLINE: Duration = Duration::from_secs(120);
+/// Times a retry may find its turn gone and begin again.
+const MAX_BEGINS: usize = 3;
 /// Sessions a project-wide clear or delete works on at once.
 const PROJECT_ACTION_CONCURRENCY: usize = 16;
 
@@ -67,71 +72,150 @@ impl<S: Store> SessionService<S> {
             .inc();
     }
 
-    /// Phase 1 plus the inference request to make, or a replayed reply.
-    async fn start(&self, req: &pb::ChatRequest) -> Result<Started, SessionError> {
-        let settings = self.turns.project(&req.project)?;
-        validate_chat(req, settings.max_message_chars)?;
-        let prepared = self
+    /// Phase 1 for `owner`. A refusal that wrote nothing (rate limit, busy,
+    /// bad input) settles the owner; a store failure leaves it armed, since
+    /// the swap may have gone through before the answer was lost.
+    async fn prepare(
+        &self,
+        req: &pb::ChatRequest,
+        owner: TurnOwner<S>,
+    ) -> Result<(Prepared, TurnOwner<S>), SessionError> {
+        match self.turns.prepare(&new_turn(req), &owner).await {
+            Ok(prepared) => Ok((prepared, owner)),
+            Err(e) => {
+                if !matches!(e, SessionError::Store(_)) {
+                    owner.forget();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// What a retry of a turn in flight gets: that turn's reply or error, or
+    /// (its process dead) the turn itself to generate; `None`: the turn is
+    /// gone and the request may begin again.
+    async fn await_turn(
+        &self,
+        req: &pb::ChatRequest,
+        settings: &ProjectSettings,
+        theirs: String,
+        owner: TurnOwner<S>,
+    ) -> Result<Option<Resumed<S>>, SessionError> {
+        let awaited = self
             .turns
-            .prepare(&NewTurn {
-                project: &req.project,
-                session_id: &req.session_id,
-                message: &req.message,
-                request_id: non_empty(&req.request_id),
-                system_prompt: req.system_prompt.as_deref(),
-            })
+            .await_turn(&new_turn(req), &req.request_id, theirs, &owner)
             .await?;
-        Ok(match prepared {
-            Prepared::Replay(text) => Started::Replay(text),
-            Prepared::Generate { seq, messages } => {
-                let request = inf::GenerateRequest {
-                    messages: messages
-                        .into_iter()
-                        .map(|(role, content)| inf::ChatMessage {
-                            role: role.as_str().to_owned(),
-                            content,
-                        })
-                        .collect(),
-                    sampling: Some(inf::Sampling {
-                        temperature: req.temperature.unwrap_or(settings.temperature),
-                        top_p: req.top_p.unwrap_or(settings.top_p),
-                        max_tokens: max_tokens(req.max_tokens, settings.max_tokens),
-                    }),
-                    // Unique per attempt: vLLM refuses duplicate ids in flight,
-                    // and a client's retry may overlap its first attempt.
-                    request_id: format!("palaver-{:016x}", rand::rng().random::<u64>()),
-                    affinity_key: req.session_id.clone(),
-                };
-                Started::Generate { seq, request }
+        Ok(match awaited {
+            Awaited::Generate { messages } => Some(Resumed::Generate(
+                self.generation(req, settings, messages, owner),
+            )),
+            Awaited::Reply(text) => {
+                owner.forget();
+                Some(Resumed::Replay(text))
+            }
+            Awaited::Failed(status) => {
+                owner.forget();
+                return Err(SessionError::Inference(status));
+            }
+            Awaited::Gone => {
+                owner.forget();
+                None
             }
         })
+    }
+
+    /// Phase 1 until it says what to do: generate (this request owns a
+    /// turn), or replay a stored reply. `accepted` is called once, as soon
+    /// as the request's place in the session is settled.
+    async fn begin(
+        &self,
+        req: &pb::ChatRequest,
+        mut accepted: impl FnMut(),
+    ) -> Result<Resumed<S>, SessionError> {
+        let settings = self.turns.project(&req.project)?;
+        validate_chat(req, settings.max_message_chars)?;
+        // A retry whose turn vanished (its caller left) begins again; a
+        // bound keeps a pathological clear-retry race from looping.
+        for _ in 0..MAX_BEGINS {
+            let owner = self.turns.owner(&req.project, &req.session_id);
+            let (prepared, owner) = self.prepare(req, owner).await?;
+            accepted();
+            match prepared {
+                Prepared::Replay(text) => {
+                    owner.forget();
+                    return Ok(Resumed::Replay(text));
+                }
+                Prepared::Generate { messages } => {
+                    return Ok(Resumed::Generate(
+                        self.generation(req, settings, messages, owner),
+                    ))
+                }
+                Prepared::InFlight { attempt } => {
+                    if let Some(resumed) = self.await_turn(req, settings, attempt, owner).await? {
+                        return Ok(resumed);
+                    }
+                }
+            }
+        }
+        Err(SessionError::LockTimeout)
+    }
+
+    /// The inference request for the turn `owner` owns.
+    fn generation(
+        &self,
+        req: &pb::ChatRequest,
+        settings: &ProjectSettings,
+        messages: Vec<(Role, String)>,
+        owner: TurnOwner<S>,
+    ) -> Generation<S> {
+        let request = inf::GenerateRequest {
+            messages: messages
+                .into_iter()
+                .map(|(role, content)| inf::ChatMessage {
+                    role: role.as_str().to_owned(),
+                    content,
+                })
+                .collect(),
+            sampling: Some(inf::Sampling {
+                temperature: req.temperature.unwrap_or(settings.temperature),
+                top_p: req.top_p.unwrap_or(settings.top_p),
+                max_tokens: max_tokens(req.max_tokens, settings.max_tokens),
+            }),
+            // Unique per attempt: vLLM refuses duplicate ids in flight.
+            request_id: format!("palaver-{:016x}", rand::rng().random::<u64>()),
+            affinity_key: req.session_id.clone(),
+        };
+        Generation { request, owner }
     }
 
     /// Phase 3, or taking the turn back when generation failed.
     async fn finish(
         &self,
         req: &pb::ChatRequest,
-        seq: u64,
+        owner: TurnOwner<S>,
         outcome: Result<String, Status>,
+        deadline: Instant,
     ) -> Result<String, SessionError> {
         match outcome {
-            Ok(text) => {
-                if let Err(e) = self
-                    .turns
-                    .store_reply(&req.project, &req.session_id, seq, &text)
-                    .await
-                {
-                    // The reply exists; the user gets it even if saving failed.
-                    self.count_error(&e);
-                    tracing::error!(error = %e, project = %req.project, "reply not stored");
+            Ok(text) => match owner.store_reply(&text, deadline).await {
+                Ok(()) => {
+                    self.count_turn("ok");
+                    Ok(text)
                 }
-                self.count_turn("ok");
-                Ok(text)
-            }
+                Err(e) => {
+                    // Delivered but not stored would leave its message
+                    // unanswered in history: the turn is taken back instead.
+                    tracing::error!(
+                        error = %e,
+                        turn = %LogSafe(&req.project, &req.session_id),
+                        request = %req.request_id.escape_debug(),
+                        "reply not stored; the turn is taken back"
+                    );
+                    Err(e)
+                }
+            },
             Err(status) => {
-                if let Err(e) = self.turns.abandon(&req.project, &req.session_id, seq).await {
-                    tracing::warn!(error = %e, "could not take back a failed turn");
-                }
+                owner.fail(&status, deadline).await;
                 Err(SessionError::Inference(status))
             }
         }
@@ -164,29 +248,30 @@ impl<S: Store> SessionService<S> {
         e.into()
     }
 
-    async fn chat_inner(&self, req: pb::ChatRequest) -> Result<pb::ChatReply, SessionError> {
-        let (seq, request) = match self.start(&req).await? {
-            Started::Replay(text) => {
+    async fn chat_inner(
+        &self,
+        req: pb::ChatRequest,
+        deadline: Instant,
+    ) -> Result<pb::ChatReply, SessionError> {
+        match self.begin(&req, || {}).await? {
+            Resumed::Replay(text) => {
                 self.count_turn("replay");
-                return Ok(reply(&req, text, "stop", None));
+                Ok(reply(&req, text, "stop", None))
             }
-            Started::Generate { seq, request } => (seq, request),
-        };
-        self.generate_and_store(&req, seq, request).await
+            Resumed::Generate(g) => self.generate_and_store(&req, g, deadline).await,
+        }
     }
 
     /// Phases 2 and 3 with a unary generation.
     async fn generate_and_store(
         &self,
         req: &pb::ChatRequest,
-        seq: u64,
-        request: inf::GenerateRequest,
+        g: Generation<S>,
+        deadline: Instant,
     ) -> Result<pb::ChatReply, SessionError> {
-        let guard = abandon_on_drop(self.turns.clone(), &req.project, &req.session_id, seq);
         let generated = Instant::now();
-        let result = self.inference.clone().generate(request).await;
+        let result = self.inference.clone().generate(g.request).await;
         self.turns.observe_phase("generate", generated);
-        guard.disarm();
         let (result, meta) = match result {
             Ok(r) => {
                 let r = r.into_inner();
@@ -195,7 +280,7 @@ impl<S: Store> SessionService<S> {
             }
             Err(s) => (Err(s), None),
         };
-        let text = self.finish(req, seq, result).await?;
+        let text = self.finish(req, g.owner, result, deadline).await?;
         let (finish, usage) = meta.unwrap_or_default();
         Ok(reply(req, text, &finish, usage))
     }
@@ -203,39 +288,43 @@ impl<S: Store> SessionService<S> {
     async fn stream_inner(
         &self,
         req: pb::ChatRequest,
+        deadline: Instant,
         tx: &mpsc::Sender<Result<pb::ChatEvent, Status>>,
     ) -> Result<(), SessionError> {
-        let started = self.start(&req).await?;
-        let accepted = pb::ChatEvent {
-            event: Some(pb::chat_event::Event::Accepted(pb::Accepted {})),
-        };
-        if tx.send(Ok(accepted)).await.is_err() {
-            // Gone before anything was generated: take the message back.
-            if let Started::Generate { seq, .. } = started {
-                drop(abandon_on_drop(
-                    self.turns.clone(),
-                    &req.project,
-                    &req.session_id,
-                    seq,
-                ));
+        let (accepted_tx, accepted_rx) = tokio::sync::oneshot::channel();
+        let mut accepted_tx = Some(accepted_tx);
+        // Sent once the request's place is settled; dropped unsent (when
+        // phase 1 fails) it lets `accepted` end without an event.
+        let accepted = async {
+            if accepted_rx.await.is_ok() {
+                let ev = pb::ChatEvent {
+                    event: Some(pb::chat_event::Event::Accepted(pb::Accepted {})),
+                };
+                // The caller leaving is noticed by the task's select.
+                let _ = tx.send(Ok(ev)).await;
             }
-            return Ok(());
-        }
-        let (seq, request) = match started {
-            Started::Replay(text) => {
+        };
+        let begun = self.begin(&req, move || {
+            if let Some(t) = accepted_tx.take() {
+                let _ = t.send(());
+            }
+        });
+        // `accepted` goes out while a retry still waits for its turn.
+        let (begun, ()) = tokio::join!(begun, accepted);
+        let g = match begun? {
+            Resumed::Replay(text) => {
                 self.count_turn("replay");
                 let done = reply(&req, text, "stop", None);
                 let _ = tx.send(Ok(event_done(done))).await;
                 return Ok(());
             }
-            Started::Generate { seq, request } => (seq, request),
+            Resumed::Generate(g) => g,
         };
         if req.final_only {
-            let done = self.generate_and_store(&req, seq, request).await?;
+            let done = self.generate_and_store(&req, g, deadline).await?;
             let _ = tx.send(Ok(event_done(done))).await;
             return Ok(());
         }
-        let guard = abandon_on_drop(self.turns.clone(), &req.project, &req.session_id, seq);
         let generated = Instant::now();
         let mut text = String::new();
         let mut finish = String::new();
@@ -244,7 +333,7 @@ impl<S: Store> SessionService<S> {
             let mut stream = self
                 .inference
                 .clone()
-                .generate_stream(request)
+                .generate_stream(g.request)
                 .await?
                 .into_inner();
             while let Some(chunk) = stream.message().await? {
@@ -255,7 +344,7 @@ impl<S: Store> SessionService<S> {
                     };
                     if tx.send(Ok(ev)).await.is_err() {
                         // The caller left: dropping `stream` cancels the
-                        // generation, and the guard takes the turn back.
+                        // generation, and the owner takes the turn back.
                         return Err(Status::cancelled("caller went away"));
                     }
                 }
@@ -271,10 +360,11 @@ impl<S: Store> SessionService<S> {
         .await;
         self.turns.observe_phase("generate", generated);
         if matches!(&outcome, Err(s) if s.code() == tonic::Code::Cancelled) {
-            return Ok(()); // guard is still armed: the turn is taken back
+            return Ok(()); // dropping the owner takes the turn back
         }
-        guard.disarm();
-        let text = self.finish(&req, seq, outcome.map(|()| text)).await?;
+        let text = self
+            .finish(&req, g.owner, outcome.map(|()| text), deadline)
+            .await?;
         let _ = tx
             .send(Ok(event_done(reply(&req, text, &finish, usage))))
             .await;
@@ -282,12 +372,51 @@ impl<S: Store> SessionService<S> {
     }
 }
 
-enum Started {
+/// Where a request goes after phase 1.
+enum Resumed<S: Store> {
     Replay(String),
-    Generate {
-        seq: u64,
-        request: inf::GenerateRequest,
-    },
+    Generate(Generation<S>),
+}
+
+/// A turn this request owns, with its inference request.
+struct Generation<S: Store> {
+    request: inf::GenerateRequest,
+    owner: TurnOwner<S>,
+}
+
+fn new_turn(req: &pb::ChatRequest) -> NewTurn<'_> {
+    NewTurn {
+        project: &req.project,
+        session_id: &req.session_id,
+        message: &req.message,
+        request_id: non_empty(&req.request_id),
+        system_prompt: req.system_prompt.as_deref(),
+    }
+}
+
+/// A turn's deadline: the caller's `grpc-timeout`, else [`DEFAULT_DEADLINE`].
+fn deadline_of(metadata: &tonic::metadata::MetadataMap) -> Instant {
+    let timeout = metadata
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout)
+        .unwrap_or(DEFAULT_DEADLINE);
+    Instant::now() + timeout
+}
+
+/// `grpc-timeout`: at most 8 digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 fn reply(
@@ -402,7 +531,8 @@ impl<S: Store> Sessions for SessionService<S> {
         request: Request<pb::ChatRequest>,
     ) -> Result<Response<pb::ChatReply>, Status> {
         let _in_flight = self.turns.metrics().turn_started();
-        self.chat_inner(request.into_inner())
+        let deadline = deadline_of(request.metadata());
+        self.chat_inner(request.into_inner(), deadline)
             .await
             .map(Response::new)
             .map_err(|e| self.fail(e))
@@ -414,6 +544,7 @@ impl<S: Store> Sessions for SessionService<S> {
         &self,
         request: Request<pb::ChatRequest>,
     ) -> Result<Response<Self::ChatStreamStream>, Status> {
+        let deadline = deadline_of(request.metadata());
         let req = request.into_inner();
         // Refuse bad input as a plain error, before any stream exists.
         let settings = self.turns.project(&req.project).map_err(|e| self.fail(e))?;
@@ -424,14 +555,14 @@ impl<S: Store> Sessions for SessionService<S> {
         tokio::spawn(async move {
             let _in_flight = in_flight;
             tokio::select! {
-                outcome = this.stream_inner(req, &tx) => {
+                outcome = this.stream_inner(req, deadline, &tx) => {
                     if let Err(e) = outcome {
                         let _ = tx.send(Err(this.fail(e))).await;
                     }
                 }
                 // The caller left (deadline, disconnect): dropping the turn
-                // cancels the generation and takes the message back, as a
-                // dropped unary call does.
+                // cancels the generation and its owner takes the message
+                // back, as a dropped unary call does.
                 _ = tx.closed() => {}
             }
         });

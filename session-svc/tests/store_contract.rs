@@ -20,7 +20,7 @@ fn sid(session_id: &str) -> SessionId<'_> {
 
 fn dialog_with(msg: &str) -> Dialog {
     let mut d = Dialog::starting_at(0);
-    d.begin(msg, None, None);
+    d.open(&opening(msg));
     d
 }
 
@@ -94,10 +94,12 @@ const WIDE: Limits = Limits {
     max_tokens: 100_000,
 };
 
+/// An opening whose attempt is named after its message.
 fn opening(message: &str) -> Opening<'_> {
     Opening {
         message,
         request_id: None,
+        attempt: message,
         system_prompt: None,
         limits: WIDE,
         first_seq: 0,
@@ -106,14 +108,17 @@ fn opening(message: &str) -> Opening<'_> {
 
 /// Opens a turn of `id` counted against `rate`: "ok", "limited" or "busy".
 async fn try_open<S: Store>(s: &S, id: SessionId<'_>, rate: RateLimit) -> &'static str {
-    match s
-        .open_turn(id, Some(rate), &opening("m"), TTL)
-        .await
-        .unwrap()
-    {
-        Step::Done { .. } => "ok",
-        Step::RateLimited => "limited",
-        Step::Busy => "busy",
+    loop {
+        return match s
+            .open_turn(id, Some(rate), &opening("m"), TTL)
+            .await
+            .unwrap()
+        {
+            Step::Done { .. } => "ok",
+            Step::RateLimited => "limited",
+            Step::Busy => "busy",
+            Step::Changed => continue,
+        };
     }
 }
 
@@ -135,17 +140,48 @@ async fn rate_limit_is_a_sliding_window_per_session<S: Store>(s: &S) {
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(try_open(s, a, rate).await, "ok");
     assert_eq!(try_open(s, a, rate).await, "ok");
-    // A request that finds the session locked still counts.
+    // A request that finds the session locked is not counted: retried, it
+    // counts once.
     assert!(matches!(
         s.admit(a, "holder", TTL).await.unwrap(),
         Admit::Locked(_)
     ));
     assert_eq!(try_open(s, a, rate).await, "busy");
     s.release(a, "holder").await.unwrap();
-    assert_eq!(try_open(s, a, rate).await, "limited");
-    // forget() clears the window.
-    s.forget(a).await.unwrap();
     assert_eq!(try_open(s, a, rate).await, "ok");
+    assert_eq!(try_open(s, a, rate).await, "limited");
+    // Deleting a session does not reset its window.
+    s.forget(a).await.unwrap();
+    assert_eq!(try_open(s, a, rate).await, "limited");
+}
+
+/// A retry of a request the dialog holds is not counted: at the limit it
+/// still gets its turn's outcome.
+async fn a_retry_is_not_counted_against_the_rate_limit<S: Store>(s: &S) {
+    let rate = RateLimit {
+        limit: 1,
+        window: Duration::from_secs(60),
+    };
+    let id = sid("rate-retry");
+    let first = Opening {
+        request_id: Some("r1"),
+        ..opening("m")
+    };
+    assert!(matches!(
+        until_done(|| s.open_turn(id, Some(rate), &first, TTL)).await,
+        Opened::Generate { .. }
+    ));
+    let retry = Opening {
+        attempt: "retry",
+        ..first
+    };
+    assert_eq!(
+        until_done(|| s.open_turn(id, Some(rate), &retry, TTL)).await,
+        Opened::InFlight {
+            attempt: "m".into()
+        }
+    );
+    assert_eq!(try_open(s, id, rate).await, "limited", "a new one is");
 }
 
 /// What a one-step change returned, without the hold time.
@@ -156,11 +192,27 @@ fn done<T: std::fmt::Debug>(step: Step<T>) -> T {
     }
 }
 
+/// A one-step change tried until done: a store may answer that another
+/// change got in first ([`Step::Changed`]), as the turn engine retries.
+async fn until_done<T: std::fmt::Debug, F, Fut>(mut attempt: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Step<T>, session_svc::store::StoreError>>,
+{
+    for _ in 0..10 {
+        match attempt().await.unwrap() {
+            Step::Changed => continue,
+            other => return done(other),
+        }
+    }
+    panic!("a change lost ten times in a row with no one else writing");
+}
+
 /// A turn step for [`apply_on_both`].
 enum TurnStep<'a> {
     Open(Opening<'a>),
-    /// End the n-th turn opened so far (or, past those, turn number n).
-    End(usize, Ending<'a>),
+    /// End the turn of attempt `.0`.
+    End(&'a str, Ending<'a>),
 }
 
 /// Applies `steps` to a plain `Dialog` and to session `id` of the store,
@@ -168,23 +220,16 @@ enum TurnStep<'a> {
 /// dialog.
 async fn apply_on_both<S: Store>(s: &S, id: SessionId<'_>, steps: Vec<TurnStep<'_>>) -> Dialog {
     let mut want = Dialog::starting_at(0);
-    let mut seqs = Vec::new();
     for (i, step) in steps.into_iter().enumerate() {
         match step {
             TurnStep::Open(o) => {
                 let expected = want.open(&o);
-                let got = done(s.open_turn(id, None, &o, TTL).await.unwrap());
+                let got = until_done(|| s.open_turn(id, None, &o, TTL)).await;
                 assert_eq!(got, expected, "{}: step {i}", id.session_id);
-                if let Opened::Generate { seq, .. } = got {
-                    if !seqs.contains(&seq) {
-                        seqs.push(seq);
-                    }
-                }
             }
-            TurnStep::End(n, ending) => {
-                let seq = seqs.get(n).copied().unwrap_or(n as u64);
-                want.end(seq, ending);
-                done(s.end_turn(id, seq, ending, TTL).await.unwrap());
+            TurnStep::End(attempt, ending) => {
+                want.end(attempt, ending);
+                until_done(|| s.end_turn(id, attempt, ending, TTL)).await;
             }
         }
         let stored = s.load(id).await.unwrap();
@@ -208,6 +253,7 @@ async fn one_step_changes_follow_the_dialog_rules<S: Store>(s: &S) {
     let open = |message, request_id, system_prompt| Opening {
         message,
         request_id,
+        attempt: message,
         system_prompt,
         limits,
         first_seq: 0,
@@ -220,17 +266,25 @@ async fn one_step_changes_follow_the_dialog_rules<S: Store>(s: &S) {
         vec![
             TurnStep::Open(open("first", Some("r1"), Some("be brief"))),
             TurnStep::Open(open("second", Some("r2"), None)),
-            TurnStep::End(1, Ending::Reply("a2")),
-            TurnStep::Open(open("first", Some("r1"), None)), // retry while generating
-            TurnStep::End(0, Ending::Reply(odd)),
+            TurnStep::End("second", Ending::Reply("a2")),
+            TurnStep::Open(open("retry", Some("r1"), None)), // retry while generating
+            TurnStep::End("retry", Ending::Reply("not the owner")),
+            TurnStep::End("first", Ending::Reply(odd)),
             TurnStep::Open(open("ignored", Some("r1"), Some("ignored"))), // replay
             TurnStep::Open(open("third", None, Some(odd))),               // trims by tokens
-            TurnStep::End(2, Ending::Reply("a3")),
+            TurnStep::End("third", Ending::Reply("a3")),
             TurnStep::Open(open(&long, Some("r4"), None)),
-            TurnStep::End(3, Ending::Abandon),
-            TurnStep::End(99, Ending::Reply("nobody's")),
+            TurnStep::End(
+                &long,
+                Ending::Fail {
+                    code: 8,
+                    message: "overloaded",
+                    kind: None,
+                },
+            ),
+            TurnStep::End("nobody", Ending::Reply("nobody's")),
             TurnStep::Open(open("fifth", None, None)),
-            TurnStep::End(4, Ending::Reply("a5")),
+            TurnStep::End("fifth", Ending::Reply("a5")),
             TurnStep::Open(open("sixth", None, None)), // trims by messages
         ],
     )
@@ -239,23 +293,19 @@ async fn one_step_changes_follow_the_dialog_rules<S: Store>(s: &S) {
 
     // A dialog whose last turn was taken back has no turns, and reads back.
     let empty = sid("rules-empty");
-    let Opened::Generate { seq, .. } =
-        done(s.open_turn(empty, None, &opening("x"), TTL).await.unwrap())
+    let x = opening("x");
+    let Opened::Generate { seq, .. } = until_done(|| s.open_turn(empty, None, &x, TTL)).await
     else {
         panic!("a new turn generates");
     };
-    done(s.end_turn(empty, seq, Ending::Abandon, TTL).await.unwrap());
+    until_done(|| s.end_turn(empty, "x", Ending::Abandon, TTL)).await;
     let d = s.load(empty).await.unwrap().expect("kept");
     assert!(d.turns.is_empty());
     assert_eq!(d.next_seq, seq + 1);
 
     // Ending a turn of a session that is gone writes nothing.
     let gone = sid("rules-gone");
-    done(
-        s.end_turn(gone, 0, Ending::Reply("late"), TTL)
-            .await
-            .unwrap(),
-    );
+    until_done(|| s.end_turn(gone, "x", Ending::Reply("late"), TTL)).await;
     assert_eq!(s.load(gone).await.unwrap(), None);
 }
 
@@ -271,11 +321,12 @@ async fn one_step_changes_respect_the_lock<S: Store>(s: &S) {
         Step::Busy
     );
     assert_eq!(
-        s.end_turn(id, 0, Ending::Abandon, TTL).await.unwrap(),
+        s.end_turn(id, "x", Ending::Abandon, TTL).await.unwrap(),
         Step::Busy
     );
     assert!(s.commit(id, "holder", None, TTL).await.unwrap());
-    done(s.open_turn(id, None, &opening("x"), TTL).await.unwrap());
+    let x = opening("x");
+    until_done(|| s.open_turn(id, None, &x, TTL)).await;
 }
 
 async fn project_index_and_prompt<S: Store>(s: &S) {
@@ -336,6 +387,7 @@ async fn turns_keep_order_and_do_not_repeat_retries<S: Store>(s: &S) {
         LockConfig::default(),
         metrics,
     );
+    let turns = std::sync::Arc::new(turns);
     let turn = |message: &'static str, request_id: &'static str| NewTurn {
         project: "general",
         session_id: "engine",
@@ -343,29 +395,32 @@ async fn turns_keep_order_and_do_not_repeat_retries<S: Store>(s: &S) {
         request_id: Some(request_id),
         system_prompt: None,
     };
-    let seq = |p: Prepared| match p {
-        Prepared::Generate { seq, messages } => {
+    let generates = |p: Prepared| match p {
+        Prepared::Generate { messages } => {
             assert_eq!(messages[0].0, session_svc::dialog::Role::System);
-            seq
         }
-        Prepared::Replay(r) => panic!("unexpected replay {r}"),
+        other => panic!("expected a new turn, got {other:?}"),
     };
-    let s1 = seq(turns.prepare(&turn("u1", "r1")).await.unwrap());
-    let s2 = seq(turns.prepare(&turn("u2", "r2")).await.unwrap());
-    // A retry of r1 while it is still generating reuses its turn.
-    assert_eq!(seq(turns.prepare(&turn("u1", "r1")).await.unwrap()), s1);
-    turns
-        .store_reply("general", "engine", s2, "a2")
-        .await
-        .unwrap();
-    turns
-        .store_reply("general", "engine", s1, "a1")
-        .await
-        .unwrap();
-    match turns.prepare(&turn("u1", "r1")).await.unwrap() {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let o1 = turns.owner("general", "engine");
+    generates(turns.prepare(&turn("u1", "r1"), &o1).await.unwrap());
+    let o2 = turns.owner("general", "engine");
+    generates(turns.prepare(&turn("u2", "r2"), &o2).await.unwrap());
+    // A retry of r1 while it is still generating waits for it.
+    let retry = turns.owner("general", "engine");
+    match turns.prepare(&turn("u1", "r1"), &retry).await.unwrap() {
+        Prepared::InFlight { attempt } => assert_eq!(attempt, o1.attempt()),
+        other => panic!("a retry in flight must wait, got {other:?}"),
+    }
+    retry.forget();
+    o2.store_reply("a2", deadline).await.unwrap();
+    o1.store_reply("a1", deadline).await.unwrap();
+    let again = turns.owner("general", "engine");
+    match turns.prepare(&turn("u1", "r1"), &again).await.unwrap() {
         Prepared::Replay(r) => assert_eq!(r, "a1"),
         other => panic!("a finished retry must replay, got {other:?}"),
     }
+    again.forget();
     let history: Vec<String> = s
         .load(sid("engine"))
         .await
@@ -384,6 +439,7 @@ async fn contract<S: Store>(s: S) {
     a_dead_holders_lock_expires_and_its_late_write_is_refused(&s).await;
     sessions_expire_after_their_ttl(&s).await;
     rate_limit_is_a_sliding_window_per_session(&s).await;
+    a_retry_is_not_counted_against_the_rate_limit(&s).await;
     one_step_changes_follow_the_dialog_rules(&s).await;
     one_step_changes_respect_the_lock(&s).await;
     project_index_and_prompt(&s).await;
@@ -423,21 +479,14 @@ async fn redis_replicas_interleaving_on_one_session_lose_nothing() {
         let o = opening(&message);
         let expected = want.open(&o);
         assert_eq!(
-            done(store.open_turn(id, None, &o, TTL).await.unwrap()),
+            until_done(|| store.open_turn(id, None, &o, TTL)).await,
             expected
         );
-        let Opened::Generate { seq, .. } = expected else {
-            panic!("a new message generates");
-        };
+        assert!(matches!(expected, Opened::Generate { .. }));
         // The reply is stored by the other replica.
         let reply = format!("a{i}");
-        want.end(seq, Ending::Reply(&reply));
-        done(
-            other
-                .end_turn(id, seq, Ending::Reply(&reply), TTL)
-                .await
-                .unwrap(),
-        );
+        want.end(&message, Ending::Reply(&reply));
+        until_done(|| other.end_turn(id, &message, Ending::Reply(&reply), TTL)).await;
     }
     assert_eq!(a.load(id).await.unwrap(), Some(want.clone()));
     // And a two-step change by one is seen by the other's next turn.
@@ -448,7 +497,7 @@ async fn redis_replicas_interleaving_on_one_session_lose_nothing() {
     ));
     assert!(a.commit(id, token, None, TTL).await.unwrap());
     let o = opening("after reset");
-    match done(b.open_turn(id, None, &o, TTL).await.unwrap()) {
+    match until_done(|| b.open_turn(id, None, &o, TTL)).await {
         Opened::Generate { seq, history, .. } => {
             assert_eq!(seq, 0, "a deleted session starts over");
             assert_eq!(history.len(), 1);

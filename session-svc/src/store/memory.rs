@@ -116,6 +116,37 @@ impl MemoryStore {
     }
 }
 
+impl MemoryStore {
+    /// A one-step change of a stored dialog, in place; a session that is
+    /// gone stays gone (the value is then `None`).
+    fn change_existing<R>(
+        &self,
+        id: SessionId<'_>,
+        ttl: Duration,
+        f: impl FnOnce(&mut Dialog) -> R,
+    ) -> Step<Option<R>> {
+        let now = Instant::now();
+        self.with(|st| {
+            let entered = Instant::now();
+            let mut value = None;
+            if let Some(s) = st.sessions.get_mut(&key(id)) {
+                if s.locked(now) {
+                    return Step::Busy;
+                }
+                s.expire(now);
+                if let Some((dialog, exp)) = &mut s.dialog {
+                    value = Some(f(dialog));
+                    *exp = now + ttl;
+                }
+            }
+            Step::Done {
+                value,
+                held: entered.elapsed(),
+            }
+        })
+    }
+}
+
 fn key(id: SessionId<'_>) -> (String, String) {
     (id.project.to_owned(), id.session_id.to_owned())
 }
@@ -135,13 +166,13 @@ impl Store for MemoryStore {
         Ok(self.with(|st| {
             let entered = Instant::now();
             let s = st.sessions.entry(key(id)).or_default();
-            if let Some(r) = rate {
+            if s.locked(now) {
+                return Step::Busy;
+            }
+            if let Some(r) = rate.filter(|_| !opening.is_retry_in(s.live_dialog(now))) {
                 if !s.count(r, now) {
                     return Step::RateLimited;
                 }
-            }
-            if s.locked(now) {
-                return Step::Busy;
             }
             // Changed in place: no copy of the dialog under the store's mutex.
             s.expire(now);
@@ -160,28 +191,37 @@ impl Store for MemoryStore {
     async fn end_turn(
         &self,
         id: SessionId<'_>,
-        seq: u64,
+        attempt: &str,
         ending: Ending<'_>,
         ttl: Duration,
     ) -> Result<Step<()>, StoreError> {
-        let now = Instant::now();
-        Ok(self.with(|st| {
-            let entered = Instant::now();
-            if let Some(s) = st.sessions.get_mut(&key(id)) {
-                if s.locked(now) {
-                    return Step::Busy;
-                }
-                s.expire(now);
-                if let Some((dialog, exp)) = &mut s.dialog {
-                    dialog.end(seq, ending);
-                    *exp = now + ttl;
-                }
-            }
-            Step::Done {
-                value: (),
-                held: entered.elapsed(),
-            }
-        }))
+        Ok(self
+            .change_existing(id, ttl, |d| {
+                d.end(attempt, ending);
+            })
+            .map(drop))
+    }
+
+    async fn take_over(
+        &self,
+        id: SessionId<'_>,
+        request_id: &str,
+        from: &str,
+        to: &str,
+        ttl: Duration,
+    ) -> Result<Step<Option<Opened>>, StoreError> {
+        Ok(self
+            .change_existing(id, ttl, |d| d.take_over(request_id, from, to))
+            .map(Option::flatten))
+    }
+
+    async fn heartbeat(&self, _replica: &str, _ttl: Duration) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn alive(&self, _replica: &str) -> Result<bool, StoreError> {
+        // One process holds every turn of this store, and the turns die with it.
+        Ok(true)
     }
 
     async fn admit(
@@ -269,9 +309,6 @@ impl Store for MemoryStore {
         self.with(|st| {
             if let Some(p) = st.projects.get_mut(id.project) {
                 p.sessions.remove(id.session_id);
-            }
-            if let Some(s) = st.sessions.get_mut(&key(id)) {
-                s.rate.clear();
             }
         });
         Ok(())

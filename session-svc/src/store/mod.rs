@@ -48,12 +48,29 @@ pub enum Admit {
 pub enum Step<T> {
     /// The request was over the session's rate limit; nothing changed.
     RateLimited,
-    /// A two-step change holds the session's lock; nothing changed (a rate
-    /// limit, if asked for, was counted).
+    /// A two-step change holds the session's lock; nothing changed.
     Busy,
+    /// Another change got in first (Redis: the stored dialog was not the one
+    /// expected); nothing changed, and the next attempt starts from what is
+    /// stored now.
+    Changed,
     /// Done. `held` is how long the session was held exclusively for it, by
     /// the store's own clock.
     Done { value: T, held: Duration },
+}
+
+impl<T> Step<T> {
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Step<U> {
+        match self {
+            Step::RateLimited => Step::RateLimited,
+            Step::Busy => Step::Busy,
+            Step::Changed => Step::Changed,
+            Step::Done { value, held } => Step::Done {
+                value: f(value),
+                held,
+            },
+        }
+    }
 }
 
 /// Why a store call failed.
@@ -79,9 +96,10 @@ pub struct SessionId<'a> {
 /// overwrite a newer holder's work. Clones share one store (a connection or
 /// a map), so a clone can release a lock from a spawned task.
 pub trait Store: Clone + Send + Sync + 'static {
-    /// Phase 1 of a turn in one atomic step: counts the request against
-    /// `rate` (if given); unless limited or locked, opens the turn
-    /// ([`Dialog::open`]) and stores the dialog with `ttl`.
+    /// Phase 1 of a turn in one atomic step: unless locked, opens the turn
+    /// ([`Dialog::open`]) and stores the dialog with `ttl`. A new turn counts
+    /// against `rate` (if given) and is refused over it; a retry of a stored
+    /// request is not counted, so it always gets its reply.
     fn open_turn(
         &self,
         id: SessionId<'_>,
@@ -90,16 +108,37 @@ pub trait Store: Clone + Send + Sync + 'static {
         ttl: Duration,
     ) -> impl Future<Output = Result<Step<Opened>, StoreError>> + Send;
 
-    /// Phase 3 of a turn in one atomic step: unless locked, ends turn `seq`
-    /// ([`Dialog::end`]) and stores the dialog with `ttl`. A session that
-    /// is gone (deleted, expired) stays gone.
+    /// Phase 3 of a turn in one atomic step: unless locked, ends the turn
+    /// `attempt` owns ([`Dialog::end`]) and stores the dialog with `ttl`. A
+    /// session that is gone (deleted, expired) stays gone.
     fn end_turn(
         &self,
         id: SessionId<'_>,
-        seq: u64,
+        attempt: &str,
         ending: Ending<'_>,
         ttl: Duration,
     ) -> impl Future<Output = Result<Step<()>, StoreError>> + Send;
+
+    /// Moves the unanswered turn of `request_id` from attempt `from`, whose
+    /// process died, to `to` in one atomic step ([`Dialog::take_over`]).
+    fn take_over(
+        &self,
+        id: SessionId<'_>,
+        request_id: &str,
+        from: &str,
+        to: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Step<Option<Opened>>, StoreError>> + Send;
+
+    /// Says that session-svc process `replica` is alive, for `ttl`.
+    fn heartbeat(
+        &self,
+        replica: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Whether process `replica` said it was alive within its last `ttl`.
+    fn alive(&self, replica: &str) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// Tries once to take the session's lock for `lock_ttl`, loading the
     /// dialog in the same step.
@@ -149,7 +188,8 @@ pub trait Store: Clone + Send + Sync + 'static {
         project: &str,
     ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
 
-    /// Removes a session from the project's index and drops its rate-limit state.
+    /// Removes a session from the project's index. Its rate-limit window
+    /// stays: deleting a session must not reset its limit.
     fn forget(&self, id: SessionId<'_>) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// The project's default system prompt, if one was set at run time.

@@ -13,22 +13,26 @@ use super::{Admit, RateLimit, SessionId, Step, Store, StoreError};
 use crate::dialog::{Dialog, Ending, Opened, Opening};
 use crate::keys::KeySpace;
 
-/// A one-step change: the rate check, then — unless a two-step change holds
-/// the lock — compare-and-set of the whole dialog.
+/// A one-step change: unless a two-step change holds the lock,
+/// compare-and-set of the whole dialog, with the rate check of a new turn.
 ///
 /// The new dialog was computed from `ARGV[4]` (`''`: no dialog) by the rules
 /// of `dialog.rs`, in session-svc; it is written only if that is still what
 /// is stored. Interned Lua strings make the comparison cheap, so the session
 /// is held for a few microseconds, whatever the round trip costs.
 ///
-/// The window is kept as a sorted set of request times (the server's clock,
-/// so replicas with skewed clocks enforce one limit). A limited request
-/// changes nothing else.
+/// The rate window is kept as a sorted set of request times (the server's
+/// clock, so replicas with skewed clocks enforce one limit). It is counted
+/// only by a swap that goes through: a busy or lost attempt, retried,
+/// counts once. A limited request changes nothing.
 ///
 /// Replies: `{0}` limited, `{1}` busy, `{2, µs held}` written,
 /// `{3, current dialog or ''}` someone else changed it first.
 const SWAP: &str = r"
 local t0 = redis.call('TIME')
+if redis.call('EXISTS', KEYS[2]) == 1 then return {1} end
+local current = redis.call('GET', KEYS[3]) or ''
+if current ~= ARGV[4] then return {3, current} end
 if tonumber(ARGV[1]) > 0 then
   local now = tonumber(t0[1]) * 1000 + math.floor(tonumber(t0[2]) / 1000)
   local window = tonumber(ARGV[2])
@@ -39,9 +43,6 @@ if tonumber(ARGV[1]) > 0 then
   redis.call('ZADD', KEYS[1], now, ARGV[3])
   redis.call('PEXPIRE', KEYS[1], window)
 end
-if redis.call('EXISTS', KEYS[2]) == 1 then return {1} end
-local current = redis.call('GET', KEYS[3]) or ''
-if current ~= ARGV[4] then return {3, current} end
 if ARGV[5] == '' then
   redis.call('DEL', KEYS[3])
 else
@@ -282,19 +283,22 @@ impl RedisStore {
         self.seen.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A one-step change: applies `f` to the dialog as last seen (read
-    /// first if unknown) and swaps the result in; when the stored dialog
-    /// turns out to be another one, applies `f` to that instead.
+    /// One attempt at a one-step change: applies `f` to the dialog as last
+    /// seen (read first if unknown) and swaps the result in. `rate` gets the
+    /// dialog `f` starts from and says which limit, if any, to count. When
+    /// the stored dialog turns out to be another one, it is kept as the
+    /// next attempt's starting point and the answer is [`Step::Changed`]:
+    /// the turn engine retries with backoff up to its deadline.
     async fn change<R>(
         &self,
         id: SessionId<'_>,
-        mut rate: Option<RateLimit>,
+        rate: impl FnOnce(Option<&Dialog>) -> Option<RateLimit>,
         ttl: Duration,
-        f: impl Fn(&mut Option<Dialog>) -> R,
+        f: impl FnOnce(&mut Option<Dialog>) -> R,
     ) -> Result<Step<R>, StoreError> {
         let k = self.keys.session(id.project, id.session_id);
         let known = self.seen().get(&k.dialog);
-        let mut expected = match known {
+        let expected = match known {
             Some(raw) => raw,
             None => {
                 let raw: Option<Vec<u8>> = redis::cmd("GET")
@@ -305,35 +309,38 @@ impl RedisStore {
                 Arc::new(Known::parse(raw.unwrap_or_default())?)
             }
         };
-        loop {
-            let mut dialog = expected.dialog.clone();
-            let value = f(&mut dialog);
-            let new = to_json(dialog.as_ref())?;
-            let (limit, window) = rate.take().map_or((0, 1), |r| (r.limit, millis(r.window)));
-            let member: u64 = rand::random();
-            let v: Value = self
-                .swap
-                .key(&k.rate)
-                .key(&k.lock)
-                .key(&k.dialog)
-                .arg(limit)
-                .arg(window)
-                .arg(format!("{member:016x}"))
-                .arg(expected.raw.as_slice())
-                .arg(&new)
-                .arg(millis(ttl))
-                .invoke_async(&mut self.conn.clone())
-                .await
-                .map_err(unavailable)?;
-            match parse_swap(v)? {
-                Swapped::RateLimited => return Ok(Step::RateLimited),
-                Swapped::Busy => return Ok(Step::Busy),
-                Swapped::Written { held } => {
-                    let known = Known { raw: new, dialog };
-                    self.seen().put(k.dialog, Arc::new(known));
-                    return Ok(Step::Done { value, held });
-                }
-                Swapped::Changed(current) => expected = Arc::new(Known::parse(current)?),
+        let (limit, window) =
+            rate(expected.dialog.as_ref()).map_or((0, 1), |r| (r.limit, millis(r.window)));
+        let mut dialog = expected.dialog.clone();
+        let value = f(&mut dialog);
+        let new = to_json(dialog.as_ref())?;
+        let member: u64 = rand::random();
+        let v: Value = self
+            .swap
+            .key(&k.rate)
+            .key(&k.lock)
+            .key(&k.dialog)
+            .arg(limit)
+            .arg(window)
+            .arg(format!("{member:016x}"))
+            .arg(expected.raw.as_slice())
+            .arg(&new)
+            .arg(millis(ttl))
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        match parse_swap(v)? {
+            Swapped::RateLimited => Ok(Step::RateLimited),
+            Swapped::Busy => Ok(Step::Busy),
+            Swapped::Written { held } => {
+                let known = Known { raw: new, dialog };
+                self.seen().put(k.dialog, Arc::new(known));
+                Ok(Step::Done { value, held })
+            }
+            Swapped::Changed(current) => {
+                let known = Known::parse(current)?;
+                self.seen().put(k.dialog, Arc::new(known));
+                Ok(Step::Changed)
             }
         }
     }
@@ -347,23 +354,65 @@ impl Store for RedisStore {
         opening: &Opening<'_>,
         ttl: Duration,
     ) -> Result<Step<Opened>, StoreError> {
-        self.change(id, rate, ttl, |d| Dialog::open_in(d, opening))
+        let counted = |d: Option<&Dialog>| rate.filter(|_| !opening.is_retry_in(d));
+        self.change(id, counted, ttl, |d| Dialog::open_in(d, opening))
             .await
     }
 
     async fn end_turn(
         &self,
         id: SessionId<'_>,
-        seq: u64,
+        attempt: &str,
         ending: Ending<'_>,
         ttl: Duration,
     ) -> Result<Step<()>, StoreError> {
-        self.change(id, None, ttl, |d| {
-            if let Some(d) = d {
-                d.end(seq, ending);
-            }
-        })
+        self.change(
+            id,
+            |_| None,
+            ttl,
+            |d| {
+                if let Some(d) = d {
+                    d.end(attempt, ending);
+                }
+            },
+        )
         .await
+    }
+
+    async fn take_over(
+        &self,
+        id: SessionId<'_>,
+        request_id: &str,
+        from: &str,
+        to: &str,
+        ttl: Duration,
+    ) -> Result<Step<Option<Opened>>, StoreError> {
+        self.change(
+            id,
+            |_| None,
+            ttl,
+            |d| d.as_mut().and_then(|d| d.take_over(request_id, from, to)),
+        )
+        .await
+    }
+
+    async fn heartbeat(&self, replica: &str, ttl: Duration) -> Result<(), StoreError> {
+        redis::cmd("SET")
+            .arg(self.keys.replica(replica))
+            .arg(1)
+            .arg("PX")
+            .arg(millis(ttl))
+            .query_async::<()>(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn alive(&self, replica: &str) -> Result<bool, StoreError> {
+        redis::cmd("EXISTS")
+            .arg(self.keys.replica(replica))
+            .query_async::<bool>(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)
     }
 
     async fn admit(
@@ -469,20 +518,12 @@ impl Store for RedisStore {
 
     async fn forget(&self, id: SessionId<'_>) -> Result<(), StoreError> {
         let p = self.keys.project(id.project);
-        let s = self.keys.session(id.project, id.session_id);
-        // Different hash slots: two commands, not one script.
-        let mut c1 = self.conn.clone();
-        let mut c2 = self.conn.clone();
-        let mut srem = redis::cmd("ZREM");
-        srem.arg(&p.sessions).arg(id.session_id);
-        let mut del = redis::cmd("DEL");
-        del.arg(&s.rate);
-        let (a, b) = tokio::join!(
-            srem.query_async::<i64>(&mut c1),
-            del.query_async::<i64>(&mut c2)
-        );
-        a.map_err(unavailable)?;
-        b.map_err(unavailable)?;
+        redis::cmd("ZREM")
+            .arg(&p.sessions)
+            .arg(id.session_id)
+            .query_async::<i64>(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
         Ok(())
     }
 
@@ -544,6 +585,7 @@ mod tests {
         let turn = |seq, request_id: Option<&str>, user: &str, reply: Option<&str>| Turn {
             seq,
             request_id: request_id.map(str::to_owned),
+            attempt: reply.is_none().then(|| "replica.1".to_owned()),
             user: user.to_owned(),
             reply: reply.map(str::to_owned),
         };
@@ -554,6 +596,7 @@ mod tests {
                 turn(7, Some("r1"), "hello", Some("hi")),
                 turn(8, None, "ça va? \"quoted\" ✓", None),
             ],
+            failures: Vec::new(),
         };
         let raw = to_json(Some(&dialog)).unwrap();
         assert_eq!(Known::parse(raw).unwrap().dialog, Some(dialog));
