@@ -6,6 +6,7 @@ violation. Needs PyYAML (the check's virtualenv has it).
   check_deploy.py palaver FILE...        palaver's own rules (probes, replicas, PDBs, ...)
   check_deploy.py metrics ROOT           alert and dashboard metrics exist in the code
   check_deploy.py compose FILE           compose rules (healthchecks, no $share, ...)
+  check_deploy.py envvars ROOT FILE...   every PALAVER_* variable set is one the code reads
 """
 
 import json
@@ -209,6 +210,30 @@ def compose(path):
     report("compose rules", errors, f"{len(doc['services'])} services")
 
 
+# Set by the manifests for what DESIGN.md "Security" specifies and issue 20
+# builds; until the services read them they are inert.
+PENDING_ENV = {"PALAVER_AUTH_TOKENS_FILE", "PALAVER_AUTH_TOKEN"}
+
+
+def envvars(root, paths):
+    """clap ignores an environment variable it does not know: a misspelt one
+    would silently leave the default in force, so each must exist in the code."""
+    root = Path(root)
+    code = "\n".join(p.read_text() for p in root.glob("*/src/**/*.rs"))
+    known = set(re.findall(r'env\s*=\s*"(PALAVER_[A-Z0-9_]+)"', code))
+    known |= set(re.findall(r'"(PALAVER_[A-Z0-9_]+)"', code))
+    used = set()
+    for p in paths:
+        used |= set(re.findall(r"\b(PALAVER_[A-Z0-9_]+)(?=\s*[:=]|\b)", Path(p).read_text()))
+    # The compose file's own settings (interpolated by compose, not read by palaver).
+    used -= {"PALAVER_MQTT_PORT", "PALAVER_MODEL", "PALAVER_IMAGE", "PALAVER_SESSION_PORT"}
+    errors = [f"{v} is set but no palaver binary reads it" for v in sorted(used - known - PENDING_ENV)]
+    pending = sorted(used & PENDING_ENV - known)
+    if pending:
+        print(f"  set ahead of the code (issue 20): {', '.join(pending)}")
+    report("environment variables", errors, f"{len(used)} PALAVER_* names")
+
+
 def report(what, errors, scope):
     for e in errors:
         print(f"  FAIL {e}")
@@ -224,6 +249,7 @@ if __name__ == "__main__":
         "palaver": lambda args: palaver(args),
         "metrics": lambda args: metrics(args[0]),
         "compose": lambda args: compose(args[0]),
+        "envvars": lambda args: envvars(args[0], args[1:]),
     }
     if len(sys.argv) < 3 or sys.argv[1] not in commands:
         print(__doc__)
