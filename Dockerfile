@@ -51,12 +51,14 @@ FROM debian:bookworm-slim
 ARG VERSION=dev
 ARG REVISION=unknown
 ARG CREATED=unknown
+ARG SOURCE=unknown
 LABEL org.opencontainers.image.title="palaver" \
       org.opencontainers.image.description="MQTT clients chat with an LLM served by vLLM: gateway, session-svc, inference-svc and the palaver CLI" \
       org.opencontainers.image.licenses="MIT OR Apache-2.0" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.created="${CREATED}"
+      org.opencontainers.image.created="${CREATED}" \
+      org.opencontainers.image.source="${SOURCE}"
 # ca-certificates: TLS to model servers and Redis by the system's roots. Not
 # pinned to a version: the security updates of bookworm are what it should get.
 # hadolint ignore=DL3008
