@@ -5,9 +5,16 @@ use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::{extract::State, http::header, response::IntoResponse, routing::get, Router};
+use axum::{
+    extract::State,
+    http::{header, StatusCode},
+    response::IntoResponse,
+    routing::get,
+    Router,
+};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`). Safe to call twice.
@@ -46,9 +53,32 @@ pub async fn serve_metrics(
     registry: Arc<Registry>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = Router::new()
+    serve_metrics_and_probes(listener, registry, None, shutdown).await
+}
+
+/// Serves `GET /metrics` and, with `ready`, the probes `GET /healthz` (200
+/// while the process serves HTTP at all) and `GET /readyz` (200 while `ready`
+/// holds true, 503 otherwise), until `shutdown`.
+///
+/// The probes share the metrics listener so that an orchestrator needs no
+/// second port; they answer plain text for a human with `curl`.
+pub async fn serve_metrics_and_probes(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    ready: Option<watch::Receiver<bool>>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let mut app = Router::new()
         .route("/metrics", get(render))
         .with_state(registry);
+    if let Some(ready) = ready {
+        app = app.merge(
+            Router::new()
+                .route("/healthz", get(|| async { "ok\n" }))
+                .route("/readyz", get(readyz))
+                .with_state(ready),
+        );
+    }
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
@@ -60,14 +90,32 @@ pub async fn spawn_metrics(
     registry: Arc<Registry>,
     shutdown: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
+    spawn_metrics_and_probes(addr, registry, None, shutdown).await
+}
+
+/// [`spawn_metrics`] with the probes of [`serve_metrics_and_probes`].
+pub async fn spawn_metrics_and_probes(
+    addr: SocketAddr,
+    registry: Arc<Registry>,
+    ready: Option<watch::Receiver<bool>>,
+    shutdown: CancellationToken,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     tokio::spawn(async move {
-        if let Err(e) = serve_metrics(listener, registry, shutdown).await {
+        if let Err(e) = serve_metrics_and_probes(listener, registry, ready, shutdown).await {
             tracing::warn!(error = %e, "metrics endpoint stopped");
         }
     });
     Ok(local)
+}
+
+async fn readyz(State(ready): State<watch::Receiver<bool>>) -> impl IntoResponse {
+    if *ready.borrow() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
 }
 
 /// Why `/metrics` could not be served.
@@ -86,13 +134,29 @@ pub async fn serve_metrics_flag(
     registry: Registry,
     shutdown: CancellationToken,
 ) -> Result<Option<SocketAddr>, MetricsError> {
+    serve_metrics_flag_with_probes(addr, registry, None, shutdown).await
+}
+
+/// [`serve_metrics_flag`] that also serves `/healthz` and `/readyz` (see
+/// [`serve_metrics_and_probes`]) when `ready` is given.
+pub async fn serve_metrics_flag_with_probes(
+    addr: Option<SocketAddr>,
+    registry: Registry,
+    ready: Option<watch::Receiver<bool>>,
+    shutdown: CancellationToken,
+) -> Result<Option<SocketAddr>, MetricsError> {
     let Some(addr) = addr else {
         return Ok(None);
     };
-    let bound = spawn_metrics(addr, Arc::new(registry), shutdown)
+    let probes = ready.is_some();
+    let bound = spawn_metrics_and_probes(addr, Arc::new(registry), ready, shutdown)
         .await
         .map_err(|source| MetricsError { addr, source })?;
-    tracing::info!(addr = %bound, "metrics at /metrics");
+    if probes {
+        tracing::info!(addr = %bound, "metrics at /metrics, probes at /healthz and /readyz");
+    } else {
+        tracing::info!(addr = %bound, "metrics at /metrics");
+    }
     Ok(Some(bound))
 }
 

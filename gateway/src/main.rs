@@ -17,7 +17,9 @@ struct Cli {
     #[command(flatten)]
     gateway: gateway::GatewayArgs,
 
-    /// Serve Prometheus metrics on this address (GET /metrics), e.g. 0.0.0.0:9100.
+    /// Serve Prometheus metrics (GET /metrics) and the probes GET /healthz (the
+    /// process is up) and GET /readyz (200 while every project is subscribed,
+    /// else 503) on this address, e.g. 0.0.0.0:9100.
     #[arg(long, env = "PALAVER_GATEWAY_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
 }
@@ -34,8 +36,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut registry = Registry::default();
     let gateway = gateway::Gateway::new(config, &mut registry).context("gateway settings")?;
     let shutdown = palaver_core::shutdown::on_signal();
-    palaver_core::telemetry::serve_metrics_flag(cli.metrics_listen, registry, shutdown.clone())
-        .await?;
+    palaver_core::telemetry::serve_metrics_flag_with_probes(
+        cli.metrics_listen,
+        registry,
+        Some(gateway.ready_watch()),
+        shutdown.clone(),
+    )
+    .await?;
     gateway.run(shutdown).await?;
     Ok(())
 }

@@ -7,6 +7,7 @@
 //! - [`broker`]: the embedded MQTT broker (rumqttd);
 //! - [`client`]: the client side of the MQTT wire protocol;
 //! - [`chat`], [`send`]: the two clients built on it;
+//! - [`health`]: one probe of a running service (`palaver health`), for healthchecks;
 //! - [`bench`]: the MQTT load generator (`palaver bench`);
 //! - [`fake_vllm`]: the test suite's fake vLLM as a process (`palaver fake-vllm`);
 //! - [`floor`]: a turn's process hops with no work at them (`palaver floor`);
@@ -19,6 +20,7 @@ pub mod chat;
 pub mod client;
 pub mod fake_vllm;
 pub mod floor;
+pub mod health;
 pub mod idle_memory;
 pub mod logging;
 pub mod send;

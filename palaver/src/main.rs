@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, Subcommand};
-use palaver::{bench, chat, fake_vllm, floor, idle_memory, logging, send, up};
+use palaver::{bench, chat, fake_vllm, floor, health, idle_memory, logging, send, up};
 
 /// palaver: MQTT clients chat with an LLM.
 #[derive(Debug, clap::Parser)]
@@ -24,6 +24,9 @@ enum Command {
     Chat(chat::ChatArgs),
     /// Send one message and print the reply; exit 0 reply, 1 error reply, 2 timeout or no connection.
     Send(send::SendArgs),
+    /// Probe a running service (gRPC health or an HTTP URL such as the
+    /// gateway's /readyz): exit 0 healthy, 1 not, for container healthchecks.
+    Health(health::HealthArgs),
     /// Load-test a running stack over MQTT: N sessions, closed or open loop;
     /// prints throughput, errors by kind and end-to-end latency percentiles.
     Bench(bench::BenchArgs),
@@ -80,6 +83,7 @@ async fn run(command: Command) -> ExitCode {
             logging::init(logging::CLIENT_FILTER);
             send::run(args).await
         }
+        Command::Health(args) => health::run(args).await,
         Command::Bench(args) => {
             logging::init(logging::CLIENT_FILTER);
             bench::run(args).await
