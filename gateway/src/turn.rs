@@ -19,6 +19,7 @@ use tracing::Instrument;
 use crate::backlog::Permit;
 use crate::control::{ControlOp, ControlRequest};
 use crate::errors;
+use crate::link::Ack;
 use crate::metrics::{Metrics, OutKind};
 use crate::order::{SessionOrder, Ticket};
 use crate::publish::Publisher;
@@ -64,8 +65,16 @@ impl Turns {
         self.order.ticket(project, session_id)
     }
 
-    /// Runs one chat turn and publishes the reply or the error text.
-    pub async fn chat(&self, publisher: Publisher, turn: ChatTurn, permit: Permit, ticket: Ticket) {
+    /// Runs one chat turn and publishes the reply or the error text; the
+    /// request is acknowledged (`ack` dropped) only after that.
+    pub async fn chat(
+        &self,
+        publisher: Publisher,
+        turn: ChatTurn,
+        permit: Permit,
+        ack: Ack,
+        ticket: Ticket,
+    ) {
         // A debug span: at the default level it costs nothing, where an
         // info span was a tenth of the gateway's instructions per turn
         // (callgrind: the fmt layer formats its fields when it is made).
@@ -87,11 +96,19 @@ impl Turns {
             };
             self.metrics.observe_turn(started.elapsed().as_secs_f64());
             match outcome {
+                None if ack.redeliverable() => {
+                    // Unacknowledged, it goes to the gateway that consumes
+                    // the project next, which answers it.
+                    tracing::warn!(turn = %who, "turn left to the next consumer at shutdown");
+                    self.metrics.dropped("abandoned_at_shutdown");
+                    ack.withhold();
+                    drop(permit);
+                    return;
+                }
                 None => {
                     tracing::warn!(turn = %who, "turn abandoned at shutdown");
                     self.metrics.dropped("abandoned_at_shutdown");
-                    // Its request was acknowledged to the broker long ago, so
-                    // nothing else will answer it: say so in the words
+                    // Nothing else will answer it: say so in the words
                     // clients retry on, ahead of the "offline" status.
                     let _ = publisher.try_publish(
                         OutKind::Error,
@@ -118,6 +135,7 @@ impl Turns {
                 }
             }
             // Freed only now: shutdown's drain then also covers the publish.
+            drop(ack);
             drop(permit);
         }
         .instrument(span)
@@ -175,6 +193,7 @@ impl Turns {
         publisher: Publisher,
         request: ControlRequest,
         permit: Permit,
+        ack: Ack,
         ticket: Option<Ticket>,
     ) {
         let project = publisher.project().to_owned();
@@ -194,7 +213,12 @@ impl Turns {
                 r = in_line => Some(r),
             };
             match outcome {
-                None => self.metrics.dropped("abandoned_at_shutdown"),
+                None => {
+                    self.metrics.dropped("abandoned_at_shutdown");
+                    ack.withhold();
+                    drop(permit);
+                    return;
+                }
                 Some(Ok(())) => {
                     tracing::info!(ack_topic = %request.ack_topic, "control applied");
                     let _ = publisher
@@ -207,6 +231,7 @@ impl Turns {
                     self.metrics.error(kind.as_str());
                 }
             }
+            drop(ack);
             drop(permit);
         }
         .instrument(span)
