@@ -6,8 +6,9 @@
 //! non-blocking publish, and turns run in their own tasks. rumqttc only makes
 //! progress (including sending our replies) while the loop polls.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rumqttc::{
@@ -83,6 +84,8 @@ pub struct Link {
     /// Counts connections, so that an acknowledgement is sent only on the
     /// connection its request came on (a packet id means nothing on another).
     connection: Arc<AtomicU64>,
+    /// Requests not acknowledged yet (see [`Unfinished`]).
+    unfinished: Unfinished,
 }
 
 /// A request's acknowledgement to the broker, sent when this is dropped:
@@ -94,9 +97,18 @@ pub struct Ack {
     client: AsyncClient,
     /// Only the packet id and QoS of the request; `None`: nothing to send.
     packet: Option<Publish>,
-    connection: u64,
+    /// The connection to acknowledge on: the one the request came on, or
+    /// the one that delivered it again while it was still being answered.
+    on: Arc<AtomicU64>,
     current: Arc<AtomicU64>,
+    unfinished: Unfinished,
 }
+
+/// Requests received and not yet acknowledged, by packet id, with the
+/// connection each is to be acknowledged on. A broker re-delivers them
+/// (same packet id, DUP set) when the connection comes back: such a request
+/// is not run again, its running turn acknowledges it on the new connection.
+type Unfinished = Arc<Mutex<HashMap<u16, Arc<AtomicU64>>>>;
 
 impl Ack {
     /// Whether the broker delivers the request again if it is not
@@ -108,17 +120,30 @@ impl Ack {
     /// Leaves the request unacknowledged, for the broker to deliver again
     /// (to the next consumer) after this connection ends.
     pub fn withhold(mut self) {
-        self.packet = None;
+        self.forget();
+    }
+
+    fn forget(&mut self) {
+        if let Some(packet) = self.packet.take() {
+            let mut unfinished = self.unfinished.lock().unwrap_or_else(|p| p.into_inner());
+            if unfinished
+                .get(&packet.pkid)
+                .is_some_and(|on| Arc::ptr_eq(on, &self.on))
+            {
+                unfinished.remove(&packet.pkid);
+            }
+        }
     }
 }
 
 impl Drop for Ack {
     fn drop(&mut self) {
-        if let Some(packet) = self.packet.take() {
-            if self.current.load(Ordering::SeqCst) == self.connection {
-                let _ = self.client.try_ack(&packet);
+        if let Some(packet) = &self.packet {
+            if self.current.load(Ordering::SeqCst) == self.on.load(Ordering::SeqCst) {
+                let _ = self.client.try_ack(packet);
             }
         }
+        self.forget();
     }
 }
 
@@ -196,6 +221,7 @@ impl Link {
             publisher,
             connected,
             connection,
+            unfinished: Unfinished::default(),
         };
         (link, handle)
     }
@@ -352,7 +378,9 @@ impl Link {
     fn on_publish(&self, publish: Publish) {
         let metrics = &self.shared.metrics;
         metrics.message_in(&self.project);
-        let ack = self.ack_for(&publish);
+        let Some(ack) = self.ack_for(&publish) else {
+            return;
+        };
         // The broker sets `retain` only when replaying a stored message to a
         // new subscription: a stale request (or a stale "clear_history")
         // that must not run again on every reconnect.
@@ -372,19 +400,40 @@ impl Link {
         }
     }
 
-    fn ack_for(&self, publish: &Publish) -> Ack {
+    /// The acknowledgement of `publish`, or `None` when it is a broker's
+    /// re-delivery of a request this gateway is still answering (which then
+    /// acknowledges it on the current connection).
+    fn ack_for(&self, publish: &Publish) -> Option<Ack> {
         let manual = self.shared.config.consumer_lease.is_some();
-        let packet = (manual && publish.qos != QoS::AtMostOnce).then(|| {
+        let current = self.connection.load(Ordering::SeqCst);
+        let packet = if manual && publish.qos != QoS::AtMostOnce {
+            let mut unfinished = self.unfinished.lock().unwrap_or_else(|p| p.into_inner());
+            if publish.dup {
+                if let Some(on) = unfinished.get(&publish.pkid) {
+                    on.store(current, Ordering::SeqCst);
+                    tracing::debug!(project = %self.project, pkid = publish.pkid, "re-delivery of a request still being answered");
+                    return None;
+                }
+            }
+            let on = Arc::new(AtomicU64::new(current));
+            unfinished.insert(publish.pkid, on.clone());
             let mut p = Publish::new("", publish.qos, Vec::new());
             p.pkid = publish.pkid;
-            p
-        });
-        Ack {
+            Some((p, on))
+        } else {
+            None
+        };
+        let (packet, on) = match packet {
+            Some((p, on)) => (Some(p), on),
+            None => (None, Arc::new(AtomicU64::new(current))),
+        };
+        Some(Ack {
             client: self.client.clone(),
             packet,
-            connection: self.connection.load(Ordering::SeqCst),
+            on,
             current: self.connection.clone(),
-        }
+            unfinished: self.unfinished.clone(),
+        })
     }
 
     fn on_user_input(&self, payload: &[u8], ack: Ack) {
