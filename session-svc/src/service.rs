@@ -81,8 +81,9 @@ impl<S: Store> SessionService<S> {
         &self,
         req: &pb::ChatRequest,
         owner: TurnOwner<S>,
+        deadline: Instant,
     ) -> Result<(Prepared, TurnOwner<S>), SessionError> {
-        match self.turns.prepare(&new_turn(req), &owner).await {
+        match self.turns.prepare(&new_turn(req, deadline), &owner).await {
             Ok(prepared) => Ok((prepared, owner)),
             Err(e) => {
                 if !matches!(e, SessionError::Store(_)) {
@@ -102,10 +103,11 @@ impl<S: Store> SessionService<S> {
         settings: &ProjectSettings,
         theirs: String,
         owner: TurnOwner<S>,
+        deadline: Instant,
     ) -> Result<Option<Resumed<S>>, SessionError> {
         let awaited = self
             .turns
-            .await_turn(&new_turn(req), &req.request_id, theirs, &owner)
+            .await_turn(&new_turn(req, deadline), &req.request_id, theirs, &owner)
             .await?;
         Ok(match awaited {
             Awaited::Generate { messages } => Some(Resumed::Generate(
@@ -132,6 +134,7 @@ impl<S: Store> SessionService<S> {
     async fn begin(
         &self,
         req: &pb::ChatRequest,
+        deadline: Instant,
         mut accepted: impl FnMut(),
     ) -> Result<Resumed<S>, SessionError> {
         let settings = self.turns.project(&req.project)?;
@@ -140,7 +143,7 @@ impl<S: Store> SessionService<S> {
         // bound keeps a pathological clear-retry race from looping.
         for _ in 0..MAX_BEGINS {
             let owner = self.turns.owner(&req.project, &req.session_id);
-            let (prepared, owner) = self.prepare(req, owner).await?;
+            let (prepared, owner) = self.prepare(req, owner, deadline).await?;
             accepted();
             match prepared {
                 Prepared::Replay(text) => {
@@ -153,7 +156,10 @@ impl<S: Store> SessionService<S> {
                     ))
                 }
                 Prepared::InFlight { attempt } => {
-                    if let Some(resumed) = self.await_turn(req, settings, attempt, owner).await? {
+                    if let Some(resumed) = self
+                        .await_turn(req, settings, attempt, owner, deadline)
+                        .await?
+                    {
                         return Ok(resumed);
                     }
                 }
@@ -255,7 +261,7 @@ impl<S: Store> SessionService<S> {
         req: pb::ChatRequest,
         deadline: Instant,
     ) -> Result<pb::ChatReply, SessionError> {
-        match self.begin(&req, || {}).await? {
+        match self.begin(&req, deadline, || {}).await? {
             Resumed::Replay(text) => {
                 self.count_turn("replay");
                 Ok(reply(&req, text, "stop", None))
@@ -306,7 +312,7 @@ impl<S: Store> SessionService<S> {
                 let _ = tx.send(Ok(ev)).await;
             }
         };
-        let begun = self.begin(&req, move || {
+        let begun = self.begin(&req, deadline, move || {
             if let Some(t) = accepted_tx.take() {
                 let _ = t.send(());
             }
@@ -386,13 +392,14 @@ struct Generation<S: Store> {
     owner: TurnOwner<S>,
 }
 
-fn new_turn(req: &pb::ChatRequest) -> NewTurn<'_> {
+fn new_turn(req: &pb::ChatRequest, deadline: Instant) -> NewTurn<'_> {
     NewTurn {
         project: &req.project,
         session_id: &req.session_id,
         message: &req.message,
         request_id: non_empty(&req.request_id),
         system_prompt: req.system_prompt.as_deref(),
+        deadline,
     }
 }
 

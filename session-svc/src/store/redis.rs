@@ -408,13 +408,17 @@ impl Store for RedisStore {
         request_id: &str,
         from: &str,
         to: &str,
+        ends_by: u64,
         ttl: Duration,
     ) -> Result<Step<Option<Opened>>, StoreError> {
         self.change(
             id,
             |_| None,
             ttl,
-            |d| d.as_mut().and_then(|d| d.take_over(request_id, from, to)),
+            |d| {
+                d.as_mut()
+                    .and_then(|d| d.take_over(request_id, from, to, ends_by))
+            },
         )
         .await
     }
@@ -633,6 +637,7 @@ mod tests {
             seq,
             request_id: request_id.map(str::to_owned),
             attempt: reply.is_none().then(|| "replica.1".to_owned()),
+            ends_by: reply.is_none().then_some(1_000),
             user: user.to_owned(),
             reply: reply.map(str::to_owned),
         };
