@@ -48,6 +48,19 @@ pub struct BalanceConfig {
     pub probe: Duration,
     /// Consecutive failures (transport errors, UNAVAILABLE) that eject a replica.
     pub eject_after: u32,
+    /// How a turn's replica is chosen.
+    pub policy: Policy,
+}
+
+/// How a turn's replica is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Policy {
+    /// The session's replica by rendezvous hashing (under the load bound).
+    #[default]
+    Affinity,
+    /// Each turn to the next replica in turn, ignoring the session: only
+    /// to measure what affinity is worth.
+    RoundRobin,
 }
 
 impl Default for BalanceConfig {
@@ -56,6 +69,7 @@ impl Default for BalanceConfig {
             refresh: Duration::from_secs(5),
             probe: Duration::from_secs(1),
             eject_after: 3,
+            policy: Policy::Affinity,
         }
     }
 }
@@ -65,11 +79,7 @@ impl Default for BalanceConfig {
 pub struct BalanceArgs {
     /// How often a `dns://` inference address is resolved again, in
     /// milliseconds (a Kubernetes headless Service's pods come and go).
-    #[arg(
-        long,
-        env = "PALAVER_INFERENCE_REFRESH_MS",
-        default_value_t = 5000
-    )]
+    #[arg(long, env = "PALAVER_INFERENCE_REFRESH_MS", default_value_t = 5000)]
     pub inference_refresh_ms: u64,
 
     /// How often each inference replica's gRPC health is checked, in
@@ -83,6 +93,17 @@ pub struct BalanceArgs {
     /// which an inference replica is ejected until its health check passes.
     #[arg(long, env = "PALAVER_INFERENCE_EJECT_AFTER", default_value_t = 3)]
     pub inference_eject_after: u32,
+
+    /// How a turn's inference replica is chosen: `affinity` (each session
+    /// on its own replica, so the model server's prefix cache keeps it) or
+    /// `round-robin` (for comparison in benchmarks only).
+    #[arg(
+        long,
+        env = "PALAVER_INFERENCE_POLICY",
+        value_enum,
+        default_value_t = Policy::Affinity
+    )]
+    pub inference_policy: Policy,
 }
 
 impl BalanceArgs {
@@ -91,6 +112,7 @@ impl BalanceArgs {
             refresh: Duration::from_millis(self.inference_refresh_ms.max(100)),
             probe: Duration::from_millis(self.inference_probe_ms.max(50)),
             eject_after: self.inference_eject_after.max(1),
+            policy: self.inference_policy,
         }
     }
 }
@@ -123,9 +145,7 @@ impl Target {
                 .trim_end_matches('/')
                 .rsplit_once(':')
                 .ok_or_else(|| TargetError::BadDns(spec.into()))?;
-            let port = port
-                .parse()
-                .map_err(|_| TargetError::BadDns(spec.into()))?;
+            let port = port.parse().map_err(|_| TargetError::BadDns(spec.into()))?;
             let host = host.trim_start_matches('[').trim_end_matches(']');
             if host.is_empty() {
                 return Err(TargetError::BadDns(spec.into()));
@@ -227,6 +247,8 @@ struct Replica {
     health: HealthClient<Channel>,
     in_flight: AtomicUsize,
     failures: AtomicU32,
+    /// SERVING answers in a row while ejected.
+    serving: AtomicU32,
     ejected: AtomicBool,
     label: ReplicaLabel,
 }
@@ -237,6 +259,8 @@ struct Inner {
     make_channel: MakeChannel,
     config: BalanceConfig,
     metrics: Metrics,
+    /// The next turn's place under [`Policy::RoundRobin`].
+    next: AtomicUsize,
     /// Stops the background tasks when the last [`Balancer`] is dropped.
     _stop: DropGuard,
 }
@@ -266,6 +290,7 @@ impl Balancer {
             make_channel,
             config,
             metrics: Metrics::new(registry),
+            next: AtomicUsize::new(0),
             _stop: stop.clone().drop_guard(),
         });
         let this = Self { inner };
@@ -314,6 +339,7 @@ impl Balancer {
                     health: HealthClient::new(channel),
                     in_flight: AtomicUsize::new(0),
                     failures: AtomicU32::new(0),
+                    serving: AtomicU32::new(0),
                     ejected: AtomicBool::new(false),
                     label,
                 }),
@@ -438,6 +464,17 @@ impl Inner {
             .map(|r| r.in_flight.load(Ordering::SeqCst))
             .sum();
         let bound = load_bound(total, admitted.len());
+        if self.config.policy == Policy::RoundRobin {
+            let n = replicas.len().max(1);
+            let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+            let mut order: Vec<Arc<Replica>> = replicas[start..]
+                .iter()
+                .chain(&replicas[..start])
+                .cloned()
+                .collect();
+            order.sort_by_key(|r| r.ejected.load(Ordering::SeqCst));
+            return order;
+        }
         let mut ranked: Vec<(u8, u64, Arc<Replica>)> = replicas
             .iter()
             .map(|r| {
@@ -453,6 +490,14 @@ impl Inner {
             })
             .collect();
         ranked.sort_by_key(|(tier, s, _)| (*tier, *s));
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let best = replicas.iter().max_by_key(|r| score(key_hash, r.id_hash));
+            if let (Some(best), Some((_, _, chosen))) = (best, ranked.first()) {
+                if !Arc::ptr_eq(best, chosen) {
+                    tracing::debug!(key, best = %best.url, chosen = %chosen.url, bound, "session placed off its replica");
+                }
+            }
+        }
         ranked.into_iter().map(|(_, _, r)| r).collect()
     }
 
@@ -475,6 +520,9 @@ impl Inner {
     /// request) counts towards ejecting it.
     fn failed(&self, replica: &Replica, status: &Status, outcome: &'static str) {
         self.count(replica, outcome);
+        if outcome == "retried" {
+            tracing::info!(replica = %replica.url, error = %status, "generation failed before its first token: trying the next replica");
+        }
         if is_replica_failure(status) {
             self.strike(replica, &status.to_string());
         } else {
@@ -492,13 +540,23 @@ impl Inner {
     }
 
     fn eject(&self, replica: &Replica, why: &str) {
+        replica.serving.store(0, Ordering::SeqCst);
         if !replica.ejected.swap(true, Ordering::SeqCst) {
             tracing::warn!(replica = %replica.url, reason = why, "inference replica ejected");
             self.metrics.ejected.get_or_create(&replica.label).set(1);
         }
     }
 
+    /// After a SERVING answer. An ejected replica needs two in a row: its
+    /// own check of its model server may not have caught up yet with what
+    /// the failed calls showed.
     fn readmit(&self, replica: &Replica) {
+        if !replica.ejected.load(Ordering::SeqCst) {
+            return;
+        }
+        if replica.serving.fetch_add(1, Ordering::SeqCst) + 1 < 2 {
+            return;
+        }
         replica.failures.store(0, Ordering::SeqCst);
         if replica.ejected.swap(false, Ordering::SeqCst) {
             tracing::info!(replica = %replica.url, "inference replica healthy again: re-admitted");
@@ -518,29 +576,30 @@ impl Inner {
                 self.readmit(replica);
             }
             Ok(Ok(_)) => self.eject(replica, "health check: not serving"),
-            Ok(Err(s)) => {
-                if !replica.ejected.load(Ordering::SeqCst) {
-                    self.strike(replica, &format!("health check: {s}"));
-                }
+            Ok(Err(s)) if replica.ejected.load(Ordering::SeqCst) => {
+                replica.serving.store(0, Ordering::SeqCst);
+                tracing::debug!(replica = %replica.url, error = %s, "ejected replica still fails its health check");
             }
-            Err(_) => {
-                if !replica.ejected.load(Ordering::SeqCst) {
-                    self.strike(replica, "health check timed out");
-                }
+            Ok(Err(s)) => self.strike(replica, &format!("health check: {s}")),
+            Err(_) if replica.ejected.load(Ordering::SeqCst) => {
+                replica.serving.store(0, Ordering::SeqCst);
             }
+            Err(_) => self.strike(replica, "health check timed out"),
         }
     }
 }
 
-/// A replica is skipped while it has this many generations in flight or
-/// more: 1.25 × the mean of the admitted replicas (counting the one being
-/// placed) plus 8. The 8 is one GPU's batch, so a replica is never skipped
-/// while it merely runs a full batch; past that, the 25 % keeps a replica
-/// whose sessions happen to be busy from queueing far more than the
-/// others, while still leaving nearly every session on its own replica.
+/// A replica is skipped while it has this many generations in flight
+/// (running or queued) or more: 1.5 × the mean of the admitted replicas
+/// (counting the one being placed) plus 16. The 16 is one GPU's batch of 8
+/// running and one batch waiting: a session is moved only once its own
+/// replica would make it wait more than about one extra generation, which
+/// costs more than re-reading its history elsewhere; the 1.5 × keeps the
+/// bound proportional when every replica is busy. A replica that merely has
+/// more sessions than its share by chance keeps them.
 pub fn load_bound(total_in_flight: usize, admitted: usize) -> usize {
     let mean = (total_in_flight + 1) as f64 / admitted.max(1) as f64;
-    (1.25 * mean).ceil() as usize + 8
+    (1.5 * mean).ceil() as usize + 16
 }
 
 /// Whether a failure may be tried on another replica: it happened before
@@ -627,10 +686,8 @@ impl BalancedStream {
 
     /// After a failure on `replica`: `Ok` to try the next replica, else the error.
     fn give_up_or_next(&mut self, replica: &Replica, status: Status) -> Result<(), Status> {
-        let again = !self.started
-            && retryable(&status)
-            && self.attempt == 0
-            && self.candidates.len() > 1;
+        let again =
+            !self.started && retryable(&status) && self.attempt == 0 && self.candidates.len() > 1;
         self.inner
             .failed(replica, &status, if again { "retried" } else { "error" });
         if again {
@@ -795,16 +852,20 @@ mod tests {
             .filter(|k| top(k, &three) != top(k, &four))
             .collect();
         // Only sessions that move go to the new replica: 1/4 expected.
-        assert!((1250..=1750).contains(&moved.len()), "{} moved", moved.len());
+        assert!(
+            (1250..=1750).contains(&moved.len()),
+            "{} moved",
+            moved.len()
+        );
         assert!(moved.iter().all(|k| top(k, &four) == four[3]));
     }
 
     #[test]
     fn the_load_bound_leaves_room_for_a_full_batch() {
-        assert_eq!(load_bound(0, 1), 10);
-        assert_eq!(load_bound(15, 2), 18);
-        // 24 on 3 replicas: a mean of 8, so one with 19 is skipped.
-        assert_eq!(load_bound(24, 3), 19);
+        assert_eq!(load_bound(0, 1), 18);
+        assert_eq!(load_bound(15, 2), 28);
+        // 47 on 3 replicas: a mean of 16, so one with 40 is skipped.
+        assert_eq!(load_bound(47, 3), 40);
     }
 
     #[test]

@@ -51,6 +51,8 @@ pub struct Server<S: Store> {
     service: SessionService<S>,
     /// For the heartbeat that tells other replicas this one's turns live.
     turns: Arc<turn::Turns<S>>,
+    /// The inference replicas' balancer (shared with the service).
+    inference: balance::Balancer,
 }
 
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
@@ -88,9 +90,16 @@ impl<S: Store> Server<S> {
             metrics,
         ));
         Ok(Self {
-            service: SessionService::new(turns.clone(), inference),
+            service: SessionService::new(turns.clone(), inference.clone()),
             turns,
+            inference,
         })
+    }
+
+    /// The balancer over inference-svc replicas: what tests use to change
+    /// the replica set or see which are ejected.
+    pub fn balancer(&self) -> balance::Balancer {
+        self.inference.clone()
     }
 
     /// Serves gRPC on `listener` until `shutdown`, then reports NOT_SERVING,

@@ -810,7 +810,10 @@ mod tests {
             affinity_key: "general/s-1".into(),
         };
         let body = serde_json::to_string(&ChatCompletionRequest::new("m", &req)).unwrap();
-        assert!(body.ends_with(r#""max_tokens":1,"user":"general/s-1"}"#), "{body}");
+        assert!(
+            body.ends_with(r#""max_tokens":1,"user":"general/s-1"}"#),
+            "{body}"
+        );
         assert_eq!(session_header("general/s-1").unwrap(), "general/s-1");
         assert!(session_header("").is_none());
         assert!(session_header("bad\nkey").is_none());
