@@ -43,7 +43,10 @@ async fn main() {
     for n in 1..=3 {
         let rate = throughput(n).await;
         let base = *one.get_or_insert(rate);
-        println!("replicas={n} turns_per_s={rate:.1} vs_one={:.2}", rate / base);
+        println!(
+            "replicas={n} turns_per_s={rate:.1} vs_one={:.2}",
+            rate / base
+        );
     }
 }
 
@@ -84,8 +87,9 @@ async fn ttft(policy: Policy, think: Duration) {
     let mut sorted: Vec<f64> = all.iter().map(|(_, d)| d.as_secs_f64() * 1000.0).collect();
     sorted.sort_by(f64::total_cmp);
     let p = |q: f64| sorted[((sorted.len() as f64 * q).ceil() as usize).saturating_sub(1)];
+    let split: Vec<usize> = c.replicas.iter().map(|r| r.fake.sessions().len()).collect();
     println!(
-        "policy={policy:?} mean_ttft_ms={:.1} p50={:.1} p99={:.1} first_turn_mean={:.1} later_turns_mean={:.1} last_turn_mean={:.1}",
+        "policy={policy:?} sessions_seen_per_replica={split:?} mean_ttft_ms={:.1} p50={:.1} p99={:.1} first_turn_mean={:.1} later_turns_mean={:.1} last_turn_mean={:.1}",
         mean(&|_| true),
         p(0.5),
         p(0.99),
@@ -108,8 +112,12 @@ async fn throughput(n: usize) -> f64 {
     let done = Arc::new(AtomicUsize::new(0));
     let load: Vec<_> = (0..24 * n)
         .map(|i| {
-            let (client, stop, counting, done) =
-                (c.client.clone(), stop.clone(), counting.clone(), done.clone());
+            let (client, stop, counting, done) = (
+                c.client.clone(),
+                stop.clone(),
+                counting.clone(),
+                done.clone(),
+            );
             tokio::spawn(async move {
                 let mut t = 0;
                 while !stop.load(Ordering::SeqCst) {

@@ -58,12 +58,7 @@ pub async fn cluster(n: usize, known: usize, fake: FakeVllmConfig) -> Cluster {
 }
 
 /// [`cluster`] with a choice of balancing policy.
-pub async fn cluster_with(
-    n: usize,
-    known: usize,
-    fake: FakeVllmConfig,
-    policy: Policy,
-) -> Cluster {
+pub async fn cluster_with(n: usize, known: usize, fake: FakeVllmConfig, policy: Policy) -> Cluster {
     crate::init_logging();
     let shutdown = CancellationToken::new();
     let mut replicas = Vec::new();
