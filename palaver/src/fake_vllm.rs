@@ -147,9 +147,11 @@ mod tests {
             ttft: 100.0,
             tpot: 0.25,
             tokens: 8,
+            prefill_us_per_token: 150,
             model: "m".into(),
         };
         let c = args.config();
+        assert_eq!(c.prefill_per_token, Duration::from_micros(150));
         assert_eq!(c.ttft, Duration::from_millis(100));
         assert_eq!(c.tpot, Duration::from_micros(250));
         assert_eq!((c.tokens, c.model.as_str()), (8, "m"));

@@ -406,7 +406,12 @@ impl Balancer {
                 self.inner.metrics.retries.inc();
             }
             let _busy = InFlight::enter(&self.inner.metrics, replica);
-            let result = replica.client.clone().generate(request.clone()).await;
+            let result = replica
+                .client
+                .clone()
+                .generate(request.clone())
+                .await
+                .map_err(from_replica);
             match result {
                 Ok(reply) => {
                     self.inner.succeeded(replica);
@@ -602,6 +607,21 @@ pub fn load_bound(total_in_flight: usize, admitted: usize) -> usize {
     (1.5 * mean).ceil() as usize + 16
 }
 
+/// A replica's CANCELLED (its server reset the stream, e.g. while it shut
+/// down) as UNAVAILABLE: this caller did not cancel, and the turn's code
+/// takes CANCELLED to mean its own caller left, which would end the turn
+/// without a reply.
+fn from_replica(status: Status) -> Status {
+    if status.code() == Code::Cancelled {
+        Status::unavailable(format!(
+            "the inference replica ended the call: {}",
+            status.message()
+        ))
+    } else {
+        status
+    }
+}
+
 /// Whether a failure may be tried on another replica: it happened before
 /// the generation started (connection refused or reset, replica or model
 /// server unavailable, its queue full). Other codes are the request's own
@@ -678,7 +698,7 @@ impl BalancedStream {
                 }
                 Err(s) => {
                     drop(busy);
-                    self.give_up_or_next(&replica, s)?;
+                    self.give_up_or_next(&replica, from_replica(s))?;
                 }
             }
         }
@@ -719,7 +739,7 @@ impl BalancedStream {
                     return Ok(None);
                 }
                 Err(s) => {
-                    self.give_up_or_next(&replica, s)?;
+                    self.give_up_or_next(&replica, from_replica(s))?;
                     self.open().await?;
                 }
             }

@@ -31,6 +31,8 @@ pub fn roomy_projects() -> Projects {
 pub struct Replica {
     pub fake: FakeVllm,
     pub url: String,
+    /// Stops this replica's inference-svc (it drains, then its port closes).
+    pub stop: CancellationToken,
 }
 
 pub struct Cluster {
@@ -68,8 +70,9 @@ pub async fn cluster_with(n: usize, known: usize, fake: FakeVllmConfig, policy: 
         cfg.model_health_interval = HEALTH_INTERVAL;
         let server = inference_svc::Server::new(cfg, &mut Registry::default()).unwrap();
         let (listener, url) = bind().await;
-        tokio::spawn(server.serve(listener, shutdown.clone()));
-        replicas.push(Replica { fake, url });
+        let stop = shutdown.child_token();
+        tokio::spawn(server.serve(listener, stop.clone()));
+        replicas.push(Replica { fake, url, stop });
     }
     let urls: Vec<&str> = replicas[..known].iter().map(|r| r.url.as_str()).collect();
     let mut cfg = session_svc::Config::new(urls.join(","));

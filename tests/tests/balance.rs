@@ -309,3 +309,73 @@ async fn inference_svc_is_not_serving_while_its_model_server_is_down() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_inference_svc_s_sessions_move_without_a_lost_turn() {
+    let c = cluster(
+        3,
+        3,
+        FakeVllmConfig {
+            ttft: Duration::from_millis(30),
+            tpot: Duration::from_millis(5),
+            tokens: 4,
+            ..FakeVllmConfig::default()
+        },
+    )
+    .await;
+    let sessions = 30;
+    join_all((0..sessions).map(|i| turn(c.client.clone(), session(i), 0, false)))
+        .await
+        .into_iter()
+        .for_each(|r| {
+            r.unwrap();
+        });
+    let before = owners(&c);
+    let on_stopped: HashSet<String> = before
+        .iter()
+        .filter(|(_, o)| **o == 1)
+        .map(|(s, _)| s.clone())
+        .collect();
+    assert!(!on_stopped.is_empty(), "replica 1 has sessions");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load: Vec<_> = (0..sessions)
+        .map(|i| {
+            let (client, stop) = (c.client.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut t = 1;
+                while !stop.load(Ordering::SeqCst) {
+                    turn(client.clone(), session(i), t, i % 2 == 0)
+                        .await
+                        .unwrap_or_else(|s| panic!("{} turn {t} lost: {s:?}", session(i)));
+                    t += 1;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The process goes away: running turns drain, then its port refuses.
+    c.replicas[1].stop.cancel();
+    let stopped_url = c.replicas[1].url.clone();
+    within("replica 1 ejected", HEALTH_INTERVAL * 15, || {
+        c.balancer.ejected().contains(&stopped_url)
+    })
+    .await;
+    for r in &c.replicas {
+        r.fake.reset_stats();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::SeqCst);
+    for t in load {
+        t.await.expect("no turn lost");
+    }
+    assert_eq!(c.replicas[1].fake.requests(), 0, "nothing reaches it");
+    let seen: HashSet<String> = c.replicas[..]
+        .iter()
+        .flat_map(|r| r.fake.sessions().into_keys())
+        .collect();
+    assert!(
+        on_stopped.iter().all(|s| seen.contains(s)),
+        "its sessions are served by the others"
+    );
+}
