@@ -397,19 +397,26 @@ impl Balancer {
     /// next one if the first could not start it.
     pub async fn generate(
         &self,
-        request: GenerateRequest,
+        mut request: GenerateRequest,
     ) -> Result<Response<GenerateReply>, Status> {
         let candidates = self.inner.candidates(&request.affinity_key);
+        let tries = candidates.len().min(2);
         let mut last = Status::unavailable("no inference replica is known yet");
-        for (attempt, replica) in candidates.iter().take(2).enumerate() {
+        for (attempt, replica) in candidates.iter().take(tries).enumerate() {
             if attempt > 0 {
                 self.inner.metrics.retries.inc();
             }
             let _busy = InFlight::enter(&self.inner.metrics, replica);
+            // The history is copied only while another attempt may need it.
+            let this_try = if attempt + 1 < tries {
+                request.clone()
+            } else {
+                std::mem::take(&mut request)
+            };
             let result = replica
                 .client
                 .clone()
-                .generate(request.clone())
+                .generate(this_try)
                 .await
                 .map_err(from_replica);
             match result {
