@@ -379,3 +379,40 @@ async fn a_stopped_inference_svc_s_sessions_move_without_a_lost_turn() {
         "its sessions are served by the others"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dns_name_is_resolved_to_its_replicas() {
+    use palaver_proto::session::v1::sessions_client::SessionsClient;
+    use prometheus_client::registry::Registry;
+
+    let c = cluster(1, 1, FakeVllmConfig::default()).await;
+    let port = c.replicas[0].url.rsplit(':').next().unwrap().to_owned();
+    let mut cfg = session_svc::Config::new(format!("dns://localhost:{port}"));
+    cfg.projects = palaver_tests::cluster::roomy_projects();
+    cfg.balance.refresh = Duration::from_millis(200);
+    let server = session_svc::Server::new(
+        cfg,
+        session_svc::MemoryStore::new(),
+        &mut Registry::default(),
+    )
+    .unwrap();
+    let balancer = server.balancer();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(server.serve(listener, c.shutdown.clone()));
+    let client = SessionsClient::connect(url).await.unwrap();
+
+    let replica = format!("http://127.0.0.1:{port}");
+    within("localhost resolved", Duration::from_secs(5), || {
+        balancer.route("s").contains(&replica)
+    })
+    .await;
+    // localhost may also be ::1, where nothing listens: turns still succeed
+    // (retried on 127.0.0.1, and ::1 ejected).
+    for t in 0..5 {
+        turn(client.clone(), session(0), t, t % 2 == 0)
+            .await
+            .unwrap_or_else(|s| panic!("turn {t}: {s:?}"));
+    }
+    assert_eq!(c.replicas[0].fake.requests(), 5);
+}
