@@ -30,6 +30,8 @@ const MAX_ID_BYTES: usize = 256;
 const MAX_SYSTEM_PROMPT_CHARS: usize = 32_000;
 /// Deadline of a turn whose caller set none: the gateway's default.
 const DEFAULT_DEADLINE: Duration = Duration::from_secs(120);
+/// Longest lease: a holder that dies keeps others out for at most this.
+const MAX_LEASE_TTL: Duration = Duration::from_secs(600);
 /// Times a retry may find its turn gone and begin again.
 const MAX_BEGINS: usize = 3;
 /// Sessions a project-wide clear or delete works on at once.
@@ -714,6 +716,36 @@ impl<S: Store> Sessions for SessionService<S> {
             touched += changed.map_err(|e| self.fail(e))?;
         }
         Ok(Response::new(pb::UpdateProjectReply { sessions: touched }))
+    }
+
+    async fn hold_lease(
+        &self,
+        request: Request<pb::LeaseRequest>,
+    ) -> Result<Response<pb::LeaseReply>, Status> {
+        let r = request.into_inner();
+        for (what, v) in [("lease name", &r.name), ("lease holder", &r.holder)] {
+            if v.trim().is_empty() || v.len() > MAX_ID_BYTES {
+                return Err(self.fail(invalid(format!("{what} must be 1 to {MAX_ID_BYTES} bytes"))));
+            }
+        }
+        let ttl = Duration::from_millis(u64::from(r.ttl_ms));
+        if ttl > MAX_LEASE_TTL {
+            return Err(self.fail(invalid(format!(
+                "lease ttl_ms must be at most {}",
+                MAX_LEASE_TTL.as_millis()
+            ))));
+        }
+        let lease = self
+            .turns
+            .store()
+            .hold_lease(&r.name, &r.holder, ttl)
+            .await
+            .map_err(|e| self.fail(e.into()))?;
+        Ok(Response::new(pb::LeaseReply {
+            held: lease.held,
+            epoch: lease.epoch,
+            holder: lease.holder.unwrap_or_default(),
+        }))
     }
 }
 

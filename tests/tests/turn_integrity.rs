@@ -17,7 +17,7 @@ use prometheus_client::registry::Registry;
 use serde_json::json;
 use session_svc::dialog::{Dialog, Ending, Opened, Opening};
 use session_svc::keys::KeySpace;
-use session_svc::store::{Admit, RateLimit, SessionId, Step, Store, StoreError};
+use session_svc::store::{Admit, Lease, RateLimit, SessionId, Step, Store, StoreError};
 use session_svc::RedisStore;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -344,6 +344,14 @@ impl Store for Flaky {
     }
     async fn alive(&self, replica: &str) -> Result<bool, StoreError> {
         self.inner.alive(replica).await
+    }
+    async fn hold_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Lease, StoreError> {
+        self.inner.hold_lease(name, holder, ttl).await
     }
     async fn admit(
         &self,
