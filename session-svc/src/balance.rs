@@ -614,14 +614,19 @@ pub fn load_bound(total_in_flight: usize, admitted: usize) -> usize {
     (1.5 * mean).ceil() as usize + 16
 }
 
-/// A replica's CANCELLED (its server reset the stream, e.g. while it shut
-/// down) as UNAVAILABLE: this caller did not cancel, and the turn's code
-/// takes CANCELLED to mean its own caller left, which would end the turn
-/// without a reply.
+/// A failure of the call itself rather than an answer of the replica's, as
+/// UNAVAILABLE: CANCELLED (its server reset the stream, e.g. while it shut
+/// down; this caller did not cancel, and the turn's code takes CANCELLED to
+/// mean its own caller left, which would end the turn without a reply), and
+/// UNKNOWN or INTERNAL raised by the HTTP/2 transport (a connection closed
+/// mid-call), which tonic marks with the transport error as their source.
+/// A status the replica sent has no source and is kept as it is.
 fn from_replica(status: Status) -> Status {
-    if status.code() == Code::Cancelled {
+    let transport = std::error::Error::source(&status).is_some()
+        && matches!(status.code(), Code::Unknown | Code::Internal);
+    if status.code() == Code::Cancelled || transport {
         Status::unavailable(format!(
-            "the inference replica ended the call: {}",
+            "the call to the inference replica broke off: {}",
             status.message()
         ))
     } else {
@@ -640,7 +645,7 @@ fn retryable(status: &Status) -> bool {
 /// Whether a failure says the replica is unwell (rather than busy or the
 /// request bad).
 fn is_replica_failure(status: &Status) -> bool {
-    matches!(status.code(), Code::Unavailable | Code::Unknown)
+    status.code() == Code::Unavailable
 }
 
 /// Counts a generation on a replica until dropped.
@@ -910,6 +915,15 @@ mod tests {
         );
         assert!(Target::parse("dns://nohost").is_err());
         assert!(Target::parse(" , ").is_err());
+        // What the replica said stays; a broken call becomes retryable.
+        assert_eq!(from_replica(Status::internal("bug")).code(), Code::Internal);
+        assert_eq!(
+            from_replica(Status::cancelled("reset")).code(),
+            Code::Unavailable
+        );
+        let broken = Status::from_error(Box::new(std::io::Error::other("connection closed")));
+        assert_eq!(broken.code(), Code::Unknown);
+        assert!(retryable(&from_replica(broken)));
         let a: SocketAddr = "10.0.0.2:5".parse().unwrap();
         let b: SocketAddr = "[fd00::1]:5".parse().unwrap();
         assert_eq!(
