@@ -114,6 +114,17 @@ pub struct InferenceArgs {
     /// reply is reasoning until `</think>`; it is held back until then.
     #[arg(long, env = "PALAVER_INFERENCE_THINK_STARTS_OPEN")]
     pub think_starts_open: bool,
+
+    /// How often the model server's `GET /health` is checked, in
+    /// milliseconds. While it fails, this service's gRPC health reports
+    /// `palaver.inference.v1.Inference` NOT_SERVING, so that session-svc
+    /// sends the sessions to other replicas (the simulator is always healthy).
+    #[arg(
+        long,
+        env = "PALAVER_INFERENCE_MODEL_HEALTH_INTERVAL_MS",
+        default_value_t = 2000
+    )]
+    pub model_health_interval_ms: u64,
 }
 
 impl InferenceArgs {
@@ -143,6 +154,7 @@ impl InferenceArgs {
             sim_tokens_per_sec: self.sim_tokens_per_sec,
             strip_think: self.strip_think,
             think_starts_open: self.think_starts_open,
+            model_health_interval: Duration::from_millis(self.model_health_interval_ms.max(1)),
         };
         config.validate()?;
         Ok(config)
@@ -194,6 +206,8 @@ pub struct Config {
     pub strip_think: bool,
     /// Replies start inside a think block whose opening tag was in the prompt.
     pub think_starts_open: bool,
+    /// How often the model server's health is checked.
+    pub model_health_interval: Duration,
 }
 
 impl Config {
@@ -214,6 +228,7 @@ impl Config {
             sim_tokens_per_sec: 50.0,
             strip_think: true,
             think_starts_open: false,
+            model_health_interval: Duration::from_secs(2),
         }
     }
 

@@ -44,6 +44,9 @@ const HTTP2_KEEPALIVE: Duration = Duration::from_secs(20);
 pub struct Server {
     routes: Routes,
     health: tonic_health::server::HealthReporter,
+    /// For the model server's health check.
+    backend: Backend,
+    model_health_interval: Duration,
 }
 
 impl Server {
@@ -63,7 +66,7 @@ impl Server {
                 metrics.clone(),
             ))
             // The backend: vLLM over HTTP (with its own timeouts) or the simulator.
-            .service(backend);
+            .service(backend.clone());
         let inference = InferenceServer::new(InferenceService::new(stack, metrics));
 
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -87,7 +90,12 @@ impl Server {
                 "inference backend: simulator (no model)"
             ),
         }
-        Ok(Self { routes, health })
+        Ok(Self {
+            routes,
+            health,
+            backend,
+            model_health_interval: config.model_health_interval,
+        })
     }
 
     /// Serves gRPC on `listener` until `shutdown` is cancelled; then reports
@@ -97,10 +105,20 @@ impl Server {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> Result<(), tonic::transport::Error> {
-        let Self { routes, health } = self;
+        let Self {
+            routes,
+            health,
+            backend,
+            model_health_interval,
+        } = self;
         health
             .set_serving::<InferenceServer<InferenceService>>()
             .await;
+        let checker = tokio::spawn(watch_model_server(
+            backend,
+            health.clone(),
+            model_health_interval,
+        ));
         // Small gRPC frames (one per token) should leave at once.
         let incoming = TcpListenerStream::new(listener).map(|conn| {
             if let Ok(stream) = &conn {
@@ -113,6 +131,9 @@ impl Server {
         let signal = async move {
             shutdown.cancelled().await;
             tracing::info!("inference-svc draining");
+            // Stopped first, so that it cannot report SERVING after this.
+            checker.abort();
+            let _ = checker.await;
             health
                 .set_not_serving::<InferenceServer<InferenceService>>()
                 .await;
@@ -125,5 +146,41 @@ impl Server {
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, signal)
             .await
+    }
+}
+
+/// Reports `palaver.inference.v1.Inference` NOT_SERVING while the model
+/// server fails its health check and SERVING again once it passes, so that
+/// session-svc moves this replica's sessions elsewhere while its GPU is
+/// down. The overall status ("") is left alone: it is what the liveness
+/// probe reads, and restarting this process would not bring vLLM back.
+async fn watch_model_server(
+    backend: Backend,
+    health: tonic_health::server::HealthReporter,
+    interval: Duration,
+) {
+    let mut serving = true;
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        // A check never outlasts the interval (at least a second, for a
+        // busy server's slow answer).
+        let ok = backend.healthy(interval.max(Duration::from_secs(1))).await;
+        if ok == serving {
+            continue;
+        }
+        serving = ok;
+        if ok {
+            tracing::info!("model server healthy again: serving");
+            health
+                .set_serving::<InferenceServer<InferenceService>>()
+                .await;
+        } else {
+            tracing::warn!("model server fails its health check: not serving");
+            health
+                .set_not_serving::<InferenceServer<InferenceService>>()
+                .await;
+        }
     }
 }

@@ -214,6 +214,7 @@ pub fn validate(req: GenerateRequest) -> Result<GenerateParams, InferenceError> 
         top_p,
         max_tokens,
         request_id: req.request_id,
+        affinity_key: req.affinity_key,
     })
 }
 

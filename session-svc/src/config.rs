@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use palaver_core::projects::Projects;
 
+use crate::balance::{BalanceArgs, BalanceConfig};
 use crate::turn::LockConfig;
 
 /// Flags of session-svc (each also read from the environment variable shown
@@ -17,7 +18,10 @@ pub struct SessionArgs {
     #[arg(long, env = "PALAVER_REDIS_URL")]
     pub redis_url: Option<String>,
 
-    /// inference-svc's gRPC address.
+    /// inference-svc's gRPC address: one URL, a comma-separated list of
+    /// URLs (one replica per GPU), or dns://host:port for every address of a
+    /// name, resolved again while running (a Kubernetes headless Service).
+    /// Each session's turns go to one replica while it is healthy.
     #[arg(
         long,
         env = "PALAVER_INFERENCE_URL",
@@ -41,6 +45,9 @@ pub struct SessionArgs {
     /// Prefix of every Redis key, to share one Redis between deployments.
     #[arg(long, env = "PALAVER_KEY_PREFIX", default_value = "palaver")]
     pub key_prefix: String,
+
+    #[command(flatten)]
+    pub balance: BalanceArgs,
 }
 
 impl SessionArgs {
@@ -53,6 +60,7 @@ impl SessionArgs {
                 ttl: Duration::from_millis(self.lock_ttl_ms.max(1)),
                 wait: Duration::from_millis(self.lock_wait_ms),
             },
+            balance: self.balance.config(),
         })
     }
 }
@@ -62,10 +70,13 @@ impl SessionArgs {
 pub struct Config {
     /// Prompts, limits and sampling defaults per project.
     pub projects: Projects,
-    /// inference-svc's gRPC address, e.g. `http://127.0.0.1:50052`.
+    /// inference-svc's gRPC address, e.g. `http://127.0.0.1:50052`, a
+    /// comma-separated list, or `dns://host:port`.
     pub inference_url: String,
     /// Lock TTL and wait.
     pub lock: LockConfig,
+    /// How the inference replicas are watched.
+    pub balance: BalanceConfig,
 }
 
 impl Config {
@@ -75,6 +86,7 @@ impl Config {
             projects: Projects::builtin(),
             inference_url: inference_url.into(),
             lock: LockConfig::default(),
+            balance: BalanceConfig::default(),
         }
     }
 }

@@ -10,6 +10,7 @@
 //!                                 └──────gRPC──► inference-svc
 //! ```
 
+pub mod balance;
 pub mod config;
 pub mod dialog;
 pub mod error;
@@ -22,7 +23,6 @@ pub mod turn;
 use std::sync::Arc;
 
 use futures::StreamExt;
-use palaver_proto::inference::v1::inference_client::InferenceClient;
 use palaver_proto::session::v1::sessions_server::SessionsServer;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -51,6 +51,8 @@ pub struct Server<S: Store> {
     service: SessionService<S>,
     /// For the heartbeat that tells other replicas this one's turns live.
     turns: Arc<turn::Turns<S>>,
+    /// The inference replicas' balancer (shared with the service).
+    inference: balance::Balancer,
 }
 
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
@@ -61,21 +63,25 @@ impl<S: Store> Server<S> {
     /// Builds the service over `store`; the connection to inference-svc is
     /// made lazily, so start order does not matter.
     pub fn new(config: Config, store: S, registry: &mut Registry) -> Result<Self, ServeError> {
-        let bad_url = |reason: String| ServeError::InferenceUrl {
-            url: config.inference_url.clone(),
-            reason,
-        };
-        // Bounded connects and HTTP/2 keep-alive, as the gateway's channel
-        // has: a dead inference-svc is noticed in seconds, not at the OS's
-        // TCP timeout.
-        let channel = Endpoint::from_shared(config.inference_url.clone())
-            .map_err(|e| bad_url(e.to_string()))?
-            .tcp_nodelay(true)
-            .connect_timeout(CONNECT_TIMEOUT)
-            .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
-            .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+        // One channel per inference replica, made lazily. Bounded connects
+        // and HTTP/2 keep-alive, as the gateway's channel has: a dead
+        // inference-svc is noticed in seconds, not at the OS's TCP timeout.
+        let make_channel: balance::MakeChannel = Arc::new(|url: &str| {
+            Ok(Endpoint::from_shared(url.to_owned())
+                .map_err(|e| e.to_string())?
+                .tcp_nodelay(true)
+                .connect_timeout(CONNECT_TIMEOUT)
+                .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+                .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+                .keep_alive_while_idle(true)
+                .connect_lazy())
+        });
+        let inference = balance::Target::parse(&config.inference_url)
+            .and_then(|t| balance::Balancer::new(t, config.balance.clone(), make_channel, registry))
+            .map_err(|e| ServeError::InferenceUrl {
+                url: config.inference_url.clone(),
+                reason: e.to_string(),
+            })?;
         let metrics = Arc::new(metrics::Metrics::new(registry));
         let turns = Arc::new(turn::Turns::new(
             store,
@@ -84,9 +90,16 @@ impl<S: Store> Server<S> {
             metrics,
         ));
         Ok(Self {
-            service: SessionService::new(turns.clone(), InferenceClient::new(channel)),
+            service: SessionService::new(turns.clone(), inference.clone()),
             turns,
+            inference,
         })
+    }
+
+    /// The balancer over inference-svc replicas: what tests use to change
+    /// the replica set or see which are ejected.
+    pub fn balancer(&self) -> balance::Balancer {
+        self.inference.clone()
     }
 
     /// Serves gRPC on `listener` until `shutdown`, then reports NOT_SERVING,

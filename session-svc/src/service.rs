@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt as _};
 use palaver_proto::inference::v1 as inf;
-use palaver_proto::inference::v1::inference_client::InferenceClient;
 use palaver_proto::session::v1 as pb;
 use palaver_proto::session::v1::sessions_server::Sessions;
 use rand::Rng;
@@ -15,11 +14,11 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use palaver_core::projects::ProjectSettings;
 
+use crate::balance::Balancer;
 use crate::dialog::{random_first_seq, Dialog, Role};
 use crate::error::SessionError;
 use crate::metrics::{KindLabel, OutcomeLabel};
@@ -41,7 +40,7 @@ const PROJECT_ACTION_CONCURRENCY: usize = 16;
 /// The `Sessions` gRPC service over a store.
 pub struct SessionService<S: Store> {
     turns: Arc<Turns<S>>,
-    inference: InferenceClient<Channel>,
+    inference: Balancer,
 }
 
 impl<S: Store> Clone for SessionService<S> {
@@ -54,7 +53,7 @@ impl<S: Store> Clone for SessionService<S> {
 }
 
 impl<S: Store> SessionService<S> {
-    pub fn new(turns: Arc<Turns<S>>, inference: InferenceClient<Channel>) -> Self {
+    pub fn new(turns: Arc<Turns<S>>, inference: Balancer) -> Self {
         Self { turns, inference }
     }
 

@@ -120,6 +120,14 @@ impl OpenAiBackend {
         })
     }
 
+    /// `GET /health` answered 200 within `timeout` (vLLM: 503 once its
+    /// engine died, connection refused while it loads or after it exited).
+    pub async fn healthy(&self, timeout: Duration) -> bool {
+        let url = format!("{}/health", self.inner.base);
+        let probe = self.inner.client.get(url).timeout(timeout).send();
+        matches!(probe.await, Ok(r) if r.status().is_success())
+    }
+
     /// Sends the request and returns once the server answered with a status;
     /// the reply then streams.
     pub async fn generate(&self, req: GenerateParams) -> Result<TokenStream, InferenceError> {
@@ -139,15 +147,20 @@ impl OpenAiBackend {
             .map_err(|_| first_token_error())??;
         let body = ChatCompletionRequest::new(&model, &req);
         let request_id = request_id_header(&req.request_id);
+        let session = session_header(&req.affinity_key);
         tracing::debug!(request_id = ?request_id, %model, "sending chat completion");
 
         let response = timeout_at(
             deadlines.first_token,
             inner.send_with_retry(|| {
-                inner
+                let post = inner
                     .authorized(inner.client.post(inner.chat_url.clone()))
-                    .header("X-Request-Id", request_id.clone())
-                    .json(&body)
+                    .header("X-Request-Id", request_id.clone());
+                match &session {
+                    Some(s) => post.header("x-session-id", s.clone()),
+                    None => post,
+                }
+                .json(&body)
             }),
         )
         .await
@@ -451,6 +464,15 @@ fn normalize_base(url: &str) -> Result<String, InferenceError> {
     Ok(base.to_string())
 }
 
+/// The session key as a header value, when it is one (else only `user`
+/// carries it: the JSON body takes any string).
+fn session_header(key: &str) -> Option<HeaderValue> {
+    if key.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(key).ok()
+}
+
 /// The caller's request id when it is a usable header value, else a fresh
 /// one: vLLM (before 0.9) refuses duplicate ids among running requests.
 fn request_id_header(id: &str) -> HeaderValue {
@@ -540,6 +562,9 @@ struct ChatCompletionRequest<'a> {
     temperature: f32,
     top_p: f32,
     max_tokens: u32,
+    /// The session: OpenAI's end-user field, which routers may hash on.
+    #[serde(skip_serializing_if = "str::is_empty")]
+    user: &'a str,
 }
 
 #[derive(Serialize)]
@@ -575,6 +600,7 @@ impl<'a> ChatCompletionRequest<'a> {
             temperature: req.temperature,
             top_p: req.top_p,
             max_tokens: req.max_tokens,
+            user: &req.affinity_key,
         }
     }
 }
@@ -763,6 +789,7 @@ mod tests {
             top_p: 0.95,
             max_tokens: 64,
             request_id: "r".into(),
+            affinity_key: String::new(),
         };
         let body = serde_json::to_string(&ChatCompletionRequest::new("m", &req)).unwrap();
         // 0.7 as the caller gave it, not 0.699999988079071 (f32 widened to f64).
@@ -770,6 +797,26 @@ mod tests {
             body,
             r#"{"model":"m","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"say \"hi\"\n"}],"stream":true,"stream_options":{"include_usage":true},"temperature":0.7,"top_p":0.95,"max_tokens":64}"#
         );
+    }
+
+    #[test]
+    fn the_session_key_goes_in_user_and_in_a_header_when_it_can() {
+        let req = GenerateParams {
+            messages: Vec::new(),
+            temperature: 1.0,
+            top_p: 1.0,
+            max_tokens: 1,
+            request_id: String::new(),
+            affinity_key: "general/s-1".into(),
+        };
+        let body = serde_json::to_string(&ChatCompletionRequest::new("m", &req)).unwrap();
+        assert!(
+            body.ends_with(r#""max_tokens":1,"user":"general/s-1"}"#),
+            "{body}"
+        );
+        assert_eq!(session_header("general/s-1").unwrap(), "general/s-1");
+        assert!(session_header("").is_none());
+        assert!(session_header("bad\nkey").is_none());
     }
 
     #[test]
