@@ -190,7 +190,9 @@ impl<S: Store> SessionService<S> {
             }),
             // Unique per attempt: vLLM refuses duplicate ids in flight.
             request_id: format!("palaver-{:016x}", rand::rng().random::<u64>()),
-            affinity_key: req.session_id.clone(),
+            // Unique across projects: routers in front of several model
+            // servers see it as the session (x-session-id, OpenAI `user`).
+            affinity_key: format!("{}/{}", req.project, req.session_id),
         };
         Generation { request, owner }
     }
@@ -336,6 +338,7 @@ impl<S: Store> SessionService<S> {
         let mut text = String::new();
         let mut finish = String::new();
         let mut usage = None;
+        let mut caller_left = false;
         let outcome: Result<(), Status> = async {
             let mut stream = self
                 .inference
@@ -352,6 +355,7 @@ impl<S: Store> SessionService<S> {
                     if tx.send(Ok(ev)).await.is_err() {
                         // The caller left: dropping `stream` cancels the
                         // generation, and the owner takes the turn back.
+                        caller_left = true;
                         return Err(Status::cancelled("caller went away"));
                     }
                 }
@@ -366,7 +370,7 @@ impl<S: Store> SessionService<S> {
         }
         .await;
         self.turns.observe_phase("generate", generated);
-        if matches!(&outcome, Err(s) if s.code() == tonic::Code::Cancelled) {
+        if caller_left {
             return Ok(()); // dropping the owner takes the turn back
         }
         let text = self

@@ -361,6 +361,13 @@ async fn a_stopped_inference_svc_s_sessions_move_without_a_lost_turn() {
         c.balancer.ejected().contains(&stopped_url)
     })
     .await;
+    // Generations it admitted before it stopped still drain to its model
+    // server; count only what comes after.
+    within("replica 1 drained", HEALTH_INTERVAL * 15, || {
+        c.replicas[1].fake.in_flight() == 0
+    })
+    .await;
+    tokio::time::sleep(HEALTH_INTERVAL).await;
     for r in &c.replicas {
         r.fake.reset_stats();
     }
