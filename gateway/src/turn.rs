@@ -6,13 +6,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use palaver_core::auth::Channel;
 use palaver_proto::session::v1::chat_event::Event;
 use palaver_proto::session::v1::{
     sessions_client::SessionsClient, ChatReply, ChatRequest, ResetSessionRequest, SessionAction,
     SessionRef, UpdateProjectRequest,
 };
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tracing::Instrument;
 
@@ -73,7 +73,7 @@ impl Turns {
         let span = tracing::debug_span!(
             "turn",
             project = publisher.project(),
-            session_id = %turn.session_id,
+            session_id = ?turn.session_id,
             request_id = turn.request_id.as_deref().unwrap_or(""),
             client_id = turn.client_id.as_deref().unwrap_or(""),
         );

@@ -28,7 +28,6 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
 
 pub use config::{Config, ListenArgs, SessionArgs};
 pub use error::SessionError;
@@ -44,6 +43,30 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error(transparent)]
     Transport(#[from] tonic::transport::Error),
+}
+
+/// The methods a `chat` token may call; `admin` may call all.
+pub const CHAT_METHODS: &[&str] = &[
+    "/palaver.session.v1.Sessions/Chat",
+    "/palaver.session.v1.Sessions/ChatStream",
+    "/palaver.session.v1.Sessions/GetHistory",
+];
+
+/// How the gRPC server is protected: TLS (with client certificates when it
+/// has a client CA) and bearer tokens. The default is neither.
+#[derive(Debug, Clone)]
+pub struct Security {
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
+    pub auth: palaver_core::auth::AuthLayer,
+}
+
+impl Default for Security {
+    fn default() -> Self {
+        Self {
+            tls: None,
+            auth: palaver_core::auth::AuthLayer::new(None),
+        }
+    }
 }
 
 /// A session-svc instance, ready to serve.
@@ -68,7 +91,9 @@ impl<S: Store> Server<S> {
         // Bounded connects and HTTP/2 keep-alive, as the gateway's channel
         // has: a dead inference-svc is noticed in seconds, not at the OS's
         // TCP timeout.
-        let channel = Endpoint::from_shared(config.inference_url.clone())
+        let channel = config
+            .inference_tls
+            .endpoint(&config.inference_url)
             .map_err(|e| bad_url(e.to_string()))?
             .tcp_nodelay(true)
             .connect_timeout(CONNECT_TIMEOUT)
@@ -84,7 +109,10 @@ impl<S: Store> Server<S> {
             metrics,
         ));
         Ok(Self {
-            service: SessionService::new(turns.clone(), InferenceClient::new(channel)),
+            service: SessionService::new(
+                turns.clone(),
+                InferenceClient::with_interceptor(channel, config.inference_token.clone()),
+            ),
             turns,
         })
     }
@@ -94,6 +122,17 @@ impl<S: Store> Server<S> {
     pub async fn serve(
         self,
         listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), ServeError> {
+        self.serve_secured(listener, Security::default(), shutdown)
+            .await
+    }
+
+    /// As [`serve`](Self::serve), with TLS and bearer tokens.
+    pub async fn serve_secured(
+        self,
+        listener: TcpListener,
+        security: Security,
         shutdown: CancellationToken,
     ) -> Result<(), ServeError> {
         let beating = CancellationToken::new();
@@ -116,7 +155,12 @@ impl<S: Store> Server<S> {
             conn.set_nodelay(true)?;
             Ok::<_, std::io::Error>(conn)
         });
-        tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = security.tls {
+            builder = builder.tls_config(tls)?;
+        }
+        builder
+            .layer(security.auth)
             .add_service(health)
             .add_service(reflection)
             .add_service(SessionsServer::new(self.service))
