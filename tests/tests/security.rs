@@ -212,7 +212,6 @@ impl Drop for SecureStack {
 }
 
 async fn secure_stack() -> SecureStack {
-    palaver_core::tls::install_provider();
     let pki = Pki::new("stack");
     let stop = CancellationToken::new();
     let auth = tokens_file(&pki.dir);
@@ -384,7 +383,6 @@ async fn mutual_tls_and_tokens_on_every_grpc_link_with_rediss_and_an_https_model
 
 #[test]
 fn an_https_url_is_tls_or_an_error_never_plaintext() {
-    palaver_core::tls::install_provider();
     let pki = Pki::new("urls");
     // TLS files with an http:// URL would be silently unused: refused.
     assert!(pki
