@@ -581,3 +581,42 @@ async fn the_gateway_answers_over_mqtts_with_a_login_and_refuses_a_wrong_ca() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn reset_session_holds_the_prompt_limit_and_services_bind_loopback_by_default() {
+    use clap::Parser;
+    use palaver_proto::session::v1::ResetSessionRequest;
+    let session = session_svc::Server::new(
+        session_svc::Config::new("http://127.0.0.1:1"),
+        session_svc::MemoryStore::new(),
+        &mut Registry::default(),
+    )
+    .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    tokio::spawn(session.serve(listener, stop.clone()));
+    let mut c = SessionsClient::connect(url).await.unwrap();
+    let reset = |chars: usize| ResetSessionRequest {
+        project: "general".into(),
+        session_id: "r".into(),
+        system_prompt: Some("x".repeat(chars)),
+        ..ResetSessionRequest::default()
+    };
+    let err = c.reset_session(reset(32_001)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    c.reset_session(reset(32_000)).await.expect("at the limit");
+    stop.cancel();
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        listen: session_svc::ListenArgs,
+    }
+    let cli = Cli::parse_from(["session-svc"]);
+    assert!(
+        cli.listen.listen.ip().is_loopback(),
+        "{}",
+        cli.listen.listen
+    );
+}
