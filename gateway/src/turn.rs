@@ -196,7 +196,7 @@ impl Turns {
             match outcome {
                 None => self.metrics.dropped("abandoned_at_shutdown"),
                 Some(Ok(())) => {
-                    tracing::info!(ack_topic = %request.ack_topic, "control applied");
+                    tracing::info!(ack_topic = ?request.ack_topic, "control applied");
                     let _ = publisher
                         .publish(OutKind::Hint, &request.ack_topic, request.ack_payload.as_bytes().to_vec())
                         .await;
@@ -294,13 +294,14 @@ struct TurnName<'a>(&'a str, &'a ChatTurn);
 
 impl std::fmt::Display for TurnName<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Ids are the client's: escaped, so a newline cannot forge a log line.
         let TurnName(project, turn) = self;
-        write!(f, "{project}/{}", turn.session_id)?;
+        write!(f, "{project}/{}", turn.session_id.escape_debug())?;
         if let Some(id) = &turn.request_id {
-            write!(f, " request {id}")?;
+            write!(f, " request {}", id.escape_debug())?;
         }
         if let Some(id) = &turn.client_id {
-            write!(f, " client {id}")?;
+            write!(f, " client {}", id.escape_debug())?;
         }
         Ok(())
     }
@@ -362,5 +363,14 @@ mod tests {
         assert_eq!(early.code(), Code::Cancelled);
         let other = deadline_as_such(Status::internal("x"), d * 2, d);
         assert_eq!(other.code(), Code::Internal);
+    }
+
+    #[test]
+    fn turn_names_escape_control_characters() {
+        let mut turn = ChatTurn::plain("p", "s\nERROR forged".into(), "hi".into());
+        turn.client_id = Some("c\r\x1b[31m".into());
+        let name = TurnName("p", &turn).to_string();
+        assert!(!name.chars().any(char::is_control), "{name:?}");
+        assert!(name.contains("s\\nERROR forged"), "{name}");
     }
 }
