@@ -55,6 +55,14 @@ pub struct InferenceArgs {
     #[arg(long, env = "PALAVER_INFERENCE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
+    /// File holding the model server's API key (surrounding whitespace ignored).
+    #[arg(
+        long,
+        env = "PALAVER_INFERENCE_API_KEY_FILE",
+        conflicts_with = "api_key"
+    )]
+    pub api_key_file: Option<PathBuf>,
+
     /// Generations running at once; the GPU's batch stays this small.
     #[arg(long, env = "PALAVER_INFERENCE_MAX_CONCURRENT", default_value_t = 8)]
     pub max_concurrent: usize,
@@ -145,10 +153,22 @@ impl InferenceArgs {
                 ))
             }
         };
+        let api_key = match (self.api_key, &self.api_key_file) {
+            (Some(key), _) => Some(key),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| {
+                        InferenceError::Config(format!("cannot read {}: {e}", path.display()))
+                    })?
+                    .trim()
+                    .to_owned(),
+            ),
+            (None, None) => None,
+        };
         let config = Config {
             backend,
             model: self.model.filter(|m| !m.trim().is_empty()),
-            api_key: self.api_key.filter(|k| !k.is_empty()),
+            api_key: api_key.filter(|k| !k.is_empty()),
             vllm_ca_file: self.vllm_ca_file,
             max_tokens_limit: self.max_tokens_limit,
             max_concurrent: self.max_concurrent,
