@@ -200,6 +200,7 @@ use rustls::pki_types as rustls_pki;
 struct SecureStack {
     pki: Pki,
     session_url: String,
+    inference_url: String,
     _redis: Proc,
     _vllm: FakeVllm,
     stop: CancellationToken,
@@ -265,6 +266,7 @@ async fn secure_stack() -> SecureStack {
     SecureStack {
         pki,
         session_url,
+        inference_url: format!("https://localhost:{inference_port}"),
         _redis: redis,
         _vllm: vllm,
         stop,
@@ -360,6 +362,47 @@ async fn mutual_tls_and_tokens_on_every_grpc_link_with_rediss_and_an_https_model
         .await
         .expect("health without a token");
     assert_eq!(health.into_inner().status, 1, "SERVING");
+
+    // inference-svc wants a token too; its health does not.
+    use palaver_proto::inference::v1::inference_client::InferenceClient;
+    use palaver_proto::inference::v1::{ChatMessage, GenerateRequest, Sampling};
+    let channel = stack
+        .pki
+        .client_tls(true)
+        .endpoint(&stack.inference_url)
+        .unwrap()
+        .connect_lazy();
+    let generate = || GenerateRequest {
+        messages: vec![ChatMessage {
+            role: "user".into(),
+            content: "hi".into(),
+        }],
+        sampling: Some(Sampling {
+            temperature: 0.5,
+            top_p: 1.0,
+            max_tokens: 8,
+        }),
+        ..GenerateRequest::default()
+    };
+    let err = InferenceClient::new(channel.clone())
+        .generate(generate())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    let mut chat_client =
+        InferenceClient::with_interceptor(channel.clone(), Bearer::new("chat-token-1").unwrap());
+    chat_client
+        .generate(generate())
+        .await
+        .expect("a chat token may generate");
+    let mut too_many = generate();
+    too_many.sampling.as_mut().unwrap().max_tokens = u32::MAX;
+    let err = chat_client.generate(too_many).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .expect("inference-svc health without a token");
 
     // Mutual TLS: without a client certificate the handshake is refused.
     // (TLS 1.3 lets the client finish first; the server then closes.)
