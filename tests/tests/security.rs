@@ -570,7 +570,8 @@ async fn the_gateway_answers_over_mqtts_with_a_login_and_refuses_a_wrong_ca() {
     let stack = secure_stack().await;
     let (_broker, plain, tls) = mosquitto_tls(&stack.pki).await;
     let token = stack.pki.path("gateway-token");
-    std::fs::write(&token, "chat-token-1\n").unwrap();
+    // Admin: the gateway relays the control topics too.
+    std::fs::write(&token, "admin-token-1\n").unwrap();
     let password = stack.pki.path("mqtt-password");
     std::fs::write(&password, "gw-secret\n").unwrap();
 
@@ -604,6 +605,14 @@ async fn the_gateway_answers_over_mqtts_with_a_login_and_refuses_a_wrong_ca() {
         .expect("a reply through mqtts:// and gRPC over mTLS");
     assert_eq!(reply.topic, "general/assistant_response/m1");
     assert!(!reply.payload.starts_with("Error"), "{}", reply.payload);
+    user.subscribe("general/hint/#").await;
+    user.publish("general/template/m1", "Answer in French.")
+        .await;
+    let ack = user
+        .recv(Duration::from_secs(10))
+        .await
+        .expect("a template relayed with the gateway's admin token is acknowledged");
+    assert_eq!(ack.topic, "general/hint/m1", "{}", ack.payload);
     stop.cancel();
     let _ = run.await;
 
