@@ -95,9 +95,20 @@ pub struct GatewayArgs {
     pub session_auth: ClientAuthArgs,
 
     /// MQTT client id prefix; each project's connection uses <client-id>-<project>.
-    /// Default: palaver-gateway-<random hex>, unique per process.
-    #[arg(long, env = "PALAVER_CLIENT_ID")]
-    pub client_id: Option<String>,
+    /// The gateways of one deployment share it: with the consumer lease, the
+    /// broker keeps one persistent session per project for whichever of them
+    /// holds the lease. Deployments sharing a broker need different ids.
+    #[arg(long, env = "PALAVER_CLIENT_ID", default_value = "palaver-gateway")]
+    pub client_id: String,
+
+    /// TTL of the lease that lets one gateway at a time consume a project, in
+    /// milliseconds; the others stand by and take over within about this long
+    /// when it dies (at once when it drains). The lease is held through
+    /// session-svc. 0 turns it off: every gateway consumes every message, so
+    /// run only one (or use --shared-group, which does not keep a session's
+    /// order).
+    #[arg(long, env = "PALAVER_CONSUMER_LEASE_MS", default_value_t = 10_000)]
+    pub consumer_lease_ms: u64,
 
     /// Projects file (TOML) listing the projects to serve. Default: the built-in projects.
     #[arg(long, env = "PALAVER_PROJECTS_FILE")]
@@ -114,7 +125,9 @@ pub struct GatewayArgs {
     pub projects: Vec<String>,
 
     /// Subscribe to requests through $share/<name>/... so that several gateways
-    /// split the load instead of all answering every message.
+    /// split the load instead of all answering every message. A session's
+    /// messages may then be stored out of order: the consumer lease (the
+    /// default, and off with this) is the way to run several gateways.
     #[arg(long, value_name = "NAME", env = "PALAVER_SHARED_GROUP")]
     pub shared_group: Option<String>,
 
@@ -225,9 +238,9 @@ impl GatewayArgs {
         config.mqtt_tls = mqtt_tls;
         config.session_tls = self.session_tls;
         config.session_token = session_token;
-        if let Some(id) = self.client_id {
-            config.client_id = id;
-        }
+        config.client_id = self.client_id;
+        config.consumer_lease = (self.consumer_lease_ms > 0 && self.shared_group.is_none())
+            .then(|| Duration::from_millis(self.consumer_lease_ms));
         config.shared_group = self.shared_group;
         config.request_timeout = Duration::from_millis(self.request_timeout_ms);
         config.max_pending = self.max_pending;
@@ -268,6 +281,9 @@ pub struct Config {
     /// Shared-subscription group: several gateways with the same group split
     /// the requests instead of each answering all of them.
     pub shared_group: Option<String>,
+    /// TTL of the per-project consumer lease (see [`crate::lease`]); `None`:
+    /// this gateway consumes every project always, with clean MQTT sessions.
+    pub consumer_lease: Option<Duration>,
     /// session-svc's gRPC URL; connected lazily so the gateway may start first.
     pub session_url: String,
     /// Deadline of one turn, sent as `grpc-timeout` and enforced locally.
@@ -314,6 +330,7 @@ impl Config {
             client_id: format!("palaver-gateway-{:08x}", rand::random::<u32>()),
             projects,
             shared_group: None,
+            consumer_lease: Some(Duration::from_secs(10)),
             session_url: session_url.into(),
             request_timeout: Duration::from_millis(120_000),
             max_pending: 1000,
@@ -349,6 +366,14 @@ impl Config {
                 return invalid(format!(
                     "shared group {group:?} cannot be an MQTT topic level"
                 ));
+            }
+        }
+        if let Some(ttl) = self.consumer_lease {
+            if ttl < Duration::from_millis(300) || ttl > Duration::from_secs(600) {
+                return invalid("consumer lease must be within 300..=600000 ms".into());
+            }
+            if self.shared_group.is_some() {
+                return invalid("the consumer lease and a shared group exclude each other".into());
             }
         }
         if self.client_id.trim().is_empty() || self.client_id.contains('\0') {
@@ -547,7 +572,11 @@ mod tests {
         assert_eq!(c.heartbeat, Duration::from_secs(30));
         assert_eq!(c.service_name, "palaver-gateway");
         assert_eq!(c.shutdown_grace, Duration::from_secs(30));
-        assert!(c.client_id.starts_with("palaver-gateway-"));
+        assert_eq!(
+            c.client_id, "palaver-gateway",
+            "shared by the gateways of a deployment"
+        );
+        assert_eq!(c.consumer_lease, Some(Duration::from_secs(10)));
         let builtin: Vec<String> = Projects::builtin().names().map(str::to_owned).collect();
         assert_eq!(c.projects, builtin);
         assert!(c.projects.contains(&"general".to_owned()));

@@ -43,7 +43,7 @@ pub struct FakeVllmArgs {
     pub model: String,
 }
 
-pub(crate) fn parse_millis(s: &str) -> Result<f64, String> {
+pub fn parse_millis(s: &str) -> Result<f64, String> {
     let ms: f64 = s
         .trim()
         .parse()

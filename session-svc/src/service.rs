@@ -31,6 +31,8 @@ const MAX_ID_BYTES: usize = 256;
 const MAX_SYSTEM_PROMPT_CHARS: usize = 32_000;
 /// Deadline of a turn whose caller set none: the gateway's default.
 const DEFAULT_DEADLINE: Duration = Duration::from_secs(120);
+/// Longest lease: a holder that dies keeps others out for at most this.
+const MAX_LEASE_TTL: Duration = Duration::from_secs(600);
 /// Times a retry may find its turn gone and begin again.
 const MAX_BEGINS: usize = 3;
 /// Sessions a project-wide clear or delete works on at once.
@@ -79,8 +81,9 @@ impl<S: Store> SessionService<S> {
         &self,
         req: &pb::ChatRequest,
         owner: TurnOwner<S>,
+        deadline: Instant,
     ) -> Result<(Prepared, TurnOwner<S>), SessionError> {
-        match self.turns.prepare(&new_turn(req), &owner).await {
+        match self.turns.prepare(&new_turn(req, deadline), &owner).await {
             Ok(prepared) => Ok((prepared, owner)),
             Err(e) => {
                 if !matches!(e, SessionError::Store(_)) {
@@ -100,10 +103,11 @@ impl<S: Store> SessionService<S> {
         settings: &ProjectSettings,
         theirs: String,
         owner: TurnOwner<S>,
+        deadline: Instant,
     ) -> Result<Option<Resumed<S>>, SessionError> {
         let awaited = self
             .turns
-            .await_turn(&new_turn(req), &req.request_id, theirs, &owner)
+            .await_turn(&new_turn(req, deadline), &req.request_id, theirs, &owner)
             .await?;
         Ok(match awaited {
             Awaited::Generate { messages } => Some(Resumed::Generate(
@@ -130,6 +134,7 @@ impl<S: Store> SessionService<S> {
     async fn begin(
         &self,
         req: &pb::ChatRequest,
+        deadline: Instant,
         mut accepted: impl FnMut(),
     ) -> Result<Resumed<S>, SessionError> {
         let settings = self.turns.project(&req.project)?;
@@ -138,7 +143,7 @@ impl<S: Store> SessionService<S> {
         // bound keeps a pathological clear-retry race from looping.
         for _ in 0..MAX_BEGINS {
             let owner = self.turns.owner(&req.project, &req.session_id);
-            let (prepared, owner) = self.prepare(req, owner).await?;
+            let (prepared, owner) = self.prepare(req, owner, deadline).await?;
             accepted();
             match prepared {
                 Prepared::Replay(text) => {
@@ -151,7 +156,10 @@ impl<S: Store> SessionService<S> {
                     ))
                 }
                 Prepared::InFlight { attempt } => {
-                    if let Some(resumed) = self.await_turn(req, settings, attempt, owner).await? {
+                    if let Some(resumed) = self
+                        .await_turn(req, settings, attempt, owner, deadline)
+                        .await?
+                    {
                         return Ok(resumed);
                     }
                 }
@@ -253,7 +261,7 @@ impl<S: Store> SessionService<S> {
         req: pb::ChatRequest,
         deadline: Instant,
     ) -> Result<pb::ChatReply, SessionError> {
-        match self.begin(&req, || {}).await? {
+        match self.begin(&req, deadline, || {}).await? {
             Resumed::Replay(text) => {
                 self.count_turn("replay");
                 Ok(reply(&req, text, "stop", None))
@@ -304,7 +312,7 @@ impl<S: Store> SessionService<S> {
                 let _ = tx.send(Ok(ev)).await;
             }
         };
-        let begun = self.begin(&req, move || {
+        let begun = self.begin(&req, deadline, move || {
             if let Some(t) = accepted_tx.take() {
                 let _ = t.send(());
             }
@@ -384,13 +392,14 @@ struct Generation<S: Store> {
     owner: TurnOwner<S>,
 }
 
-fn new_turn(req: &pb::ChatRequest) -> NewTurn<'_> {
+fn new_turn(req: &pb::ChatRequest, deadline: Instant) -> NewTurn<'_> {
     NewTurn {
         project: &req.project,
         session_id: &req.session_id,
         message: &req.message,
         request_id: non_empty(&req.request_id),
         system_prompt: req.system_prompt.as_deref(),
+        deadline,
     }
 }
 
@@ -723,6 +732,36 @@ impl<S: Store> Sessions for SessionService<S> {
             touched += changed.map_err(|e| self.fail(e))?;
         }
         Ok(Response::new(pb::UpdateProjectReply { sessions: touched }))
+    }
+
+    async fn hold_lease(
+        &self,
+        request: Request<pb::LeaseRequest>,
+    ) -> Result<Response<pb::LeaseReply>, Status> {
+        let r = request.into_inner();
+        for (what, v) in [("lease name", &r.name), ("lease holder", &r.holder)] {
+            if v.trim().is_empty() || v.len() > MAX_ID_BYTES {
+                return Err(self.fail(invalid(format!("{what} must be 1 to {MAX_ID_BYTES} bytes"))));
+            }
+        }
+        let ttl = Duration::from_millis(u64::from(r.ttl_ms));
+        if ttl > MAX_LEASE_TTL {
+            return Err(self.fail(invalid(format!(
+                "lease ttl_ms must be at most {}",
+                MAX_LEASE_TTL.as_millis()
+            ))));
+        }
+        let lease = self
+            .turns
+            .store()
+            .hold_lease(&r.name, &r.holder, ttl)
+            .await
+            .map_err(|e| self.fail(e.into()))?;
+        Ok(Response::new(pb::LeaseReply {
+            held: lease.held,
+            epoch: lease.epoch,
+            holder: lease.holder.unwrap_or_default(),
+        }))
     }
 }
 

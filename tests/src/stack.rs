@@ -28,6 +28,8 @@ pub struct StackOptions {
     pub projects: Projects,
     /// Number of session-svc replicas sharing the one Redis.
     pub session_replicas: usize,
+    /// Whether to start the gateway (a test may run its own gateways).
+    pub gateway_started: bool,
 }
 
 impl Default for StackOptions {
@@ -38,6 +40,7 @@ impl Default for StackOptions {
             gateway: Box::new(|_| {}),
             projects: Projects::builtin(),
             session_replicas: 1,
+            gateway_started: true,
         }
     }
 }
@@ -132,21 +135,23 @@ impl Stack {
         }
 
         // gateway
-        let names = opts.projects.names().map(str::to_owned).collect();
-        let mut gw_cfg =
-            gateway::Config::new("127.0.0.1", broker.port(), session_urls[0].clone(), names);
-        (opts.gateway)(&mut gw_cfg);
         let mut gw_registry = Registry::default();
-        let gw = gateway::Gateway::new(gw_cfg, &mut gw_registry).expect("gateway config");
-        let ready = gw.ready();
-        let sd = shutdown.clone();
-        tasks.push(tokio::spawn(async move {
-            gw.run(sd).await.expect("gateway runs");
-        }));
-        let subscribed = tokio::time::timeout(Duration::from_secs(10), ready)
-            .await
-            .expect("gateway subscribed in time");
-        assert!(subscribed, "gateway stopped before subscribing");
+        if opts.gateway_started {
+            let names = opts.projects.names().map(str::to_owned).collect();
+            let mut gw_cfg =
+                gateway::Config::new("127.0.0.1", broker.port(), session_urls[0].clone(), names);
+            (opts.gateway)(&mut gw_cfg);
+            let gw = gateway::Gateway::new(gw_cfg, &mut gw_registry).expect("gateway config");
+            let ready = gw.ready();
+            let sd = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                gw.run(sd).await.expect("gateway runs");
+            }));
+            let subscribed = tokio::time::timeout(Duration::from_secs(10), ready)
+                .await
+                .expect("gateway subscribed in time");
+            assert!(subscribed, "gateway stopped before subscribing");
+        }
 
         Self {
             redis,
