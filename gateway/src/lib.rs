@@ -94,14 +94,6 @@ pub enum GatewayError {
     /// The settings are unusable.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// `session_url` is not a URL tonic can connect to.
-    #[error("invalid session-svc URL {url:?}: {source}")]
-    SessionUrl {
-        /// The URL as given.
-        url: String,
-        /// tonic's explanation.
-        source: tonic::transport::Error,
-    },
     /// A connection task panicked (a bug); the others were still shut down.
     #[error("gateway task failed: {0}")]
     Task(String),
@@ -121,11 +113,10 @@ impl Gateway {
     /// Connects to nothing yet; it need not be called inside a Tokio runtime.
     pub fn new(config: Config, registry: &mut Registry) -> Result<Self, GatewayError> {
         config.validate()?;
-        let endpoint = Endpoint::from_shared(config.session_url.clone())
-            .map_err(|source| GatewayError::SessionUrl {
-                url: config.session_url.clone(),
-                source,
-            })?
+        let endpoint = config
+            .session_tls
+            .endpoint(&config.session_url)
+            .map_err(ConfigError::Tls)?
             .connect_timeout(Duration::from_secs(5))
             // Notice a silently dead session-svc between turns.
             .http2_keep_alive_interval(Duration::from_secs(30))
@@ -178,7 +169,8 @@ impl Gateway {
             endpoint,
             readiness,
         } = self;
-        let sessions = SessionsClient::new(endpoint.connect_lazy());
+        let sessions =
+            SessionsClient::with_interceptor(endpoint.connect_lazy(), config.session_token.clone());
         // Unique per process: the lease tells this gateway from its standbys.
         let holder = format!("{}-{:016x}", config.client_id, rand::random::<u64>());
         let leases: Vec<Option<Arc<ConsumerLease>>> = config

@@ -183,6 +183,11 @@ pub fn mqtt_options(config: &Config, project: &str) -> MqttOptions {
         );
     }
     opts.set_last_will(presence::last_will(project, &config.service_name));
+    if let Some(tls) = &config.mqtt_tls {
+        opts.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls.clone()),
+        ));
+    }
     opts
 }
 
@@ -481,7 +486,7 @@ impl Link {
                 let Some(permit) = permit else {
                     // Old clients know this string and retry later (with a
                     // shared group, possibly on another gateway).
-                    tracing::warn!(project = %self.project, session_id = %turn.session_id, "request refused: backlog full or shutting down");
+                    tracing::warn!(project = %self.project, session_id = ?turn.session_id, "request refused: backlog full or shutting down");
                     let _ = self.publisher.try_publish(
                         OutKind::Error,
                         &turn.reply_topic,

@@ -7,13 +7,13 @@ use std::error::Error as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use palaver_core::auth::Channel;
 use palaver_proto::session::v1::chat_event::Event;
 use palaver_proto::session::v1::{
     sessions_client::SessionsClient, ChatReply, ChatRequest, ResetSessionRequest, SessionAction,
     SessionRef, UpdateProjectRequest,
 };
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tracing::Instrument;
 
@@ -87,7 +87,7 @@ impl Turns {
         let span = tracing::debug_span!(
             "turn",
             project = publisher.project(),
-            session_id = %turn.session_id,
+            session_id = ?turn.session_id,
             request_id = turn.request_id.as_deref().unwrap_or(""),
             client_id = turn.client_id.as_deref().unwrap_or(""),
         );
@@ -263,7 +263,7 @@ impl Turns {
                     return;
                 }
                 Some(Ok(())) => {
-                    tracing::info!(ack_topic = %request.ack_topic, "control applied");
+                    tracing::info!(ack_topic = ?request.ack_topic, "control applied");
                     let _ = publisher
                         .publish(OutKind::Hint, &request.ack_topic, request.ack_payload.as_bytes().to_vec())
                         .await;
@@ -362,13 +362,14 @@ struct TurnName<'a>(&'a str, &'a ChatTurn);
 
 impl std::fmt::Display for TurnName<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Ids are the client's: escaped, so a newline cannot forge a log line.
         let TurnName(project, turn) = self;
-        write!(f, "{project}/{}", turn.session_id)?;
+        write!(f, "{project}/{}", turn.session_id.escape_debug())?;
         if let Some(id) = &turn.request_id {
-            write!(f, " request {id}")?;
+            write!(f, " request {}", id.escape_debug())?;
         }
         if let Some(id) = &turn.client_id {
-            write!(f, " client {id}")?;
+            write!(f, " client {}", id.escape_debug())?;
         }
         Ok(())
     }
@@ -454,5 +455,14 @@ mod tests {
         assert_eq!(early.code(), Code::Cancelled);
         let other = deadline_as_such(Status::internal("x"), d * 2, d);
         assert_eq!(other.code(), Code::Internal);
+    }
+
+    #[test]
+    fn turn_names_escape_control_characters() {
+        let mut turn = ChatTurn::plain("p", "s\nERROR forged".into(), "hi".into());
+        turn.client_id = Some("c\r\x1b[31m".into());
+        let name = TurnName("p", &turn).to_string();
+        assert!(!name.chars().any(char::is_control), "{name:?}");
+        assert!(name.contains("s\\nERROR forged"), "{name}");
     }
 }

@@ -40,6 +40,30 @@ use service::InferenceService;
 /// its connection is noticed and its generation aborted.
 const HTTP2_KEEPALIVE: Duration = Duration::from_secs(20);
 
+/// The methods a `chat` token may call (all of inference-svc's);
+/// `admin` may call all.
+pub const CHAT_METHODS: &[&str] = &[
+    "/palaver.inference.v1.Inference/Generate",
+    "/palaver.inference.v1.Inference/GenerateStream",
+];
+
+/// How the gRPC server is protected: TLS (with client certificates when it
+/// has a client CA) and bearer tokens. The default is neither.
+#[derive(Debug, Clone)]
+pub struct Security {
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
+    pub auth: palaver_core::auth::AuthLayer,
+}
+
+impl Default for Security {
+    fn default() -> Self {
+        Self {
+            tls: None,
+            auth: palaver_core::auth::AuthLayer::new(None),
+        }
+    }
+}
+
 /// A configured inference-svc, ready to serve.
 pub struct Server {
     routes: Routes,
@@ -67,7 +91,11 @@ impl Server {
             ))
             // The backend: vLLM over HTTP (with its own timeouts) or the simulator.
             .service(backend.clone());
-        let inference = InferenceServer::new(InferenceService::new(stack, metrics));
+        let inference = InferenceServer::new(InferenceService::new(
+            stack,
+            metrics,
+            config.max_tokens_limit,
+        ));
 
         let (health, health_service) = tonic_health::server::health_reporter();
         let reflection = tonic_reflection::server::Builder::configure()
@@ -103,6 +131,17 @@ impl Server {
     pub async fn serve(
         self,
         listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), tonic::transport::Error> {
+        self.serve_secured(listener, Security::default(), shutdown)
+            .await
+    }
+
+    /// As [`serve`](Self::serve), with TLS and bearer tokens.
+    pub async fn serve_secured(
+        self,
+        listener: TcpListener,
+        security: Security,
         shutdown: CancellationToken,
     ) -> Result<(), tonic::transport::Error> {
         let Self {
@@ -141,8 +180,13 @@ impl Server {
                 .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;
         };
-        tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = security.tls {
+            builder = builder.tls_config(tls)?;
+        }
+        builder
             .http2_keepalive_interval(Some(HTTP2_KEEPALIVE))
+            .layer(security.auth)
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, signal)
             .await

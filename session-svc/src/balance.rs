@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
+use palaver_core::auth::Channel;
 use palaver_proto::inference::v1::inference_client::InferenceClient;
 use palaver_proto::inference::v1::{GenerateChunk, GenerateReply, GenerateRequest};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -30,7 +31,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::{CancellationToken, DropGuard};
-use tonic::transport::Channel;
 use tonic::{Code, Response, Status, Streaming};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;

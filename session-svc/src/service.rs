@@ -628,6 +628,14 @@ impl<S: Store> Sessions for SessionService<S> {
     ) -> Result<Response<pb::ResetSessionReply>, Status> {
         let r = request.into_inner();
         let (settings, id) = self.address(&r.project, &r.session_id)?;
+        // The limit a chat's system prompt has: a reset is no way around it.
+        if let Some(p) = &r.system_prompt {
+            if p.chars().count() > MAX_SYSTEM_PROMPT_CHARS {
+                return Err(self.fail(invalid(format!(
+                    "system prompt is too long (at most {MAX_SYSTEM_PROMPT_CHARS} characters)"
+                ))));
+            }
+        }
         let (prompt, keep_history) = (r.system_prompt, r.keep_history);
         self.turns
             .locked(id, settings.session_ttl, move |d| {

@@ -93,7 +93,17 @@ impl OpenAiBackend {
                 InferenceError::Config(format!("invalid model server url {url:?}: {e}"))
             })
         };
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if base.starts_with("https://") {
+            let tls = palaver_core::tls::client_config(config.vllm_ca_file.as_deref(), None)
+                .map_err(|e| InferenceError::Config(format!("model server TLS: {e}")))?;
+            builder = builder.use_preconfigured_tls(tls).https_only(true);
+        } else if config.vllm_ca_file.is_some() {
+            return Err(InferenceError::Config(
+                "--vllm-ca-file is given but the model server url is not https://".into(),
+            ));
+        }
+        let client = builder
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             // vLLM speaks HTTP/1.1 only; concurrency is one connection each.
             .http1_only()
@@ -380,7 +390,7 @@ impl Inner {
             .await
             .unwrap_or_default();
         let message = error_message(&body);
-        tracing::warn!(%status, message = %message, "model server refused a request");
+        tracing::warn!(%status, message = ?quote(&message), "model server refused a request");
         self.api_error(status.as_u16(), &message)
     }
 
@@ -407,10 +417,12 @@ impl Inner {
             StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
                 InferenceError::BackendBusy(format!("the model server is busy ({code}): {quoted}"))
             }
+            // A server error's body may be a stack trace or internal
+            // addresses: callers get the status, the log gets the body.
             s if s.is_server_error() => {
-                InferenceError::Unavailable(format!("the model server failed ({code}): {quoted}"))
+                InferenceError::Unavailable(format!("the model server failed ({code})"))
             }
-            _ => InferenceError::Backend(format!("the model server answered {code}: {quoted}")),
+            _ => InferenceError::Backend(format!("the model server answered {code}")),
         }
     }
 
@@ -456,9 +468,9 @@ fn normalize_base(url: &str) -> Result<String, InferenceError> {
     let base = trimmed.strip_suffix("/v1").unwrap_or(trimmed);
     let parsed = Url::parse(base)
         .map_err(|e| InferenceError::Config(format!("invalid model server url {url:?}: {e}")))?;
-    if parsed.scheme() != "http" {
+    if !matches!(parsed.scheme(), "http" | "https") {
         return Err(InferenceError::Config(format!(
-            "model server url {url:?} must use http:// (palaver is built without TLS)"
+            "model server url {url:?} must use http:// or https://"
         )));
     }
     Ok(base.to_string())
@@ -718,7 +730,7 @@ fn parse_event_general(data: &str) -> Result<Event, InferenceError> {
         InferenceError::Backend(format!("the model server sent an unreadable chunk: {e}"))
     })?;
     if let Some((message, code)) = error_in(&value) {
-        tracing::warn!(message = %message, ?code, "model server failed in the middle of a reply");
+        tracing::warn!(message = ?message, ?code, "model server failed in the middle of a reply");
         let err = mid_stream_error(code.unwrap_or(500), &message);
         return Err(err);
     }
@@ -758,7 +770,12 @@ fn context_too_long(message: &str) -> Option<InferenceError> {
 /// A peer's message made fit for one line of ours: whitespace collapsed,
 /// length bounded.
 fn quote(message: &str) -> String {
-    let one_line = message.split_whitespace().collect::<Vec<_>>().join(" ");
+    // No control characters (terminal escapes) reach a caller.
+    let printable: String = message
+        .chars()
+        .filter(|c| !c.is_control() || c.is_whitespace())
+        .collect();
+    let one_line = printable.split_whitespace().collect::<Vec<_>>().join(" ");
     if one_line.chars().count() <= MAX_QUOTED {
         return one_line;
     }
@@ -829,7 +846,11 @@ mod tests {
         ] {
             assert_eq!(normalize_base(u).unwrap(), "http://h:8000", "{u}");
         }
-        assert!(normalize_base("https://h:8000").is_err());
+        assert_eq!(
+            normalize_base("https://h:8000/v1").unwrap(),
+            "https://h:8000"
+        );
+        assert!(normalize_base("ftp://h:8000").is_err());
         assert!(normalize_base("not a url").is_err());
     }
 
