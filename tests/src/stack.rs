@@ -28,6 +28,9 @@ pub struct StackOptions {
     pub projects: Projects,
     /// Number of session-svc replicas sharing the one Redis.
     pub session_replicas: usize,
+    /// A real OpenAI-compatible server (llama-server) for inference-svc,
+    /// in place of the fake (which still runs, unused).
+    pub model_url: Option<String>,
 }
 
 impl Default for StackOptions {
@@ -38,6 +41,7 @@ impl Default for StackOptions {
             gateway: Box::new(|_| {}),
             projects: Projects::builtin(),
             session_replicas: 1,
+            model_url: None,
         }
     }
 }
@@ -97,7 +101,8 @@ impl Stack {
         let mut tasks = Vec::new();
 
         // inference-svc
-        let mut inference_cfg = inference_svc::Config::openai(vllm.url());
+        let model_url = opts.model_url.clone().unwrap_or_else(|| vllm.url());
+        let mut inference_cfg = inference_svc::Config::openai(model_url);
         (opts.inference)(&mut inference_cfg);
         let (listener, inference_url) = bind().await;
         let server = inference_svc::Server::new(inference_cfg, &mut Registry::default())
