@@ -4,6 +4,7 @@
 //!
 //! Modules, one per concern:
 //! - [`up`]: starts broker, session-svc, inference-svc and gateway together;
+//! - [`model_server`]: `llama-server` as `palaver up`'s supervised child (`--model-file`);
 //! - [`broker`]: the embedded MQTT broker (rumqttd);
 //! - [`client`]: the client side of the MQTT wire protocol;
 //! - [`chat`], [`send`]: the two clients built on it;
@@ -23,5 +24,6 @@ pub mod floor;
 pub mod health;
 pub mod idle_memory;
 pub mod logging;
+pub mod model_server;
 pub mod send;
 pub mod up;
