@@ -880,13 +880,16 @@ async fn bench_direct(args: &BenchArgs, plan: Arc<Plan>, url: &str) -> Result<Re
 }
 
 /// One streamed completion, read to its end; `Err` names what went wrong.
+/// Like inference-svc, it sends once more when no response came back at all:
+/// llama-server closes a kept-alive connection after a few requests, and a
+/// pooled connection can be closed under a new request.
 async fn direct_turn(client: &reqwest::Client, endpoint: &str, body: &Value) -> Result<(), String> {
-    let response = client
-        .post(endpoint)
-        .json(body)
-        .send()
-        .await
-        .map_err(|_| "unavailable".to_owned())?;
+    let send = || client.post(endpoint).json(body).send();
+    let response = match send().await {
+        Err(e) if (e.is_connect() || e.is_request()) && !e.is_timeout() => send().await,
+        other => other,
+    }
+    .map_err(|_| "unavailable".to_owned())?;
     let status = response.status();
     if !status.is_success() {
         return Err(format!("http_{}", status.as_u16()));
