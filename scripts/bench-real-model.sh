@@ -3,13 +3,15 @@
 # max_tokens, against llama.cpp's llama-server running Gemma 3 270M on this
 # machine's CPU. palaver (`palaver up --model-file`, driven over MQTT by
 # `palaver bench`) and the same load sent straight to the same llama-server's
-# HTTP API (`palaver bench --direct-url`) take turns in one run, so drift in
-# the machine hits both; the table gives palaver's throughput as a share of
-# the direct one and the latency palaver adds at p50 and p99.
+# HTTP API (`palaver bench --direct-url`) take turns in one run, in short
+# windows and in the order direct-palaver, palaver-direct, ... so that drift
+# in a shared machine's load hits both alike; the table gives palaver's
+# throughput as a share of the direct one and the latency palaver adds at p50
+# and p99, per pair and as the median of the pairs.
 #
 #   scripts/bench-real-model.sh          # build (release), run, print the table
 #   BENCH_NO_BUILD=1 ...                 # use target/release/palaver (or $BENCH_BIN) as it is
-#   BENCH_DURATION=30 BENCH_ROUNDS=2 ... # window per run (s), direct/palaver pairs
+#   BENCH_DURATION=10 BENCH_ROUNDS=6 ... # window per run (s), direct/palaver pairs
 #
 # Raw results go to target/bench-real-model/. Everything it starts is stopped
 # on exit.
@@ -18,9 +20,9 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 OUT=$ROOT/target/bench-real-model
 PROJECTS=$ROOT/scripts/bench-real-model-projects.toml
-DURATION=${BENCH_DURATION:-30}
-WARMUP=${BENCH_WARMUP:-3}
-ROUNDS=${BENCH_ROUNDS:-2}
+DURATION=${BENCH_DURATION:-10}
+WARMUP=${BENCH_WARMUP:-2}
+ROUNDS=${BENCH_ROUNDS:-6}
 SESSIONS=8
 
 real_model_env=$(bash scripts/real-model)
@@ -50,17 +52,25 @@ LLAMA_URL=$(grep -o 'llama-server at http://[^ ]*' "$OUT/up.out" | sed 's/^llama
 [ -n "$MQTT_PORT" ] && [ -n "$LLAMA_URL" ] || { echo "no ports in palaver up's banner" >&2; exit 1; }
 
 common=(--project bench --sessions "$SESSIONS" --duration "$DURATION" --warmup "$WARMUP" --timeout 60 --json)
-for r in $(seq 1 "$ROUNDS"); do
-  echo "round $r/$ROUNDS: direct to $LLAMA_URL, then through palaver (MQTT port $MQTT_PORT)" >&2
+direct() {
   "$BIN" bench "${common[@]}" --direct-url "$LLAMA_URL" --projects "$PROJECTS" \
-    --label "direct-$r" >"$OUT/direct-$r.json"
-  "$BIN" bench "${common[@]}" --port "$MQTT_PORT" --label "palaver-$r" >"$OUT/palaver-$r.json"
+    --label "direct-$1" >"$OUT/direct-$1.json"
+}
+through_palaver() {
+  "$BIN" bench "${common[@]}" --port "$MQTT_PORT" --label "palaver-$1" >"$OUT/palaver-$1.json"
+}
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+for r in $(seq 1 "$ROUNDS"); do
+  echo "pair $r/$ROUNDS: direct to $LLAMA_URL and through palaver (MQTT port $MQTT_PORT)" >&2
+  if [ $((r % 2)) = 1 ]; then direct "$r"; through_palaver "$r"; else through_palaver "$r"; direct "$r"; fi
 done
+load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')
-python3 - "$OUT" "$ROUNDS" "$(nproc)" "$cpu" "$(git rev-parse --short HEAD)" <<'PY'
-import json, sys
-out, rounds, cores, cpu, commit = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+python3 - "$OUT" "$ROUNDS" "$(nproc)" "$cpu" "$(git rev-parse --short HEAD)" "$DURATION" "$load_before" "$load_after" <<'PY'
+import json, statistics, sys
+out, rounds, cores, cpu, commit, duration, load0, load1 = sys.argv[1:9]
+rounds = int(rounds)
 load = lambda name: json.load(open(f"{out}/{name}.json"))
 rows, tot = [], {"direct": 0, "palaver": 0}
 errors = 0
@@ -74,13 +84,16 @@ for r in range(1, rounds + 1):
                  "a window shorter than one reply? see target/bench-real-model/")
     dl, pl = d["latency_ms"], p["latency_ms"]
     rows.append((r, d["replies_per_sec"], p["replies_per_sec"], dl["p50"], pl["p50"], dl["p99"], pl["p99"]))
-print(f"machine: {cores} cores, {cpu}; commit {commit}; 8 sessions, closed loop, max_tokens 16, greedy")
-print("| round | direct req/s | palaver req/s | ratio | direct p50 ms | palaver p50 ms | added p50 ms | direct p99 ms | palaver p99 ms | added p99 ms |")
+print(f"machine: {cores} cores, {cpu}; commit {commit}; load average {load0} before, {load1} after")
+print(f"8 sessions, closed loop, max_tokens 16, greedy; {rounds} pairs of {duration} s windows")
+print("| pair | direct req/s | palaver req/s | ratio | direct p50 ms | palaver p50 ms | added p50 ms | direct p99 ms | palaver p99 ms | added p99 ms |")
 print("|---|---|---|---|---|---|---|---|---|---|")
 for r, dr, pr, d50, p50, d99, p99 in rows:
     print(f"| {r} | {dr:.2f} | {pr:.2f} | {pr/dr:.1%} | {d50:.1f} | {p50:.1f} | {p50-d50:+.1f} | {d99:.1f} | {p99:.1f} | {p99-d99:+.1f} |")
-n = len(rows)
-mean = lambda i: sum(row[i] for row in rows) / n
-print(f"| all | {mean(1):.2f} | {mean(2):.2f} | {tot['palaver']/tot['direct']:.1%} | {mean(3):.1f} | {mean(4):.1f} | {mean(4)-mean(3):+.1f} | {mean(5):.1f} | {mean(6):.1f} | {mean(6)-mean(5):+.1f} |")
-print(f"errors: {errors}")
+med = statistics.median
+ratio = med(row[2] / row[1] for row in rows)
+add50 = med(row[4] - row[3] for row in rows)
+add99 = med(row[6] - row[5] for row in rows)
+print(f"| median | {med(r[1] for r in rows):.2f} | {med(r[2] for r in rows):.2f} | {ratio:.1%} | {med(r[3] for r in rows):.1f} | {med(r[4] for r in rows):.1f} | {add50:+.1f} | {med(r[5] for r in rows):.1f} | {med(r[6] for r in rows):.1f} | {add99:+.1f} |")
+print(f"all replies: direct {tot['direct']}, palaver {tot['palaver']} ({tot['palaver']/tot['direct']:.1%}); errors: {errors}")
 PY
