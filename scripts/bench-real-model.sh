@@ -13,8 +13,9 @@
 #   BENCH_NO_BUILD=1 ...                 # use target/release/palaver (or $BENCH_BIN) as it is
 #   BENCH_DURATION=10 BENCH_ROUNDS=6 ... # window per run (s), direct/palaver pairs
 #
-# Raw results go to target/bench-real-model/. Everything it starts is stopped
-# on exit.
+# Raw results go to target/bench-real-model/; the section between the
+# `real-model` markers in BENCHMARKS.md is rewritten (scripts/bench_report.py
+# keeps it when it rewrites the rest). Everything it starts is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -74,26 +75,80 @@ rounds = int(rounds)
 load = lambda name: json.load(open(f"{out}/{name}.json"))
 rows, tot = [], {"direct": 0, "palaver": 0}
 errors = 0
+dropped = []
 for r in range(1, rounds + 1):
     d, p = load(f"direct-{r}"), load(f"palaver-{r}")
+    if not d["replies"] or not p["replies"]:
+        # A window without one reply says only that the machine was taken.
+        dropped.append(r)
+        continue
     errors += d["errors_total"] + p["errors_total"]
     tot["direct"] += d["replies"]
     tot["palaver"] += p["replies"]
-    if not d["replies"] or not p["replies"]:
-        sys.exit(f"round {r}: no reply counted (direct {d['replies']}, palaver {p['replies']}): "
-                 "a window shorter than one reply? see target/bench-real-model/")
     dl, pl = d["latency_ms"], p["latency_ms"]
     rows.append((r, d["replies_per_sec"], p["replies_per_sec"], dl["p50"], pl["p50"], dl["p99"], pl["p99"]))
-print(f"machine: {cores} cores, {cpu}; commit {commit}; load average {load0} before, {load1} after")
-print(f"8 sessions, closed loop, max_tokens 16, greedy; {rounds} pairs of {duration} s windows")
-print("| pair | direct req/s | palaver req/s | ratio | direct p50 ms | palaver p50 ms | added p50 ms | direct p99 ms | palaver p99 ms | added p99 ms |")
-print("|---|---|---|---|---|---|---|---|---|---|")
-for r, dr, pr, d50, p50, d99, p99 in rows:
-    print(f"| {r} | {dr:.2f} | {pr:.2f} | {pr/dr:.1%} | {d50:.1f} | {p50:.1f} | {p50-d50:+.1f} | {d99:.1f} | {p99:.1f} | {p99-d99:+.1f} |")
+if not rows:
+    sys.exit("no pair had replies on both sides: the machine is too busy to measure")
 med = statistics.median
-ratio = med(row[2] / row[1] for row in rows)
-add50 = med(row[4] - row[3] for row in rows)
-add99 = med(row[6] - row[5] for row in rows)
-print(f"| median | {med(r[1] for r in rows):.2f} | {med(r[2] for r in rows):.2f} | {ratio:.1%} | {med(r[3] for r in rows):.1f} | {med(r[4] for r in rows):.1f} | {add50:+.1f} | {med(r[5] for r in rows):.1f} | {med(r[6] for r in rows):.1f} | {add99:+.1f} |")
-print(f"all replies: direct {tot['direct']}, palaver {tot['palaver']} ({tot['palaver']/tot['direct']:.1%}); errors: {errors}")
+ratios = [row[2] / row[1] for row in rows]
+add50s = [row[4] - row[3] for row in rows]
+add99s = [row[6] - row[5] for row in rows]
+ratio, add50, add99 = med(ratios), med(add50s), med(add99s)
+all_ratio = tot["palaver"] / tot["direct"]
+# A verdict only where the pairs agree on it: on a shared 2-core machine the
+# model's own pace swings more between windows than palaver's cost.
+def verdict(values, ok):
+    if all(ok(v) for v in values):
+        return "**met** (every pair)"
+    if not any(ok(v) for v in values):
+        return "**not met** (every pair)"
+    return f"median {'met' if ok(med(values)) else 'not met'}; **unresolved**: the pairs disagree"
+lines = [
+    "<!-- real-model: written by scripts/bench-real-model.sh; scripts/bench_report.py keeps it -->",
+    "## Real model: palaver in front of llama-server (Gemma 3 270M on the CPU)",
+    "",
+    f"Written by `scripts/bench-real-model.sh` on commit `{commit}`: {rounds} pairs of {duration} s windows "
+    f"(after a warm-up each), in the order direct-palaver, palaver-direct, ... so that drift in the machine's "
+    f"load hits both alike. Machine: {cores} cores, {cpu}; load average {load0} before the run, {load1} after.",
+    "",
+    "8 sessions, closed loop, 64-byte messages, `max_tokens` 16, greedy decoding, and no history kept "
+    "(`scripts/bench-real-model-projects.toml`), so every request is the same prompt and both paths ask the model "
+    "for exactly the same 16 tokens. *direct* is `palaver bench --direct-url`: the same requests sent straight to "
+    "llama-server's `/v1/chat/completions`, streamed, as inference-svc sends them. *palaver* is `palaver up "
+    "--model-file` (embedded broker, one process) driven over MQTT by `palaver bench`. llama-server runs with "
+    "8 slots and an 8192-token context on the same 2 cores as palaver and the load generator.",
+    "",
+    "| point | what | target | result (median of the pairs) | verdict |",
+    "|---|---|---|---|---|",
+    f"| R1 | palaver's replies/s as a share of direct | ≥ 98 % | {ratio:.1%} (pairs {min(ratios):.1%} to {max(ratios):.1%}; all replies {all_ratio:.1%}) | {verdict(ratios, lambda v: v >= 0.98)} |",
+    f"| R2 | latency palaver adds, p50 | ≤ 5 ms | {add50:+.1f} ms (pairs {min(add50s):+.1f} to {max(add50s):+.1f} ms) | {verdict(add50s, lambda v: v <= 5.0)} |",
+    f"| R2' | latency palaver adds, p99 | — | {add99:+.1f} ms (pairs {min(add99s):+.1f} to {max(add99s):+.1f} ms) | |",
+    "",
+    "| pair | direct replies/s | palaver replies/s | ratio | direct p50 ms | palaver p50 ms | added p50 ms | direct p99 ms | palaver p99 ms | added p99 ms |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+]
+for r, dr, pr, d50, p50, d99, p99 in rows:
+    lines.append(f"| {r} | {dr:.2f} | {pr:.2f} | {pr/dr:.1%} | {d50:.1f} | {p50:.1f} | {p50-d50:+.1f} | {d99:.1f} | {p99:.1f} | {p99-d99:+.1f} |")
+lines += [
+    "",
+    (f"Pairs left out, a window without a single reply (the machine taken by other work): {dropped}. " if dropped else "") +
+    f"Errors: {errors}. A reply takes over a second here (8 sequences share 2 cores), and the spread between "
+    "pairs is the resolution of this measurement: tens of milliseconds, not the 5 ms of the target. On a GPU the "
+    "model would not share its cores with palaver; here palaver's own CPU time (broker, three services) is taken "
+    "from the model's, which the throughput ratio includes.",
+    "<!-- /real-model -->",
+]
+section = "\n".join(lines) + "\n"
+print(section)
+bench_md = "BENCHMARKS.md"
+text = open(bench_md).read()
+start, end = "<!-- real-model:", "<!-- /real-model -->"
+if start in text and end in text:
+    i, j = text.index(start), text.index(end) + len(end) + 1
+    text = text[:i] + section + text[j:]
+else:
+    k = text.index("## Machine")
+    text = text[:k] + section + "\n" + text[k:]
+open(bench_md, "w").write(text)
+print(f"updated {bench_md}", file=sys.stderr)
 PY
