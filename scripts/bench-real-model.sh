@@ -35,7 +35,7 @@ BIN=${BENCH_BIN:-$ROOT/target/release/palaver}
 mkdir -p "$OUT"
 rm -f "$OUT"/*.json
 
-"$BIN" up --mqtt-port 0 --session-port 0 --inference-port 0 --projects "$PROJECTS" \
+"$BIN" up --mqtt-port 0 --session-port 0 --inference-port 0 --metrics-port 0 --projects "$PROJECTS" \
   --model-file "$PALAVER_MODEL_FILE" >"$OUT/up.out" 2>"$OUT/up.err" &
 UP=$!
 trap 'kill -INT $UP 2>/dev/null || true; wait $UP 2>/dev/null || true' EXIT
@@ -50,7 +50,25 @@ for _ in $(seq 1 900); do
 done
 MQTT_PORT=$(grep -o 'mqtt=[^ ]*' "$OUT/up.out" | sed 's/.*://')
 LLAMA_URL=$(grep -o 'llama-server at http://[^ ]*' "$OUT/up.out" | sed 's/^llama-server at //')
-[ -n "$MQTT_PORT" ] && [ -n "$LLAMA_URL" ] || { echo "no ports in palaver up's banner" >&2; exit 1; }
+METRICS=$(grep -o 'metrics=[^ ]*' "$OUT/up.out" | sed 's/^metrics=//')
+[ -n "$MQTT_PORT" ] && [ -n "$LLAMA_URL" ] && [ -n "$METRICS" ] || { echo "no ports in palaver up's banner" >&2; exit 1; }
+
+# inference-svc's own count of the model server's time: the sum and count of
+# palaver_inference_generation_seconds (admission to last chunk), so that
+# palaver's cost is also e2e minus that, on the same requests, whatever pace
+# the model keeps on a busy machine.
+generation() {
+  python3 - "http://$METRICS/metrics" <<'PY'
+import sys, urllib.request
+values = {}
+for line in urllib.request.urlopen(sys.argv[1], timeout=10).read().decode().splitlines():
+    for name in ("palaver_inference_generation_seconds_sum", "palaver_inference_generation_seconds_count"):
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+print(values.get("palaver_inference_generation_seconds_sum", 0.0),
+      values.get("palaver_inference_generation_seconds_count", 0.0))
+PY
+}
 
 common=(--project bench --sessions "$SESSIONS" --duration "$DURATION" --warmup "$WARMUP" --timeout 60 --json)
 direct() {
@@ -58,7 +76,9 @@ direct() {
     --label "direct-$1" >"$OUT/direct-$1.json"
 }
 through_palaver() {
+  generation >"$OUT/generation-$1.before"
   "$BIN" bench "${common[@]}" --port "$MQTT_PORT" --label "palaver-$1" >"$OUT/palaver-$1.json"
+  generation >"$OUT/generation-$1.after"
 }
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 for r in $(seq 1 "$ROUNDS"); do
@@ -75,7 +95,7 @@ rounds = int(rounds)
 load = lambda name: json.load(open(f"{out}/{name}.json"))
 rows, tot = [], {"direct": 0, "palaver": 0}
 errors = 0
-dropped = []
+dropped, own = [], []
 for r in range(1, rounds + 1):
     d, p = load(f"direct-{r}"), load(f"palaver-{r}")
     if not d["replies"] or not p["replies"]:
@@ -83,6 +103,9 @@ for r in range(1, rounds + 1):
         dropped.append(r)
         continue
     errors += d["errors_total"] + p["errors_total"]
+    (s0, c0), (s1, c1) = (map(float, open(f"{out}/generation-{r}.{w}").read().split()) for w in ("before", "after"))
+    gen_ms = (s1 - s0) / (c1 - c0) * 1000 if c1 > c0 else None
+    own.append(p["latency_ms"]["mean"] - gen_ms if gen_ms else None)
     tot["direct"] += d["replies"]
     tot["palaver"] += p["replies"]
     dl, pl = d["latency_ms"], p["latency_ms"]
@@ -90,6 +113,7 @@ for r in range(1, rounds + 1):
 if not rows:
     sys.exit("no pair had replies on both sides: the machine is too busy to measure")
 med = statistics.median
+owns = [v for v in own if v is not None] or [float("nan")]
 ratios = [row[2] / row[1] for row in rows]
 add50s = [row[4] - row[3] for row in rows]
 add99s = [row[6] - row[5] for row in rows]
@@ -123,6 +147,7 @@ lines = [
     f"| R1 | palaver's replies/s as a share of direct | ≥ 98 % | {ratio:.1%} (pairs {min(ratios):.1%} to {max(ratios):.1%}; all replies {all_ratio:.1%}) | {verdict(ratios, lambda v: v >= 0.98)} |",
     f"| R2 | latency palaver adds, p50 | ≤ 5 ms | {add50:+.1f} ms (pairs {min(add50s):+.1f} to {max(add50s):+.1f} ms) | {verdict(add50s, lambda v: v <= 5.0)} |",
     f"| R2' | latency palaver adds, p99 | — | {add99:+.1f} ms (pairs {min(add99s):+.1f} to {max(add99s):+.1f} ms) | |",
+    f"| R2'' | palaver's own time per turn, mean: e2e minus the model server's time on the same turns (inference-svc's generation histogram) | ≤ 5 ms | {med(owns):+.1f} ms (windows {min(owns):+.1f} to {max(owns):+.1f} ms) | {verdict(owns, lambda v: v <= 5.0)} |",
     "",
     "| pair | direct replies/s | palaver replies/s | ratio | direct p50 ms | palaver p50 ms | added p50 ms | direct p99 ms | palaver p99 ms | added p99 ms |",
     "|---|---|---|---|---|---|---|---|---|---|",
