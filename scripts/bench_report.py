@@ -793,8 +793,27 @@ def main():
             L.extend(line.rstrip("\n").replace(os.getcwd() + "/", "") for line in f)
         L.append("```")
         L.append("")
+    text = "\n".join(L)
+    # The real-model section comes from scripts/bench-real-model.sh, not from
+    # these runs: keep it, before "## Machine".
+    kept = real_model_section(args.markdown)
+    if kept:
+        text = text.replace("## Machine", kept + "\n## Machine", 1)
     with open(args.markdown, "w") as f:
-        f.write("\n".join(L))
+        f.write(text)
+
+
+def real_model_section(path):
+    """The section scripts/bench-real-model.sh wrote into `path`, markers included."""
+    try:
+        with open(path) as f:
+            old = f.read()
+    except OSError:
+        return ""
+    start, end = "<!-- real-model:", "<!-- /real-model -->"
+    if start not in old or end not in old:
+        return ""
+    return old[old.index(start):old.index(end) + len(end)] + "\n"
 
 
 if __name__ == "__main__":

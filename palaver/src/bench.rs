@@ -29,6 +29,7 @@ use gateway::errors::{
     BUSY_TEXT, INTERNAL_TEXT, OVERLOADED_TEXT, RATE_LIMITED_TEXT, TIMEOUT_TEXT, UNAVAILABLE_TEXT,
 };
 use gateway::topics;
+use palaver_core::projects::{ProjectSettings, Projects};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS, SubscribeFilter};
 use serde_json::{json, Value};
 use tokio::sync::watch;
@@ -97,6 +98,18 @@ pub struct BenchArgs {
     /// Print the result as one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+
+    /// The baseline for palaver's cost: send the same load (closed loop) to
+    /// this OpenAI-compatible server's POST /v1/chat/completions, streamed, as
+    /// inference-svc sends it, instead of through palaver over MQTT. The
+    /// system prompt and sampling are --project's in --projects.
+    #[arg(long, value_name = "URL")]
+    pub direct_url: Option<String>,
+
+    /// Projects file the direct load (--direct-url) takes --project's system
+    /// prompt and sampling from: the file palaver runs with [default: built-in].
+    #[arg(long, value_name = "FILE")]
+    pub projects: Option<std::path::PathBuf>,
 }
 
 /// Runs the benchmark and prints the result; exit 2 when it could not run.
@@ -699,6 +712,9 @@ impl Report {
 /// Connects everything, runs warm-up and window, collects the tallies.
 pub async fn bench(args: &BenchArgs) -> Result<Report, ClientError> {
     let plan = Arc::new(Plan::from_args(args)?);
+    if let Some(url) = &args.direct_url {
+        return bench_direct(args, plan, url).await;
+    }
     let run_id = format!("{:08x}", rand::random::<u32>());
     let mut groups: Vec<Vec<Session>> = (0..plan.connections).map(|_| Vec::new()).collect();
     for i in 0..plan.sessions {
@@ -765,9 +781,152 @@ pub async fn bench(args: &BenchArgs) -> Result<Report, ClientError> {
     })
 }
 
+/// The request inference-svc makes for one turn of `project` with no
+/// history: what palaver's load costs the model server, sent straight to it.
+fn direct_body(settings: &ProjectSettings, message: &str) -> Value {
+    json!({
+        "messages": [
+            {"role": "system", "content": settings.system_prompt},
+            {"role": "user", "content": message},
+        ],
+        "temperature": settings.temperature,
+        "top_p": settings.top_p,
+        "max_tokens": settings.max_tokens,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    })
+}
+
+/// `--direct-url`: every session sends its next request when the previous
+/// reply's stream ended; counted like the MQTT load (what ends inside the
+/// measured window), so the two reports compare line for line.
+async fn bench_direct(args: &BenchArgs, plan: Arc<Plan>, url: &str) -> Result<Report, ClientError> {
+    let bad = |m: String| ClientError::Connect(m);
+    if plan.rate.is_some() {
+        return Err(bad(
+            "--direct-url runs a closed loop only (no --rate)".into()
+        ));
+    }
+    let projects = Projects::load(args.projects.as_deref()).map_err(|e| bad(e.to_string()))?;
+    let settings = projects.get(&plan.project).ok_or_else(|| {
+        bad(format!(
+            "no project {:?} in the projects file",
+            plan.project
+        ))
+    })?;
+    let body = Arc::new(direct_body(settings, &message_text(plan.message_bytes)));
+    let base = url.trim().trim_end_matches('/');
+    let endpoint = format!(
+        "{}/v1/chat/completions",
+        base.strip_suffix("/v1").unwrap_or(base)
+    );
+    // Like inference-svc's client: HTTP/1.1, one connection per request in
+    // flight, no Nagle delay.
+    let client = reqwest::Client::builder()
+        .http1_only()
+        .tcp_nodelay(true)
+        .pool_idle_timeout(Duration::from_secs(4))
+        .build()
+        .map_err(|e| bad(format!("cannot build the http client: {e}")))?;
+
+    let start = Instant::now() + Duration::from_millis(50);
+    let measure_from = start + plan.warmup;
+    let clock = Clock {
+        start,
+        measure_from,
+        measure_until: measure_from + plan.duration,
+    };
+    let mut sessions = tokio::task::JoinSet::new();
+    for _ in 0..plan.sessions {
+        let (client, endpoint, body, timeout) =
+            (client.clone(), endpoint.clone(), body.clone(), plan.timeout);
+        sessions.spawn(async move {
+            let mut tally = Tally::default();
+            tokio::time::sleep_until(clock.start).await;
+            while Instant::now() < clock.measure_until {
+                let since = Instant::now();
+                if clock.measured(since) {
+                    tally.sent += 1;
+                }
+                let outcome = tokio::time::timeout(timeout, direct_turn(&client, &endpoint, &body))
+                    .await
+                    .unwrap_or_else(|_| Err(NO_REPLY.to_owned()));
+                let now = Instant::now();
+                if !clock.measured(now) {
+                    continue;
+                }
+                match outcome {
+                    Ok(()) => {
+                        let nanos = now.saturating_duration_since(since).as_nanos();
+                        tally
+                            .latencies
+                            .push(u64::try_from(nanos).unwrap_or(u64::MAX));
+                    }
+                    Err(kind) => *tally.errors.entry(kind).or_default() += 1,
+                }
+            }
+            tally
+        });
+    }
+    let mut tally = Tally::default();
+    while let Some(joined) = sessions.join_next().await {
+        tally.merge(joined.map_err(|e| bad(format!("load task failed: {e}")))?);
+    }
+    tally.latencies.sort_unstable();
+    Ok(Report {
+        plan: Arc::try_unwrap(plan).unwrap_or_else(|p| (*p).clone()),
+        tally,
+    })
+}
+
+/// One streamed completion, read to its end; `Err` names what went wrong.
+/// Like inference-svc, it sends once more when no response came back at all:
+/// llama-server closes a kept-alive connection after a few requests, and a
+/// pooled connection can be closed under a new request.
+async fn direct_turn(client: &reqwest::Client, endpoint: &str, body: &Value) -> Result<(), String> {
+    let send = || client.post(endpoint).json(body).send();
+    let response = match send().await {
+        Err(e) if (e.is_connect() || e.is_request()) && !e.is_timeout() => send().await,
+        other => other,
+    }
+    .map_err(|_| "unavailable".to_owned())?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(format!("http_{}", status.as_u16()));
+    }
+    let text = response
+        .text()
+        .await
+        .map_err(|_| "broken_stream".to_owned())?;
+    if text.contains("\"error\"") {
+        return Err("error_in_stream".into());
+    }
+    if !text.contains("[DONE]") {
+        return Err("unfinished_stream".into());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_direct_load_is_inference_svc_s_request_without_history() {
+        let settings = ProjectSettings {
+            system_prompt: "Be brief.".into(),
+            max_tokens: 16,
+            ..ProjectSettings::default()
+        };
+        let body = direct_body(&settings, "hello");
+        assert_eq!(body["messages"][0]["content"], "Be brief.");
+        assert_eq!(
+            body["messages"][1],
+            json!({"role": "user", "content": "hello"})
+        );
+        assert_eq!(body["max_tokens"], 16);
+        assert_eq!(body["stream"], true);
+    }
 
     #[test]
     fn percentiles_are_nearest_rank() {
@@ -827,6 +986,8 @@ mod tests {
             qos: 1,
             label: None,
             json: false,
+            direct_url: None,
+            projects: None,
         };
         assert_eq!(Plan::from_args(&args(8, None)).unwrap().connections, 8);
         assert_eq!(Plan::from_args(&args(8, Some(2))).unwrap().connections, 2);

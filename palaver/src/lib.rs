@@ -4,6 +4,7 @@
 //!
 //! Modules, one per concern:
 //! - [`up`]: starts broker, session-svc, inference-svc and gateway together;
+//! - [`model_server`]: `llama-server` as `palaver up`'s supervised child (`--model-file`);
 //! - [`broker`]: the embedded MQTT broker (rumqttd);
 //! - [`client`]: the client side of the MQTT wire protocol;
 //! - [`chat`], [`send`]: the two clients built on it;
@@ -22,5 +23,6 @@ pub mod client;
 pub mod fake_vllm;
 pub mod health;
 pub mod logging;
+pub mod model_server;
 pub mod send;
 pub mod up;

@@ -756,15 +756,21 @@ fn mid_stream_error(code: u16, message: &str) -> InferenceError {
     }
 }
 
-/// vLLM's "prompt + max_tokens > max_model_len" refusal, wherever it comes:
-/// the client's fault (a conversation too long), not the server's.
+/// The model server's refusal of a prompt over its context, wherever it
+/// comes: the client's fault (a conversation too long), not the server's.
+/// vLLM says "maximum context length"; llama.cpp's server "exceeds the
+/// available context size" (or, for a prompt it cannot split, "larger than
+/// the max context size").
 fn context_too_long(message: &str) -> Option<InferenceError> {
-    message
-        .to_ascii_lowercase()
-        .contains("maximum context length")
-        .then(|| {
-            InferenceError::InvalidArgument("the conversation is too long for the model".into())
-        })
+    let message = message.to_ascii_lowercase();
+    [
+        "maximum context length",
+        "exceeds the available context size",
+        "larger than the max context size",
+    ]
+    .iter()
+    .any(|phrase| message.contains(phrase))
+    .then(|| InferenceError::InvalidArgument("the conversation is too long for the model".into()))
 }
 
 /// A peer's message made fit for one line of ours: whitespace collapsed,
@@ -923,6 +929,18 @@ mod tests {
             parse_event("{not json"),
             Err(InferenceError::Backend(_))
         ));
+    }
+
+    #[test]
+    fn llama_cpp_s_context_refusal_is_a_conversation_too_long() {
+        let too_long =
+            || InferenceError::InvalidArgument("the conversation is too long for the model".into());
+        // llama-server's answer to a prompt over a slot's context, verbatim.
+        let body = br#"{"error":{"code":400,"message":"request (1959 tokens) exceeds the available context size (1024 tokens), try increasing it","type":"exceed_context_size_error","n_prompt_tokens":1959,"n_ctx":1024}}"#;
+        assert_eq!(context_too_long(&error_message(body)), Some(too_long()));
+        let unsplittable = r#"{"error":{"code":400,"message":"input (2000 tokens) is larger than the max context size (1024 tokens). skipping","type":"exceed_context_size_error"}}"#;
+        assert_eq!(parse_event(unsplittable), Err(too_long()));
+        assert_eq!(context_too_long("the request is bad"), None);
     }
 
     #[test]
