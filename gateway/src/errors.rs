@@ -175,6 +175,12 @@ mod tests {
                 ErrorKind::RateLimited,
                 RATE_LIMITED_TEXT,
             ),
+            // A turn stopped by Sessions/CancelTurn.
+            (
+                with_kind(Code::Cancelled, "cancelled"),
+                ErrorKind::Cancelled,
+                CANCELLED_TEXT,
+            ),
             (
                 with_kind(Code::ResourceExhausted, "something_new"),
                 ErrorKind::Overloaded,

@@ -343,6 +343,45 @@ async fn a_cancel_from_the_same_client_stops_the_generation_and_stores_nothing()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_without_stream_is_cancelled_too() {
+    let tpot = Duration::from_millis(50);
+    let stack = Stack::start(backend(
+        Duration::from_millis(50),
+        tpot,
+        Reply::Fixed(words(200)),
+    ))
+    .await;
+    let mut c = stack.mqtt().await;
+    c.subscribe("general/assistant_response/cp/#").await;
+    let (reply_topic, body) = request("cp", "r1", false);
+    c.publish("general/user_input", body).await;
+    wait_until(
+        "the generation reaches the model server",
+        Duration::from_secs(5),
+        || stack.vllm.in_flight() == 1,
+    )
+    .await;
+    c.publish(
+        "general/cancel/cp",
+        json!({"requestId": "r1", "clientId": "c1"}).to_string(),
+    )
+    .await;
+    let took = wait_until("the request is dropped", Duration::from_secs(3), || {
+        stack.vllm.in_flight() == 0
+    })
+    .await;
+    assert!(
+        took <= Duration::from_millis(100) + tpot,
+        "dropped after {took:?}"
+    );
+    let got = until_reply(&mut c, &reply_topic, Duration::from_secs(3)).await;
+    assert_eq!(got.len(), 1, "no stream asked for: {got:#?}");
+    assert_eq!(got[0].payload, "Error: Cancelled.");
+    wait_taken_back(&stack, "cp").await;
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_turn_over_grpc_stops_a_chat_stream_caller() {
     let tpot = Duration::from_millis(50);
     let stack = Stack::start(backend(
