@@ -25,3 +25,5 @@ pub const ERROR_KIND_HEADER: &str = "palaver-error-kind";
 pub const ERROR_KIND_RATE_LIMITED: &str = "rate_limited";
 /// Every inference slot is busy and the queue is full (or the wait timed out).
 pub const ERROR_KIND_OVERLOADED: &str = "overloaded";
+/// The turn was cancelled (`Sessions/CancelTurn`) while it ran.
+pub const ERROR_KIND_CANCELLED: &str = "cancelled";

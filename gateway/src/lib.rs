@@ -12,6 +12,7 @@
 //! - [`link`]: one MQTT connection per project (one last will each);
 //! - [`lease`]: which of several gateways consumes a project;
 //! - [`turn`]: one request against session-svc;
+//! - [`stream`], [`cancel`]: the opt-in streamed reply, and cancelling a turn;
 //! - [`backlog`]: the `max-pending` bound and the shutdown drain;
 //! - [`presence`], [`readiness`], [`metrics`].
 //!
@@ -34,6 +35,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backlog;
+pub mod cancel;
 pub mod config;
 pub mod control;
 pub mod errors;
@@ -45,6 +47,7 @@ pub mod presence;
 pub mod publish;
 pub mod readiness;
 pub mod request;
+pub mod stream;
 pub mod topics;
 pub mod turn;
 

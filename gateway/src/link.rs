@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::backlog::Backlog;
+use crate::cancel::{self, TurnKey};
 use crate::config::Config;
 use crate::control;
 use crate::errors::{ErrorKind, OVERLOADED_TEXT};
@@ -399,6 +400,9 @@ impl Link {
         } else if let Some((kind, topic_sid)) = control::match_topic(&self.project, &publish.topic)
         {
             self.on_control(kind, topic_sid, &publish.payload, ack);
+        } else if let Some(session_id) = cancel::match_topic(&self.project, &publish.topic) {
+            // Acknowledged at once (`ack` dropped): a cancel is done when read.
+            self.on_cancel(session_id, &publish.payload);
         } else {
             tracing::debug!(project = %self.project, topic = %publish.topic, "message on an unexpected topic");
             metrics.dropped("unknown_topic");
@@ -496,11 +500,33 @@ impl Link {
                 };
                 // Taken here, in arrival order, before the task exists.
                 let ticket = self.shared.turns.ticket(&self.project, &turn.session_id);
+                let registration = self.shared.turns.register(&self.project, &turn);
                 let turns = self.shared.turns.clone();
                 let publisher = self.publisher.clone();
-                tokio::spawn(async move { turns.chat(publisher, turn, permit, ack, ticket).await });
+                tokio::spawn(async move {
+                    turns
+                        .chat(publisher, turn, permit, ack, ticket, registration)
+                        .await
+                });
             }
         }
+    }
+
+    /// A cancel stops the turn it names, if that turn still runs here;
+    /// anything else (unknown, finished, another client's) is a no-op.
+    fn on_cancel(&self, session_id: &str, payload: &[u8]) {
+        let metrics = &self.shared.metrics;
+        if payload.len() > self.shared.config.max_payload_bytes {
+            metrics.dropped(request::DropReason::TooLarge.as_str());
+            return;
+        }
+        let Some(key) = TurnKey::parse(&self.project, session_id, payload) else {
+            tracing::debug!(project = %self.project, session_id, "cancel without a request id ignored");
+            metrics.dropped("cancel_unnamed");
+            return;
+        };
+        let stopped = self.shared.turns.cancel(&key);
+        tracing::debug!(project = %self.project, session_id, stopped, "cancel read");
     }
 
     fn on_control(

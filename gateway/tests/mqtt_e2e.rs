@@ -184,6 +184,13 @@ impl Sessions for Fake {
         Ok(Response::new(UpdateProjectReply { sessions: 3 }))
     }
 
+    async fn cancel_turn(
+        &self,
+        _request: Request<palaver_proto::session::v1::CancelTurnRequest>,
+    ) -> Result<Response<palaver_proto::session::v1::CancelTurnReply>, Status> {
+        Ok(Response::new(Default::default()))
+    }
+
     /// One gateway per test: its lease is always granted.
     async fn hold_lease(
         &self,

@@ -110,6 +110,11 @@ pub struct BenchArgs {
     /// prompt and sampling from: the file palaver runs with [default: built-in].
     #[arg(long, value_name = "FILE")]
     pub projects: Option<std::path::PathBuf>,
+
+    /// Ask for streamed replies (`"stream": true`) and also report the time
+    /// to the first piece on `<replyTopic>/stream` and the pieces per turn.
+    #[arg(long, env = "PALAVER_BENCH_STREAM")]
+    pub stream: bool,
 }
 
 /// Runs the benchmark and prints the result; exit 2 when it could not run.
@@ -155,6 +160,8 @@ pub struct Plan {
     pub qos: QoS,
     /// Run label.
     pub label: Option<String>,
+    /// Streamed replies.
+    pub stream: bool,
 }
 
 fn seconds(what: &str, s: f64) -> Result<Duration, ClientError> {
@@ -211,6 +218,7 @@ impl Plan {
             timeout,
             qos: gateway::link::qos(args.qos),
             label: args.label.clone(),
+            stream: args.stream,
         })
     }
 }
@@ -244,6 +252,10 @@ struct Tally {
     unfinished: u64,
     /// Times the connection to the broker was lost.
     disconnects: u64,
+    /// With `--stream`: time to the first piece of every answer, in ns.
+    first_piece: Vec<u64>,
+    /// With `--stream`: delta pieces of every answer.
+    pieces: Vec<u64>,
 }
 
 impl Tally {
@@ -256,6 +268,8 @@ impl Tally {
         self.late += other.late;
         self.unfinished += other.unfinished;
         self.disconnects += other.disconnects;
+        self.first_piece.extend(other.first_piece);
+        self.pieces.extend(other.pieces);
     }
 }
 
@@ -295,6 +309,10 @@ struct Pending {
     session: usize,
     /// When it was sent (closed loop) or scheduled (open loop).
     since: Instant,
+    /// When its first streamed piece came.
+    first_piece: Option<Instant>,
+    /// Delta pieces so far.
+    pieces: u64,
 }
 
 /// One session of a connection.
@@ -389,13 +407,16 @@ impl Conn {
         self.next_request += 1;
         let sid = &self.sessions[session].id;
         let request_id = format!("{id:x}");
-        let payload = json!({
+        let mut payload = json!({
             "message": self.message,
             "sessionId": sid,
             "replyTopic": format!("{}{sid}/{}/{request_id}", self.reply_prefix, self.client_id),
             "clientId": self.client_id,
             "requestId": request_id,
         });
+        if self.plan.stream {
+            payload["stream"] = Value::Bool(true);
+        }
         let body = serde_json::to_vec(&payload).expect("a JSON value serializes");
         let measured = clock.measured(since);
         match self
@@ -403,7 +424,15 @@ impl Conn {
             .try_publish(self.input_topic.clone(), self.plan.qos, false, body)
         {
             Ok(()) => {
-                self.pending.insert(id, Pending { session, since });
+                self.pending.insert(
+                    id,
+                    Pending {
+                        session,
+                        since,
+                        first_piece: None,
+                        pieces: 0,
+                    },
+                );
                 if measured {
                     self.tally.sent += 1;
                 }
@@ -431,10 +460,11 @@ impl Conn {
         now: Instant,
         clock: &Clock,
     ) -> Option<usize> {
-        let id = topic
-            .rsplit('/')
-            .next()
-            .and_then(|level| u64::from_str_radix(level, 16).ok())?;
+        if let Some(reply_topic) = topic.strip_suffix("/stream") {
+            self.on_piece(reply_topic, payload, now);
+            return None;
+        }
+        let id = request_of(topic)?;
         let Some(pending) = self.pending.remove(&id) else {
             if clock.measured(now) {
                 self.tally.late += 1;
@@ -449,11 +479,30 @@ impl Conn {
                     self.tally
                         .latencies
                         .push(u64::try_from(nanos).unwrap_or(u64::MAX));
+                    if let Some(first) = pending.first_piece {
+                        let nanos = first.saturating_duration_since(pending.since).as_nanos();
+                        self.tally
+                            .first_piece
+                            .push(u64::try_from(nanos).unwrap_or(u64::MAX));
+                        self.tally.pieces.push(pending.pieces);
+                    }
                 }
                 Some(kind) => *self.tally.errors.entry(kind).or_default() += 1,
             }
         }
         Some(pending.session)
+    }
+
+    /// Notes a piece of a streamed reply: when the first came, how many.
+    fn on_piece(&mut self, reply_topic: &str, payload: &[u8], now: Instant) {
+        let Some(pending) = request_of(reply_topic).and_then(|id| self.pending.get_mut(&id)) else {
+            return;
+        };
+        pending.first_piece.get_or_insert(now);
+        let piece: Value = serde_json::from_slice(payload).unwrap_or_default();
+        if piece.get("delta").is_some() {
+            pending.pieces += 1;
+        }
     }
 
     /// Gives up on requests older than the timeout; returns their sessions.
@@ -566,6 +615,14 @@ impl Conn {
     }
 }
 
+/// The request id a reply topic ends in.
+fn request_of(topic: &str) -> Option<u64> {
+    topic
+        .rsplit('/')
+        .next()
+        .and_then(|level| u64::from_str_radix(level, 16).ok())
+}
+
 /// The result of a run.
 #[derive(Debug)]
 pub struct Report {
@@ -647,6 +704,7 @@ impl Report {
                 "message_bytes": p.message_bytes,
                 "timeout_s": p.timeout.as_secs_f64(),
                 "qos": p.qos as u8,
+                "stream": p.stream,
             },
             "sent": self.tally.sent,
             "replies": self.replies(),
@@ -657,6 +715,20 @@ impl Report {
             "unfinished": self.tally.unfinished,
             "disconnects": self.tally.disconnects,
             "latency_ms": latency,
+            "first_piece_ms": p.stream.then(|| latency_json(&self.tally.first_piece)),
+            "pieces_per_turn": p.stream.then(|| self.pieces_per_turn()),
+        })
+    }
+
+    /// Mean, least and most delta pieces of an answered streamed turn.
+    fn pieces_per_turn(&self) -> Value {
+        let pieces = &self.tally.pieces;
+        let mean =
+            (!pieces.is_empty()).then(|| pieces.iter().sum::<u64>() as f64 / pieces.len() as f64);
+        json!({
+            "mean": mean,
+            "min": pieces.iter().min(),
+            "max": pieces.iter().max(),
         })
     }
 
@@ -705,6 +777,17 @@ impl Report {
         }
         out.push_str("\n  latency (ms, end to end)\n");
         latency_rows(&self.tally.latencies, &mut out);
+        if p.stream {
+            out.push_str("\n  time to first piece (ms)\n");
+            latency_rows(&self.tally.first_piece, &mut out);
+            let per_turn = self.pieces_per_turn();
+            out.push_str(&format!(
+                "\n  pieces per turn: mean {:.1}, min {}, max {}\n",
+                per_turn["mean"].as_f64().unwrap_or(0.0),
+                per_turn["min"],
+                per_turn["max"],
+            ));
+        }
         out
     }
 }
@@ -775,6 +858,7 @@ pub async fn bench(args: &BenchArgs) -> Result<Report, ClientError> {
         }
     }
     tally.latencies.sort_unstable();
+    tally.first_piece.sort_unstable();
     Ok(Report {
         plan: Arc::try_unwrap(plan).unwrap_or_else(|p| (*p).clone()),
         tally,
@@ -988,6 +1072,7 @@ mod tests {
             json: false,
             direct_url: None,
             projects: None,
+            stream: false,
         };
         assert_eq!(Plan::from_args(&args(8, None)).unwrap().connections, 8);
         assert_eq!(Plan::from_args(&args(8, Some(2))).unwrap().connections, 2);

@@ -16,6 +16,7 @@ pub mod dialog;
 pub mod error;
 pub mod keys;
 pub mod metrics;
+pub mod running;
 pub mod service;
 pub mod store;
 pub mod turn;

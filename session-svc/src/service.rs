@@ -22,6 +22,7 @@ use crate::balance::Balancer;
 use crate::dialog::{random_first_seq, Dialog, Role};
 use crate::error::SessionError;
 use crate::metrics::{KindLabel, OutcomeLabel};
+use crate::running::{self, Running};
 use crate::store::{SessionId, Store};
 use crate::turn::{Awaited, LogSafe, NewTurn, Prepared, TurnOwner, Turns};
 
@@ -41,6 +42,8 @@ const PROJECT_ACTION_CONCURRENCY: usize = 16;
 pub struct SessionService<S: Store> {
     turns: Arc<Turns<S>>,
     inference: Balancer,
+    /// The turns `CancelTurn` can stop.
+    running: Arc<Running>,
 }
 
 impl<S: Store> Clone for SessionService<S> {
@@ -48,13 +51,18 @@ impl<S: Store> Clone for SessionService<S> {
         Self {
             turns: self.turns.clone(),
             inference: self.inference.clone(),
+            running: self.running.clone(),
         }
     }
 }
 
 impl<S: Store> SessionService<S> {
     pub fn new(turns: Arc<Turns<S>>, inference: Balancer) -> Self {
-        Self { turns, inference }
+        Self {
+            turns,
+            inference,
+            running: Arc::default(),
+        }
     }
 
     fn count_error(&self, e: &SessionError) {
@@ -544,10 +552,22 @@ impl<S: Store> Sessions for SessionService<S> {
     ) -> Result<Response<pb::ChatReply>, Status> {
         let _in_flight = self.turns.metrics().turn_started();
         let deadline = deadline_of(request.metadata());
-        self.chat_inner(request.into_inner(), deadline)
-            .await
-            .map(Response::new)
-            .map_err(|e| self.fail(e))
+        let req = request.into_inner();
+        let entry = self
+            .running
+            .register(&req.project, &req.session_id, &req.request_id);
+        let cancel = entry
+            .as_ref()
+            .map(|e| e.token().clone())
+            .unwrap_or_default();
+        tokio::select! {
+            r = self.chat_inner(req, deadline) => r.map(Response::new).map_err(|e| self.fail(e)),
+            // Dropping the turn takes it back, as a caller leaving does.
+            _ = cancel.cancelled() => {
+                self.count_turn("cancelled");
+                Err(running::cancelled())
+            }
+        }
     }
 
     type ChatStreamStream = EventStream;
@@ -564,9 +584,21 @@ impl<S: Store> Sessions for SessionService<S> {
         let (tx, mut rx) = mpsc::channel(64);
         let this = self.clone();
         let in_flight = self.turns.metrics().turn_started();
+        let entry = self
+            .running
+            .register(&req.project, &req.session_id, &req.request_id);
         tokio::spawn(async move {
             let _in_flight = in_flight;
+            let cancel = entry
+                .as_ref()
+                .map(|e| e.token().clone())
+                .unwrap_or_default();
             tokio::select! {
+                // Dropping the turn takes it back, as a caller leaving does.
+                _ = cancel.cancelled() => {
+                    this.count_turn("cancelled");
+                    let _ = tx.send(Err(running::cancelled())).await;
+                }
                 outcome = this.stream_inner(req, deadline, &tx) => {
                     if let Err(e) = outcome {
                         let _ = tx.send(Err(this.fail(e))).await;
@@ -735,6 +767,18 @@ impl<S: Store> Sessions for SessionService<S> {
             touched += changed.map_err(|e| self.fail(e))?;
         }
         Ok(Response::new(pb::UpdateProjectReply { sessions: touched }))
+    }
+
+    async fn cancel_turn(
+        &self,
+        request: Request<pb::CancelTurnRequest>,
+    ) -> Result<Response<pb::CancelTurnReply>, Status> {
+        let r = request.into_inner();
+        let cancelled = self
+            .running
+            .cancel(&r.project, &r.session_id, &r.request_id);
+        tracing::info!(session = %LogSafe(&r.project, &r.session_id), cancelled, "cancel turn");
+        Ok(Response::new(pb::CancelTurnReply { cancelled }))
     }
 
     async fn hold_lease(
