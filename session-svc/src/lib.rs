@@ -74,7 +74,7 @@ impl Default for Security {
 pub struct Server<S: Store> {
     service: SessionService<S>,
     /// For the heartbeat that tells other replicas this one's turns live.
-    turns: Arc<turn::Turns<S>>,
+    turns: Arc<turn::TurnEngine<S>>,
     /// The inference replicas' balancer (shared with the service).
     inference: balance::Balancer,
 }
@@ -114,7 +114,7 @@ impl<S: Store> Server<S> {
                 reason: e.to_string(),
             })?;
         let metrics = Arc::new(metrics::Metrics::new(registry));
-        let turns = Arc::new(turn::Turns::new(
+        let turns = Arc::new(turn::TurnEngine::new(
             store,
             config.projects,
             config.lock,

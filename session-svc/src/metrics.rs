@@ -30,10 +30,10 @@ pub struct Metrics {
     /// For a turn's one-step changes, the compare-and-set's run inside the
     /// store (by Redis's clock); for two-step changes, the lock from taken
     /// to released.
-    pub lock_hold: Histogram,
+    pub hold: Histogram,
     /// Time from the first attempt at a change until it got through (one
     /// round trip when the session is free).
-    pub lock_wait: Histogram,
+    pub hold_wait: Histogram,
     /// Swaps that lost to another change of the same session and were
     /// tried again: contention on one session.
     pub swap_retries: Counter,
@@ -47,20 +47,20 @@ pub struct Metrics {
     pub in_flight: Gauge,
 }
 
-/// Lock-time buckets: half octaves from 15.6 µs to 0.5 s, with 1 ms
-/// exactly among the bounds. Lock times should sit at the low end; the
+/// Hold-time buckets: half octaves from 15.6 µs to 0.5 s, with 1 ms
+/// exactly among the bounds. Hold times should sit at the low end; the
 /// bound at 1 ms makes "what share of holds took at most 1 ms" exact rather
 /// than interpolated, and the half octaves keep a percentile read from the
 /// buckets within a factor of 1.41 of the true value.
-fn lock_buckets() -> impl Iterator<Item = f64> {
+fn hold_buckets() -> impl Iterator<Item = f64> {
     (0..=30).map(|i| 1e-3 * 2f64.powf(f64::from(i - 12) / 2.0))
 }
 
 impl Metrics {
     pub fn new(registry: &mut Registry) -> Self {
         let m = Self {
-            lock_hold: Histogram::new(lock_buckets()),
-            lock_wait: Histogram::new(lock_buckets()),
+            hold: Histogram::new(hold_buckets()),
+            hold_wait: Histogram::new(hold_buckets()),
             phase: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.000_05, 2.0, 22))
             }),
@@ -71,16 +71,16 @@ impl Metrics {
         };
         let r = registry.sub_registry_with_prefix("palaver_session");
         r.register_with_unit(
-            "lock_hold",
+            "hold",
             "Time a session was held exclusively by one change",
             prometheus_client::registry::Unit::Seconds,
-            m.lock_hold.clone(),
+            m.hold.clone(),
         );
         r.register_with_unit(
-            "lock_wait",
+            "hold_wait",
             "Time from the first attempt at a session change until it got through",
             prometheus_client::registry::Unit::Seconds,
-            m.lock_wait.clone(),
+            m.hold_wait.clone(),
         );
         r.register_with_unit(
             "turn_phase",
@@ -124,8 +124,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lock_buckets_have_one_millisecond_exactly() {
-        let b: Vec<f64> = lock_buckets().collect();
+    fn hold_buckets_have_one_millisecond_exactly() {
+        let b: Vec<f64> = hold_buckets().collect();
         assert!(b.contains(&0.001), "{b:?}");
         assert!(b[0] < 0.000_02 && *b.last().unwrap() > 0.4);
         assert!(b.windows(2).all(|w| w[0] < w[1]));

@@ -24,7 +24,7 @@ use crate::error::SessionError;
 use crate::metrics::{KindLabel, OutcomeLabel};
 use crate::running::{self, Running};
 use crate::store::{SessionId, Store};
-use crate::turn::{Awaited, LogSafe, NewTurn, Prepared, TurnOwner, Turns};
+use crate::turn::{Awaited, LogSafe, NewTurn, Prepared, TurnEngine, TurnOwner};
 
 /// Longest accepted session id, request id and system prompt.
 const MAX_ID_BYTES: usize = 256;
@@ -40,7 +40,7 @@ const PROJECT_ACTION_CONCURRENCY: usize = 16;
 
 /// The `Sessions` gRPC service over a store.
 pub struct SessionService<S: Store> {
-    turns: Arc<Turns<S>>,
+    turns: Arc<TurnEngine<S>>,
     inference: Balancer,
     /// The turns `CancelTurn` can stop.
     running: Arc<Running>,
@@ -57,7 +57,7 @@ impl<S: Store> Clone for SessionService<S> {
 }
 
 impl<S: Store> SessionService<S> {
-    pub fn new(turns: Arc<Turns<S>>, inference: Balancer) -> Self {
+    pub fn new(turns: Arc<TurnEngine<S>>, inference: Balancer) -> Self {
         Self {
             turns,
             inference,

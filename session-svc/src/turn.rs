@@ -38,7 +38,7 @@ use crate::dialog::{
 };
 use crate::error::SessionError;
 use crate::metrics::{Metrics, PhaseLabel};
-use crate::store::{Admit, RateLimit, SessionId, Step, Store, StoreError};
+use crate::store::{LockAttempt, RateLimit, SessionId, Step, Store, StoreError};
 
 /// Lock timing.
 #[derive(Debug, Clone, Copy)]
@@ -108,7 +108,7 @@ pub enum Awaited {
 }
 
 /// The turn engine over one store.
-pub struct Turns<S> {
+pub struct TurnEngine<S> {
     store: S,
     projects: Projects,
     lock: LockConfig,
@@ -117,7 +117,7 @@ pub struct Turns<S> {
     replica: String,
 }
 
-impl<S: Store> Turns<S> {
+impl<S: Store> TurnEngine<S> {
     pub fn new(store: S, projects: Projects, lock: LockConfig, metrics: Arc<Metrics>) -> Self {
         Self {
             store,
@@ -397,9 +397,9 @@ impl<S: Store> Turns<S> {
                 }
                 Step::Done { value, held } => {
                     self.metrics
-                        .lock_wait
+                        .hold_wait
                         .observe(first_try.elapsed().as_secs_f64());
-                    self.metrics.lock_hold.observe(held.as_secs_f64());
+                    self.metrics.hold.observe(held.as_secs_f64());
                     return Ok(value);
                 }
             }
@@ -437,24 +437,22 @@ impl<S: Store> Turns<S> {
             })
         };
         loop {
-            match self.store.admit(id, &token, self.lock.ttl).await? {
-                Admit::Busy => {
+            match self.store.try_lock(id, &token, self.lock.ttl).await? {
+                LockAttempt::Busy => {
                     if let Err(e) = busy.pause().await {
                         held.disarm();
                         return Err(e);
                     }
                 }
-                Admit::Locked(mut dialog) => {
+                LockAttempt::Locked(mut dialog) => {
                     let acquired = Instant::now();
                     self.metrics
-                        .lock_wait
+                        .hold_wait
                         .observe((acquired - first_try).as_secs_f64());
                     let out = f(&mut dialog);
                     let committed = self.store.commit(id, &token, dialog.as_ref(), ttl).await;
                     held.disarm();
-                    self.metrics
-                        .lock_hold
-                        .observe(acquired.elapsed().as_secs_f64());
+                    self.metrics.hold.observe(acquired.elapsed().as_secs_f64());
                     return match committed {
                         Ok(true) => {
                             if dialog.is_some() {
@@ -544,7 +542,7 @@ impl Drop for OnDrop {
 /// cancelled between two awaits — it takes its turn back in the background
 /// (a no-op if phase 1 never wrote it). Settled, it does nothing more.
 pub struct TurnOwner<S: Store> {
-    turns: Arc<Turns<S>>,
+    turns: Arc<TurnEngine<S>>,
     project: String,
     session_id: String,
     attempt: String,

@@ -6,7 +6,7 @@ use std::time::Duration;
 use palaver_testkit::process::RedisServer;
 use session_svc::dialog::{Dialog, Ending, Limits, Opened, Opening};
 use session_svc::keys::KeySpace;
-use session_svc::store::{Admit, RateLimit, SessionId, Step, Store};
+use session_svc::store::{LockAttempt, RateLimit, SessionId, Step, Store};
 use session_svc::{MemoryStore, RedisStore};
 
 const TTL: Duration = Duration::from_secs(60);
@@ -27,26 +27,32 @@ fn dialog_with(msg: &str) -> Dialog {
 async fn lock_excludes_others_and_only_the_holder_writes<S: Store>(s: &S) {
     let id = sid("lock-basic");
     assert!(matches!(
-        s.admit(id, "a", TTL).await.unwrap(),
-        Admit::Locked(None)
+        s.try_lock(id, "a", TTL).await.unwrap(),
+        LockAttempt::Locked(None)
     ));
-    assert!(matches!(s.admit(id, "b", TTL).await.unwrap(), Admit::Busy));
+    assert!(matches!(
+        s.try_lock(id, "b", TTL).await.unwrap(),
+        LockAttempt::Busy
+    ));
     let d = dialog_with("hello");
     assert!(
         !s.commit(id, "b", Some(&d), TTL).await.unwrap(),
         "non-holder wrote"
     );
     assert!(s.commit(id, "a", Some(&d), TTL).await.unwrap());
-    match s.admit(id, "b", TTL).await.unwrap() {
-        Admit::Locked(Some(got)) => assert_eq!(got, d),
+    match s.try_lock(id, "b", TTL).await.unwrap() {
+        LockAttempt::Locked(Some(got)) => assert_eq!(got, d),
         other => panic!("expected the stored dialog, got {other:?}"),
     }
     s.release(id, "a").await.unwrap(); // not the holder: no effect
-    assert!(matches!(s.admit(id, "c", TTL).await.unwrap(), Admit::Busy));
+    assert!(matches!(
+        s.try_lock(id, "c", TTL).await.unwrap(),
+        LockAttempt::Busy
+    ));
     s.release(id, "b").await.unwrap();
     assert!(matches!(
-        s.admit(id, "c", TTL).await.unwrap(),
-        Admit::Locked(Some(_))
+        s.try_lock(id, "c", TTL).await.unwrap(),
+        LockAttempt::Locked(Some(_))
     ));
     assert!(s.commit(id, "c", None, TTL).await.unwrap(), "delete");
     assert_eq!(s.load(id).await.unwrap(), None);
@@ -56,17 +62,17 @@ async fn a_dead_holders_lock_expires_and_its_late_write_is_refused<S: Store>(s: 
     let id = sid("lock-ttl");
     let short = Duration::from_millis(150);
     assert!(matches!(
-        s.admit(id, "dead", short).await.unwrap(),
-        Admit::Locked(_)
+        s.try_lock(id, "dead", short).await.unwrap(),
+        LockAttempt::Locked(_)
     ));
     assert!(matches!(
-        s.admit(id, "next", TTL).await.unwrap(),
-        Admit::Busy
+        s.try_lock(id, "next", TTL).await.unwrap(),
+        LockAttempt::Busy
     ));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(matches!(
-        s.admit(id, "next", TTL).await.unwrap(),
-        Admit::Locked(None)
+        s.try_lock(id, "next", TTL).await.unwrap(),
+        LockAttempt::Locked(None)
     ));
     let d = dialog_with("late");
     assert!(!s.commit(id, "dead", Some(&d), TTL).await.unwrap());
@@ -76,8 +82,8 @@ async fn a_dead_holders_lock_expires_and_its_late_write_is_refused<S: Store>(s: 
 async fn sessions_expire_after_their_ttl<S: Store>(s: &S) {
     let id = sid("expiry");
     assert!(matches!(
-        s.admit(id, "t", TTL).await.unwrap(),
-        Admit::Locked(None)
+        s.try_lock(id, "t", TTL).await.unwrap(),
+        LockAttempt::Locked(None)
     ));
     let d = dialog_with("soon gone");
     assert!(s
@@ -145,8 +151,8 @@ async fn rate_limit_is_a_sliding_window_per_session<S: Store>(s: &S) {
     // A request that finds the session locked is not counted: retried, it
     // counts once.
     assert!(matches!(
-        s.admit(a, "holder", TTL).await.unwrap(),
-        Admit::Locked(_)
+        s.try_lock(a, "holder", TTL).await.unwrap(),
+        LockAttempt::Locked(_)
     ));
     assert_eq!(try_open(s, a, rate).await, "busy");
     s.release(a, "holder").await.unwrap();
@@ -317,8 +323,8 @@ async fn one_step_changes_follow_the_dialog_rules<S: Store>(s: &S) {
 async fn one_step_changes_respect_the_lock<S: Store>(s: &S) {
     let id = sid("rules-locked");
     assert!(matches!(
-        s.admit(id, "holder", TTL).await.unwrap(),
-        Admit::Locked(None)
+        s.try_lock(id, "holder", TTL).await.unwrap(),
+        LockAttempt::Locked(None)
     ));
     assert_eq!(
         s.open_turn(id, None, &opening("x"), TTL).await.unwrap(),
@@ -380,12 +386,12 @@ async fn project_index_and_prompt<S: Store>(s: &S) {
 /// stored after their own message, whatever order they finish in.
 async fn turns_keep_order_and_do_not_repeat_retries<S: Store>(s: &S) {
     use palaver_core::projects::Projects;
-    use session_svc::turn::{LockConfig, NewTurn, Prepared, Turns};
+    use session_svc::turn::{LockConfig, NewTurn, Prepared, TurnEngine};
 
     let metrics = std::sync::Arc::new(session_svc::metrics::Metrics::new(
         &mut prometheus_client::registry::Registry::default(),
     ));
-    let turns = Turns::new(
+    let turns = TurnEngine::new(
         s.clone(),
         Projects::builtin(),
         LockConfig::default(),
@@ -530,8 +536,8 @@ async fn redis_replicas_interleaving_on_one_session_lose_nothing() {
     // And a two-step change by one is seen by the other's next turn.
     let token = "reset";
     assert!(matches!(
-        a.admit(id, token, TTL).await.unwrap(),
-        Admit::Locked(_)
+        a.try_lock(id, token, TTL).await.unwrap(),
+        LockAttempt::Locked(_)
     ));
     assert!(a.commit(id, token, None, TTL).await.unwrap());
     let o = opening("after reset");

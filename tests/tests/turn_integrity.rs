@@ -17,7 +17,7 @@ use prometheus_client::registry::Registry;
 use serde_json::json;
 use session_svc::dialog::{Dialog, Ending, Opened, Opening};
 use session_svc::keys::KeySpace;
-use session_svc::store::{Admit, Lease, RateLimit, SessionId, Step, Store, StoreError};
+use session_svc::store::{Lease, LockAttempt, RateLimit, SessionId, Step, Store, StoreError};
 use session_svc::RedisStore;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -356,13 +356,13 @@ impl Store for Flaky {
     ) -> Result<Lease, StoreError> {
         self.inner.hold_lease(name, holder, ttl).await
     }
-    async fn admit(
+    async fn try_lock(
         &self,
         id: SessionId<'_>,
         token: &str,
         lock_ttl: Duration,
-    ) -> Result<Admit, StoreError> {
-        self.inner.admit(id, token, lock_ttl).await
+    ) -> Result<LockAttempt, StoreError> {
+        self.inner.try_lock(id, token, lock_ttl).await
     }
     async fn load(&self, id: SessionId<'_>) -> Result<Option<Dialog>, StoreError> {
         self.inner.load(id).await

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Admit, Lease, RateLimit, SessionId, Step, Store, StoreError};
+use super::{Lease, LockAttempt, RateLimit, SessionId, Step, Store, StoreError};
 use crate::dialog::{Dialog, Ending, Opened, Opening};
 
 #[derive(Default)]
@@ -264,20 +264,20 @@ impl Store for MemoryStore {
         Ok(true)
     }
 
-    async fn admit(
+    async fn try_lock(
         &self,
         id: SessionId<'_>,
         token: &str,
         lock_ttl: Duration,
-    ) -> Result<Admit, StoreError> {
+    ) -> Result<LockAttempt, StoreError> {
         let now = Instant::now();
         Ok(self.with(|st| {
             let s = st.sessions.entry(key(id)).or_default();
             if s.locked(now) {
-                return Admit::Busy;
+                return LockAttempt::Busy;
             }
             s.lock = Some((token.to_owned(), now + lock_ttl));
-            Admit::Locked(s.live_dialog(now).cloned())
+            LockAttempt::Locked(s.live_dialog(now).cloned())
         }))
     }
 

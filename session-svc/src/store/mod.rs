@@ -36,7 +36,7 @@ pub struct RateLimit {
 
 /// Outcome of one attempt at taking a session's lock.
 #[derive(Debug)]
-pub enum Admit {
+pub enum LockAttempt {
     /// Another change holds the lock.
     Busy,
     /// The lock is ours; here is the dialog (`None`: no such session yet).
@@ -164,12 +164,12 @@ pub trait Store: Clone + Send + Sync + 'static {
 
     /// Tries once to take the session's lock for `lock_ttl`, loading the
     /// dialog in the same step.
-    fn admit(
+    fn try_lock(
         &self,
         id: SessionId<'_>,
         token: &str,
         lock_ttl: Duration,
-    ) -> impl Future<Output = Result<Admit, StoreError>> + Send;
+    ) -> impl Future<Output = Result<LockAttempt, StoreError>> + Send;
 
     /// Reads the dialog without locking (a consistent snapshot: dialogs are
     /// written whole).

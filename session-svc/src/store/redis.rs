@@ -9,7 +9,7 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 
-use super::{Admit, Lease, RateLimit, SessionId, Step, Store, StoreError};
+use super::{Lease, LockAttempt, RateLimit, SessionId, Step, Store, StoreError};
 use crate::dialog::{Dialog, Ending, Opened, Opening};
 use crate::keys::KeySpace;
 
@@ -53,7 +53,7 @@ return {2, (tonumber(t1[1]) - tonumber(t0[1])) * 1000000 + tonumber(t1[2]) - ton
 ";
 
 /// Lock, then read — one round trip.
-const ADMIT: &str = r"
+const TRY_LOCK: &str = r"
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return {1}
 end
@@ -113,7 +113,7 @@ pub struct RedisStore {
     /// what is stored); it is never trusted without the swap.
     seen: Arc<Mutex<Seen>>,
     swap: Script,
-    admit: Script,
+    try_lock: Script,
     commit: Script,
     release: Script,
     lease: Script,
@@ -156,7 +156,7 @@ impl RedisStore {
             keys,
             seen: Arc::default(),
             swap: Script::new(SWAP),
-            admit: Script::new(ADMIT),
+            try_lock: Script::new(TRY_LOCK),
             commit: Script::new(COMMIT),
             release: Script::new(RELEASE),
             lease: Script::new(LEASE),
@@ -199,15 +199,15 @@ fn micros(v: Option<&Value>) -> Option<Duration> {
     int(v).map(|us| Duration::from_micros(us.max(0) as u64))
 }
 
-fn parse_admit(v: Value) -> Result<Admit, StoreError> {
-    let bad = || corrupt("admit");
+fn parse_lock_attempt(v: Value) -> Result<LockAttempt, StoreError> {
+    let bad = || corrupt("lock");
     let Value::Array(items) = v else {
         return Err(bad());
     };
     match (int(items.first()), items.get(1)) {
-        (Some(1), _) => Ok(Admit::Busy),
-        (Some(2), None) => Ok(Admit::Locked(None)),
-        (Some(2), Some(Value::BulkString(b))) => Ok(Admit::Locked(Some(parse_dialog(b)?))),
+        (Some(1), _) => Ok(LockAttempt::Busy),
+        (Some(2), None) => Ok(LockAttempt::Locked(None)),
+        (Some(2), Some(Value::BulkString(b))) => Ok(LockAttempt::Locked(Some(parse_dialog(b)?))),
         _ => Err(bad()),
     }
 }
@@ -493,15 +493,15 @@ impl Store for RedisStore {
             .map_err(unavailable)
     }
 
-    async fn admit(
+    async fn try_lock(
         &self,
         id: SessionId<'_>,
         token: &str,
         lock_ttl: Duration,
-    ) -> Result<Admit, StoreError> {
+    ) -> Result<LockAttempt, StoreError> {
         let k = self.keys.session(id.project, id.session_id);
         let v: Value = self
-            .admit
+            .try_lock
             .key(&k.lock)
             .key(&k.dialog)
             .arg(token)
@@ -509,7 +509,7 @@ impl Store for RedisStore {
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(unavailable)?;
-        parse_admit(v)
+        parse_lock_attempt(v)
     }
 
     async fn load(&self, id: SessionId<'_>) -> Result<Option<Dialog>, StoreError> {
