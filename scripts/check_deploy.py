@@ -7,6 +7,8 @@ violation. Needs PyYAML (the check's virtualenv has it).
   check_deploy.py metrics ROOT           alert and dashboard metrics exist in the code
   check_deploy.py compose FILE           compose rules (healthchecks, no $share, ...)
   check_deploy.py envvars ROOT FILE...   every PALAVER_* variable set is one the code reads
+  check_deploy.py seeded FILE            the one-vLLM-per-GPU rules catch seeded violations
+                                         of the rendered gpu overlay FILE
 """
 
 import json
@@ -235,6 +237,72 @@ def inference_pairs(inf, docs):
     return errors
 
 
+def seeded(path):
+    """Break the rendered gpu overlay in the ways issue 24 rules out, one at a
+    time, and require palaver's rules to name each break."""
+    import copy
+    import contextlib
+    import io
+    import tempfile
+    docs = load([path])
+    sts = lambda ds: next(d for d in ds if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "palaver-inference")
+    pod = lambda ds: sts(ds)["spec"]["template"]["spec"]
+    vllm = lambda ds: next(c for c in pod(ds)["containers"] if c["name"] == "vllm")
+    env = lambda ds: next(d for d in ds if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("palaver-env"))["data"]
+
+    def two_gpus(ds):
+        vllm(ds)["resources"] = {"requests": {"nvidia.com/gpu": 2}, "limits": {"nvidia.com/gpu": 2}}
+
+    def shared_vllm(ds):
+        env(ds)["PALAVER_INFERENCE_VLLM_URL"] = "http://palaver-vllm:8000"
+
+    def shared_cache(ds):
+        del sts(ds)["spec"]["volumeClaimTemplates"]
+        pod(ds)["volumes"].append({"name": "hf-cache", "persistentVolumeClaim": {"claimName": "palaver-vllm-cache"}})
+
+    def no_vllm(ds):
+        pod(ds)["containers"] = [c for c in pod(ds)["containers"] if c["name"] != "vllm"]
+
+    def second_vllm(ds):
+        pod(ds)["containers"].append(dict(copy.deepcopy(vllm(ds)), name="vllm-2"))
+
+    def vllm_deployment(ds):
+        ds.append({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "palaver-vllm"},
+                   "spec": {"template": {"spec": {"containers": [copy.deepcopy(vllm(ds))]}}}})
+
+    def as_deployment(ds):
+        sts(ds)["kind"] = "Deployment"
+
+    def on_delete(ds):
+        sts(ds)["spec"]["updateStrategy"] = {"type": "OnDelete"}
+
+    errors = []
+    seeds = [two_gpus, shared_vllm, shared_cache, no_vllm, second_vllm, vllm_deployment, as_deployment, on_delete]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            palaver([path])
+    except SystemExit:
+        report("seeded violations", ["the render fails palaver's rules before any seed"], path)
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            ds = copy.deepcopy(docs)
+            seed(ds)
+            f = Path(tmp) / f"{seed.__name__}.yaml"
+            f.write_text(yaml.safe_dump_all(ds))
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                try:
+                    palaver([f])
+                    caught = False
+                except SystemExit as e:
+                    caught = e.code not in (0, None)
+            first = next((l.strip().removeprefix("FAIL ") for l in out.getvalue().splitlines() if "FAIL" in l), "")
+            print(f"{seed.__name__}: " + (f"caught: {first}" if caught else "NOT REPORTED"))
+            if not caught:
+                errors.append(f"{seed.__name__}: not reported")
+    report("seeded violations", errors, f"{len(seeds)} seeds")
+
+
 def metrics(root):
     """Every metric an alert or a dashboard panel names is exported by the code."""
     root = Path(root)
@@ -322,6 +390,7 @@ if __name__ == "__main__":
         "metrics": lambda args: metrics(args[0]),
         "compose": lambda args: compose(args[0]),
         "envvars": lambda args: envvars(args[0], args[1:]),
+        "seeded": lambda args: seeded(args[0]),
     }
     if len(sys.argv) < 3 or sys.argv[1] not in commands:
         print(__doc__)
