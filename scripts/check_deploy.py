@@ -7,6 +7,8 @@ violation. Needs PyYAML (the check's virtualenv has it).
   check_deploy.py metrics ROOT           alert and dashboard metrics exist in the code
   check_deploy.py compose FILE           compose rules (healthchecks, no $share, ...)
   check_deploy.py envvars ROOT FILE...   every PALAVER_* variable set is one the code reads
+  check_deploy.py seeded FILE            the one-vLLM-per-GPU rules catch seeded violations
+                                         of the rendered gpu overlay FILE
 """
 
 import json
@@ -97,10 +99,13 @@ def palaver(paths):
     errors = []
     by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
     deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    # Workloads: palaver-inference is a StatefulSet, the others Deployments.
+    workloads = {d["metadata"]["name"]: d for d in docs if d["kind"] in ("Deployment", "StatefulSet")}
     for n in PALAVER:
-        d = deployments.get(n)
-        if d is None:
-            errors.append(f"no Deployment {n}")
+        kind = "StatefulSet" if n == "palaver-inference" else "Deployment"
+        d = workloads.get(n)
+        if d is None or d["kind"] != kind:
+            errors.append(f"no {kind} {n}")
             continue
         c = d["spec"]["template"]["spec"]["containers"][0]
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -111,7 +116,7 @@ def palaver(paths):
         image = c.get("image", "")
         if image.endswith(":latest") and "dev" not in d["metadata"].get("namespace", ""):
             errors.append(f"{n}: image {image} outside dev")
-    for d in deployments.values():
+    for d in workloads.values():
         for c in d["spec"]["template"]["spec"]["containers"]:
             if "readinessProbe" not in c or "livenessProbe" not in c:
                 errors.append(f"{name(d)} container {c['name']}: missing a probe")
@@ -128,11 +133,18 @@ def palaver(paths):
     gw = deployments.get("palaver-gateway")
     if gw and gw["spec"].get("replicas") != 2:
         errors.append("palaver-gateway: replicas must be 2 (one active, one hot standby)")
-    inf = deployments.get("palaver-inference")
-    if inf and inf["spec"].get("strategy", {}).get("type") != "Recreate":
-        errors.append("palaver-inference: strategy must be Recreate (never 16 generations on one GPU)")
-    if inf and inf["spec"].get("replicas") != 1:
-        errors.append("palaver-inference: one replica per model server")
+    inf = workloads.get("palaver-inference")
+    if inf and inf["kind"] == "StatefulSet":
+        errors += inference_pairs(inf, docs)
+    # No model server outside the inference pods: a vLLM of its own
+    # Deployment (or any other workload) would be shared by several
+    # inference-svc, with 8 × N generations on one GPU.
+    for d, spec in pod_specs(docs):
+        if d is inf:
+            continue
+        for c in (spec.get("initContainers") or []) + spec["containers"]:
+            if "vllm" in c.get("image", "") or gpus(c):
+                errors.append(f"{name(d)} container {c['name']}: a model server or GPU outside palaver-inference")
     hpas = {d["spec"]["scaleTargetRef"]["name"] for d in docs if d["kind"] == "HorizontalPodAutoscaler"}
     if hpas != {"palaver-session"}:
         errors.append(f"autoscaled: {sorted(hpas)}, expected session-svc only")
@@ -159,7 +171,136 @@ def palaver(paths):
     for d in secrets:
         if not re.search(r"-[a-z0-9]{10}$", d["metadata"]["name"]):
             errors.append(f"{name(d)}: a Secret not from a generator")
-    report("palaver's rules", errors, f"{len(deployments)} Deployments, {len(secrets)} generated Secrets")
+    report("palaver's rules", errors, f"{len(deployments)} Deployments, {len(workloads) - len(deployments)} StatefulSets, {len(secrets)} generated Secrets")
+
+
+def gpus(c):
+    res = c.get("resources") or {}
+    return {k: (res.get(k) or {}).get("nvidia.com/gpu") for k in ("requests", "limits") if (res.get(k) or {}).get("nvidia.com/gpu") is not None}
+
+
+def inference_pairs(inf, docs):
+    """One inference-svc per model server: issue 24's pairs."""
+    errors = []
+    spec = inf["spec"]
+    pod = spec["template"]["spec"]
+    n = "StatefulSet/palaver-inference"
+    if spec.get("serviceName") != "palaver-inference":
+        errors.append(f"{n}: serviceName is not the headless Service palaver-inference")
+    svc = next((d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "palaver-inference"), None)
+    if not svc or svc["spec"].get("clusterIP") != "None":
+        errors.append("Service palaver-inference: not headless (session-svc resolves every pod)")
+    if (spec.get("updateStrategy") or {}).get("type", "RollingUpdate") != "RollingUpdate" or \
+            ((spec.get("updateStrategy") or {}).get("rollingUpdate") or {}).get("maxUnavailable", 1) != 1:
+        errors.append(f"{n}: updates must replace one pod at a time")
+    if not isinstance(spec.get("replicas"), int) or spec["replicas"] < 1:
+        errors.append(f"{n}: replicas {spec.get('replicas')!r}")
+    containers = {c["name"]: c for c in pod["containers"]}
+    inference = containers.get("inference")
+    if inference is None:
+        return errors + [f"{n}: no container inference"]
+    env = {e["name"]: e.get("value") for e in inference.get("env") or []}
+    for ref in inference.get("envFrom") or []:
+        cm = (ref.get("configMapRef") or {}).get("name")
+        env.update(next((d.get("data") or {} for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == cm), {}))
+    backend = env.get("PALAVER_INFERENCE_BACKEND", "sim")
+    vllms = [c for c in (pod.get("initContainers") or []) + pod["containers"] if "vllm" in c.get("image", "")]
+    if backend == "sim":
+        if vllms or any(gpus(c) for c in pod["containers"]):
+            errors.append(f"{n}: the simulator with a model server or GPU in the pod")
+        return errors
+    if len(vllms) != 1 or vllms[0]["name"] != "vllm" or "vllm" not in containers:
+        return errors + [f"{n}: {len(vllms)} vLLM containers, expected one container vllm per pod"]
+    vllm = vllms[0]
+    if vllm["image"].endswith(":latest") or ":" not in vllm["image"].rsplit("/", 1)[-1]:
+        errors.append(f"{n}: vLLM image {vllm['image']} not pinned")
+    if gpus(vllm) != {"requests": 1, "limits": 1} and gpus(vllm) != {"limits": 1}:
+        errors.append(f"{n}: container vllm asks for GPUs {gpus(vllm)}, expected exactly one")
+    for c in pod["containers"]:
+        if c is not vllm and gpus(c):
+            errors.append(f"{n}: container {c['name']} asks for GPUs {gpus(c)}")
+    url = env.get("PALAVER_INFERENCE_VLLM_URL") or ""
+    if not re.fullmatch(r"http://(127\.0\.0\.1|localhost|\[::1\]):8000(/v1)?/?", url):
+        errors.append(f"{n}: PALAVER_INFERENCE_VLLM_URL {url!r} is not the pod's own vLLM (http://127.0.0.1:8000)")
+    probe = (inference.get("readinessProbe") or {}).get("grpc") or {}
+    if probe.get("service") != "palaver.inference.v1.Inference":
+        errors.append(f"{n}: inference's readiness does not ask palaver.inference.v1.Inference (vLLM's health)")
+    # The weights: one volume per pod from volumeClaimTemplates, never one
+    # ReadWriteOnce claim shared by every replica.
+    claims = {t["metadata"]["name"] for t in spec.get("volumeClaimTemplates") or []}
+    mounts = {m["name"] for m in vllm.get("volumeMounts") or []}
+    if not claims & mounts:
+        errors.append(f"{n}: vllm's model cache is not a volumeClaimTemplate (one volume per GPU)")
+    for v in pod.get("volumes") or []:
+        if "persistentVolumeClaim" in v:
+            errors.append(f"{n}: volume {v['name']} is one claim shared by every replica")
+    return errors
+
+
+def seeded(path):
+    """Break the rendered gpu overlay in the ways issue 24 rules out, one at a
+    time, and require palaver's rules to name each break."""
+    import copy
+    import contextlib
+    import io
+    import tempfile
+    docs = load([path])
+    sts = lambda ds: next(d for d in ds if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "palaver-inference")
+    pod = lambda ds: sts(ds)["spec"]["template"]["spec"]
+    vllm = lambda ds: next(c for c in pod(ds)["containers"] if c["name"] == "vllm")
+    env = lambda ds: next(d for d in ds if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("palaver-env"))["data"]
+
+    def two_gpus(ds):
+        vllm(ds)["resources"] = {"requests": {"nvidia.com/gpu": 2}, "limits": {"nvidia.com/gpu": 2}}
+
+    def shared_vllm(ds):
+        env(ds)["PALAVER_INFERENCE_VLLM_URL"] = "http://palaver-vllm:8000"
+
+    def shared_cache(ds):
+        del sts(ds)["spec"]["volumeClaimTemplates"]
+        pod(ds)["volumes"].append({"name": "hf-cache", "persistentVolumeClaim": {"claimName": "palaver-vllm-cache"}})
+
+    def no_vllm(ds):
+        pod(ds)["containers"] = [c for c in pod(ds)["containers"] if c["name"] != "vllm"]
+
+    def second_vllm(ds):
+        pod(ds)["containers"].append(dict(copy.deepcopy(vllm(ds)), name="vllm-2"))
+
+    def vllm_deployment(ds):
+        ds.append({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "palaver-vllm"},
+                   "spec": {"template": {"spec": {"containers": [copy.deepcopy(vllm(ds))]}}}})
+
+    def as_deployment(ds):
+        sts(ds)["kind"] = "Deployment"
+
+    def on_delete(ds):
+        sts(ds)["spec"]["updateStrategy"] = {"type": "OnDelete"}
+
+    errors = []
+    seeds = [two_gpus, shared_vllm, shared_cache, no_vllm, second_vllm, vllm_deployment, as_deployment, on_delete]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            palaver([path])
+    except SystemExit:
+        report("seeded violations", ["the render fails palaver's rules before any seed"], path)
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            ds = copy.deepcopy(docs)
+            seed(ds)
+            f = Path(tmp) / f"{seed.__name__}.yaml"
+            f.write_text(yaml.safe_dump_all(ds))
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                try:
+                    palaver([f])
+                    caught = False
+                except SystemExit as e:
+                    caught = e.code not in (0, None)
+            first = next((l.strip().removeprefix("FAIL ") for l in out.getvalue().splitlines() if "FAIL" in l), "")
+            print(f"{seed.__name__}: " + (f"caught: {first}" if caught else "NOT REPORTED"))
+            if not caught:
+                errors.append(f"{seed.__name__}: not reported")
+    report("seeded violations", errors, f"{len(seeds)} seeds")
 
 
 def metrics(root):
@@ -249,6 +390,7 @@ if __name__ == "__main__":
         "metrics": lambda args: metrics(args[0]),
         "compose": lambda args: compose(args[0]),
         "envvars": lambda args: envvars(args[0], args[1:]),
+        "seeded": lambda args: seeded(args[0]),
     }
     if len(sys.argv) < 3 or sys.argv[1] not in commands:
         print(__doc__)
