@@ -96,6 +96,11 @@ pub fn classify(status: &Status) -> (ErrorKind, String) {
         Code::Unavailable => (ErrorKind::Unavailable, UNAVAILABLE_TEXT.into()),
         Code::Aborted => (ErrorKind::Busy, BUSY_TEXT.into()),
         Code::ResourceExhausted => (ErrorKind::Overloaded, OVERLOADED_TEXT.into()),
+        // A local transport failure (the connection to session-svc broke)
+        // carries its cause; the service itself never sends one.
+        _ if std::error::Error::source(status).is_some() => {
+            (ErrorKind::Unavailable, UNAVAILABLE_TEXT.into())
+        }
         _ => (ErrorKind::Internal, INTERNAL_TEXT.into()),
     }
 }

@@ -10,6 +10,7 @@
 //! - [`config`]: flags and the plain [`Config`];
 //! - [`topics`], [`publish`]: topic names and the single confined publish path;
 //! - [`link`]: one MQTT connection per project (one last will each);
+//! - [`lease`]: which of several gateways consumes a project;
 //! - [`turn`]: one request against session-svc;
 //! - [`backlog`]: the `max-pending` bound and the shutdown drain;
 //! - [`presence`], [`readiness`], [`metrics`].
@@ -36,6 +37,7 @@ pub mod backlog;
 pub mod config;
 pub mod control;
 pub mod errors;
+pub mod lease;
 pub mod link;
 pub mod metrics;
 pub mod order;
@@ -60,6 +62,7 @@ use tonic::transport::Endpoint;
 pub use config::{Config, ConfigError, GatewayArgs};
 
 use crate::backlog::Backlog;
+use crate::lease::{ConsumerLease, Standing};
 use crate::link::{Link, LinkHandle, Shared};
 use crate::metrics::{Metrics, OutKind};
 use crate::readiness::Readiness;
@@ -91,14 +94,6 @@ pub enum GatewayError {
     /// The settings are unusable.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// `session_url` is not a URL tonic can connect to.
-    #[error("invalid session-svc URL {url:?}: {source}")]
-    SessionUrl {
-        /// The URL as given.
-        url: String,
-        /// tonic's explanation.
-        source: tonic::transport::Error,
-    },
     /// A connection task panicked (a bug); the others were still shut down.
     #[error("gateway task failed: {0}")]
     Task(String),
@@ -118,11 +113,10 @@ impl Gateway {
     /// Connects to nothing yet; it need not be called inside a Tokio runtime.
     pub fn new(config: Config, registry: &mut Registry) -> Result<Self, GatewayError> {
         config.validate()?;
-        let endpoint = Endpoint::from_shared(config.session_url.clone())
-            .map_err(|source| GatewayError::SessionUrl {
-                url: config.session_url.clone(),
-                source,
-            })?
+        let endpoint = config
+            .session_tls
+            .endpoint(&config.session_url)
+            .map_err(ConfigError::Tls)?
             .connect_timeout(Duration::from_secs(5))
             // Notice a silently dead session-svc between turns.
             .http2_keep_alive_interval(Duration::from_secs(30))
@@ -175,7 +169,20 @@ impl Gateway {
             endpoint,
             readiness,
         } = self;
-        let sessions = SessionsClient::new(endpoint.connect_lazy());
+        let sessions =
+            SessionsClient::with_interceptor(endpoint.connect_lazy(), config.session_token.clone());
+        // Unique per process: the lease tells this gateway from its standbys.
+        let holder = format!("{}-{:016x}", config.client_id, rand::random::<u64>());
+        let leases: Vec<Option<Arc<ConsumerLease>>> = config
+            .projects
+            .iter()
+            .map(|p| {
+                config
+                    .consumer_lease
+                    .map(|ttl| Arc::new(ConsumerLease::new(sessions.clone(), p, &holder, ttl)))
+            })
+            .collect();
+        let stop_leasing = CancellationToken::new();
         let abandon = CancellationToken::new();
         let closing = CancellationToken::new();
         let draining = CancellationToken::new();
@@ -204,10 +211,22 @@ impl Gateway {
         let stop_heartbeats = CancellationToken::new();
         let service: Arc<str> = Arc::from(shared.config.service_name.as_str());
         let mut links: Vec<(String, LinkHandle, Vec<String>, JoinHandle<()>)> = Vec::new();
+        // Without the lease every project is this gateway's, always.
+        let (_always, always_holder) = watch::channel(Standing::Holder);
         for (index, project) in shared.config.projects.iter().enumerate() {
             let (link, handle) = Link::new(shared.clone(), project, index);
             let subscriptions = link.subscriptions();
-            let task = tokio::spawn(link.run());
+            let standing = match &leases[index] {
+                Some(lease) => {
+                    let (lease, stop) = (lease.clone(), stop_leasing.clone());
+                    let standing = lease.standing();
+                    let keep = tokio::spawn(async move { lease.keep(stop).await });
+                    guard.tasks.push(keep.abort_handle());
+                    standing
+                }
+                None => always_holder.clone(),
+            };
+            let task = tokio::spawn(link.run(standing));
             guard.tasks.push(task.abort_handle());
             let heartbeats = tokio::spawn(presence::heartbeats(
                 handle.publisher.clone(),
@@ -224,6 +243,7 @@ impl Gateway {
             broker = %format!("{}:{}", shared.config.mqtt_host, shared.config.mqtt_port),
             session_url = %shared.config.session_url,
             shared_group = ?shared.config.shared_group,
+            consumer_lease_ms = ?shared.config.consumer_lease.map(|d| d.as_millis()),
             "gateway started"
         );
 
@@ -233,7 +253,10 @@ impl Gateway {
         readiness.clear();
         // Unsubscribing lets the broker route new requests to other members
         // of a shared group instead of to a gateway that will refuse them.
-        for (_, handle, subscriptions, _) in &links {
+        // A persistent session (the lease) keeps its subscriptions for the
+        // gateway that takes over: requests arriving now wait for it.
+        let persistent = shared.config.consumer_lease.is_some();
+        for (_, handle, subscriptions, _) in links.iter().filter(|_| !persistent) {
             for topic in subscriptions {
                 let queued =
                     tokio::time::timeout(CLOSE_TIMEOUT, handle.client.unsubscribe(topic.clone()))
@@ -289,6 +312,11 @@ impl Gateway {
                     task.abort();
                 }
             }
+        }
+        // Only now that nothing of ours is in flight may a standby take over.
+        stop_leasing.cancel();
+        for lease in leases.iter().flatten() {
+            lease.release().await;
         }
         readiness.clear();
         drop(guard);

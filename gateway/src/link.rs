@@ -6,20 +6,23 @@
 //! non-blocking publish, and turns run in their own tasks. rumqttc only makes
 //! progress (including sending our replies) while the loop polls.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rumqttc::{
     AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS, SubscribeFilter,
     SubscribeReasonCode,
 };
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::backlog::Backlog;
 use crate::config::Config;
 use crate::control;
 use crate::errors::{ErrorKind, OVERLOADED_TEXT};
+use crate::lease::Standing;
 use crate::metrics::{Metrics, OutKind};
 use crate::presence;
 use crate::publish::{Publisher, MAX_OUTGOING_PACKET_BYTES};
@@ -78,6 +81,70 @@ pub struct Link {
     eventloop: EventLoop,
     publisher: Publisher,
     connected: Arc<AtomicBool>,
+    /// Counts connections, so that an acknowledgement is sent only on the
+    /// connection its request came on (a packet id means nothing on another).
+    connection: Arc<AtomicU64>,
+    /// Requests not acknowledged yet (see [`Unfinished`]).
+    unfinished: Unfinished,
+}
+
+/// A request's acknowledgement to the broker, sent when this is dropped:
+/// once the request is answered or refused, never before. With the
+/// consumer lease (a persistent session) a request that a gateway received
+/// but did not finish — it died, or lost the lease — is delivered again,
+/// in order, to whichever gateway consumes the project next.
+pub struct Ack {
+    client: AsyncClient,
+    /// Only the packet id and QoS of the request; `None`: nothing to send.
+    packet: Option<Publish>,
+    /// The connection to acknowledge on: the one the request came on, or
+    /// the one that delivered it again while it was still being answered.
+    on: Arc<AtomicU64>,
+    current: Arc<AtomicU64>,
+    unfinished: Unfinished,
+}
+
+/// Requests received and not yet acknowledged, by packet id, with the
+/// connection each is to be acknowledged on. A broker re-delivers them
+/// (same packet id, DUP set) when the connection comes back: such a request
+/// is not run again, its running turn acknowledges it on the new connection.
+type Unfinished = Arc<Mutex<HashMap<u16, Arc<AtomicU64>>>>;
+
+impl Ack {
+    /// Whether the broker delivers the request again if it is not
+    /// acknowledged (a QoS 1 or 2 request on a persistent session).
+    pub fn redeliverable(&self) -> bool {
+        self.packet.is_some()
+    }
+
+    /// Leaves the request unacknowledged, for the broker to deliver again
+    /// (to the next consumer) after this connection ends.
+    pub fn withhold(mut self) {
+        self.forget();
+    }
+
+    fn forget(&mut self) {
+        if let Some(packet) = self.packet.take() {
+            let mut unfinished = self.unfinished.lock().unwrap_or_else(|p| p.into_inner());
+            if unfinished
+                .get(&packet.pkid)
+                .is_some_and(|on| Arc::ptr_eq(on, &self.on))
+            {
+                unfinished.remove(&packet.pkid);
+            }
+        }
+    }
+}
+
+impl Drop for Ack {
+    fn drop(&mut self) {
+        if let Some(packet) = &self.packet {
+            if self.current.load(Ordering::SeqCst) == self.on.load(Ordering::SeqCst) {
+                let _ = self.client.try_ack(packet);
+            }
+        }
+        self.forget();
+    }
 }
 
 /// rumqttc's QoS from the config's number (validated to 0..=2).
@@ -97,9 +164,14 @@ pub fn mqtt_options(config: &Config, project: &str) -> MqttOptions {
         config.mqtt_port,
     );
     opts.set_keep_alive(config.keep_alive);
-    // Clean sessions: nothing to resume after a restart; subscriptions are
-    // renewed on every ConnAck instead.
-    opts.set_clean_session(true);
+    // With the consumer lease the session is the project's, shared by the
+    // deployment's gateways: the broker queues requests while none is
+    // connected and re-delivers the unfinished ones, which are therefore
+    // acknowledged only once answered. Without it, clean sessions: nothing
+    // to resume. Subscriptions are renewed on every ConnAck either way.
+    let persistent = config.consumer_lease.is_some();
+    opts.set_clean_session(!persistent);
+    opts.set_manual_acks(persistent);
     // Payloads over max-payload-bytes must reach us to be dropped and
     // counted: rumqttc treats an oversize incoming packet as fatal to the
     // connection, and a reconnect loses the replies in flight.
@@ -111,6 +183,11 @@ pub fn mqtt_options(config: &Config, project: &str) -> MqttOptions {
         );
     }
     opts.set_last_will(presence::last_will(project, &config.service_name));
+    if let Some(tls) = &config.mqtt_tls {
+        opts.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls.clone()),
+        ));
+    }
     opts
 }
 
@@ -132,6 +209,7 @@ impl Link {
             qos(shared.config.reply_qos),
         );
         let connected = Arc::new(AtomicBool::new(false));
+        let connection = Arc::new(AtomicU64::new(0));
         let handle = LinkHandle {
             client: client.clone(),
             publisher: publisher.clone(),
@@ -147,6 +225,8 @@ impl Link {
             eventloop,
             publisher,
             connected,
+            connection,
+            unfinished: Unfinished::default(),
         };
         (link, handle)
     }
@@ -159,15 +239,37 @@ impl Link {
     /// Polls until the gateway's DISCONNECT has gone out and the broker has
     /// closed the connection (or, while closing, until the broker is
     /// unreachable).
-    pub async fn run(mut self) {
+    ///
+    /// `standing` says whether this gateway consumes the project (always,
+    /// without the consumer lease): the link connects only while it does,
+    /// and disconnects when the lease is lost.
+    pub async fn run(mut self, mut standing: watch::Receiver<Standing>) {
         let mut backoff = MIN_BACKOFF;
         let mut failures: u32 = 0;
+        // Disconnects when the lease is lost; the poll loop then stands by.
+        let on_loss = {
+            let (mut standing, client) = (standing.clone(), self.client.clone());
+            tokio::spawn(async move {
+                while standing.changed().await.is_ok() {
+                    if *standing.borrow_and_update() != Standing::Holder {
+                        let _ = client.try_disconnect();
+                    }
+                }
+            })
+        };
+        let _stop_watching = AbortOnDrop(on_loss);
         loop {
+            if *standing.borrow_and_update() != Standing::Holder
+                && !self.stand_by(&mut standing).await
+            {
+                break;
+            }
             match self.eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     tracing::info!(project = %self.project, "connected to the MQTT broker");
                     backoff = MIN_BACKOFF;
                     failures = 0;
+                    self.connection.fetch_add(1, Ordering::SeqCst);
                     self.connected.store(true, Ordering::Relaxed);
                     self.on_connected();
                 }
@@ -189,12 +291,18 @@ impl Link {
                 Ok(Event::Incoming(Packet::Publish(publish))) => self.on_publish(publish),
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                     self.linger().await;
+                    self.connected.store(false, Ordering::Relaxed);
+                    self.connection.fetch_add(1, Ordering::SeqCst);
                     tracing::info!(project = %self.project, "disconnected from the MQTT broker");
-                    break;
+                    if self.shared.closing.is_cancelled() {
+                        break;
+                    }
+                    // The lease was lost: stand by until it is ours again.
                 }
                 Ok(_) => {}
                 Err(e) => {
                     self.connected.store(false, Ordering::Relaxed);
+                    self.connection.fetch_add(1, Ordering::SeqCst);
                     self.shared.readiness.set(self.index, false);
                     if self.shared.closing.is_cancelled() {
                         tracing::warn!(project = %self.project, error = %e, "broker unreachable while closing; giving up");
@@ -213,6 +321,22 @@ impl Link {
             }
         }
         self.connected.store(false, Ordering::Relaxed);
+    }
+
+    /// Waits until this gateway holds the project's lease; false if the
+    /// gateway began to drain first (nothing left to do).
+    async fn stand_by(&mut self, standing: &mut watch::Receiver<Standing>) -> bool {
+        loop {
+            match *standing.borrow_and_update() {
+                Standing::Holder => return true,
+                Standing::Standby => self.shared.readiness.standby(self.index),
+                Standing::Unknown => self.shared.readiness.set(self.index, false),
+            }
+            tokio::select! {
+                changed = standing.changed() => if changed.is_err() { return false },
+                _ = self.shared.draining.cancelled() => return false,
+            }
+        }
     }
 
     /// After our DISCONNECT, reads until the broker closes its end.
@@ -259,6 +383,9 @@ impl Link {
     fn on_publish(&self, publish: Publish) {
         let metrics = &self.shared.metrics;
         metrics.message_in(&self.project);
+        let Some(ack) = self.ack_for(&publish) else {
+            return;
+        };
         // The broker sets `retain` only when replaying a stored message to a
         // new subscription: a stale request (or a stale "clear_history")
         // that must not run again on every reconnect.
@@ -268,17 +395,53 @@ impl Link {
             return;
         }
         if publish.topic == self.input_topic {
-            self.on_user_input(&publish.payload);
+            self.on_user_input(&publish.payload, ack);
         } else if let Some((kind, topic_sid)) = control::match_topic(&self.project, &publish.topic)
         {
-            self.on_control(kind, topic_sid, &publish.payload);
+            self.on_control(kind, topic_sid, &publish.payload, ack);
         } else {
             tracing::debug!(project = %self.project, topic = %publish.topic, "message on an unexpected topic");
             metrics.dropped("unknown_topic");
         }
     }
 
-    fn on_user_input(&self, payload: &[u8]) {
+    /// The acknowledgement of `publish`, or `None` when it is a broker's
+    /// re-delivery of a request this gateway is still answering (which then
+    /// acknowledges it on the current connection).
+    fn ack_for(&self, publish: &Publish) -> Option<Ack> {
+        let manual = self.shared.config.consumer_lease.is_some();
+        let current = self.connection.load(Ordering::SeqCst);
+        let packet = if manual && publish.qos != QoS::AtMostOnce {
+            let mut unfinished = self.unfinished.lock().unwrap_or_else(|p| p.into_inner());
+            if publish.dup {
+                if let Some(on) = unfinished.get(&publish.pkid) {
+                    on.store(current, Ordering::SeqCst);
+                    tracing::debug!(project = %self.project, pkid = publish.pkid, "re-delivery of a request still being answered");
+                    return None;
+                }
+            }
+            let on = Arc::new(AtomicU64::new(current));
+            unfinished.insert(publish.pkid, on.clone());
+            let mut p = Publish::new("", publish.qos, Vec::new());
+            p.pkid = publish.pkid;
+            Some((p, on))
+        } else {
+            None
+        };
+        let (packet, on) = match packet {
+            Some((p, on)) => (Some(p), on),
+            None => (None, Arc::new(AtomicU64::new(current))),
+        };
+        Some(Ack {
+            client: self.client.clone(),
+            packet,
+            on,
+            current: self.connection.clone(),
+            unfinished: self.unfinished.clone(),
+        })
+    }
+
+    fn on_user_input(&self, payload: &[u8], ack: Ack) {
         let config = &self.shared.config;
         let metrics = &self.shared.metrics;
         match request::parse(
@@ -305,6 +468,12 @@ impl Link {
             }
             Parsed::Chat(turn) => {
                 let permit = if self.shared.draining.is_cancelled() {
+                    if ack.redeliverable() {
+                        // The next consumer gets it from the broker.
+                        metrics.dropped("left_to_next_consumer");
+                        ack.withhold();
+                        return;
+                    }
                     metrics.error(ErrorKind::ShuttingDown.as_str());
                     None
                 } else {
@@ -317,7 +486,7 @@ impl Link {
                 let Some(permit) = permit else {
                     // Old clients know this string and retry later (with a
                     // shared group, possibly on another gateway).
-                    tracing::warn!(project = %self.project, session_id = %turn.session_id, "request refused: backlog full or shutting down");
+                    tracing::warn!(project = %self.project, session_id = ?turn.session_id, "request refused: backlog full or shutting down");
                     let _ = self.publisher.try_publish(
                         OutKind::Error,
                         &turn.reply_topic,
@@ -329,15 +498,22 @@ impl Link {
                 let ticket = self.shared.turns.ticket(&self.project, &turn.session_id);
                 let turns = self.shared.turns.clone();
                 let publisher = self.publisher.clone();
-                tokio::spawn(async move { turns.chat(publisher, turn, permit, ticket).await });
+                tokio::spawn(async move { turns.chat(publisher, turn, permit, ack, ticket).await });
             }
         }
     }
 
-    fn on_control(&self, kind: control::ControlKind, topic_sid: Option<String>, payload: &[u8]) {
+    fn on_control(
+        &self,
+        kind: control::ControlKind,
+        topic_sid: Option<String>,
+        payload: &[u8],
+        ack: Ack,
+    ) {
         let metrics = &self.shared.metrics;
         if self.shared.draining.is_cancelled() {
             metrics.dropped("shutting_down");
+            ack.withhold();
             return;
         }
         let request = match control::parse(
@@ -369,7 +545,16 @@ impl Link {
             .map(|sid| self.shared.turns.ticket(&self.project, sid));
         let turns = self.shared.turns.clone();
         let publisher = self.publisher.clone();
-        tokio::spawn(async move { turns.control(publisher, request, permit, ticket).await });
+        tokio::spawn(async move { turns.control(publisher, request, permit, ack, ticket).await });
+    }
+}
+
+/// Aborts a helper task when the link's run ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -386,7 +571,10 @@ mod tests {
         let opts = mqtt_options(&config, "p");
         assert_eq!(opts.client_id(), "gw-p");
         assert_eq!(opts.broker_address(), ("broker".to_owned(), 1999));
-        assert!(opts.clean_session());
+        assert!(!opts.clean_session(), "the project's persistent session");
+        assert!(opts.manual_acks(), "acknowledged once answered");
+        config.consumer_lease = None;
+        assert!(mqtt_options(&config, "p").clean_session());
         assert_eq!(opts.max_packet_size(), 5024);
         assert_eq!(opts.keep_alive(), Duration::from_secs(30));
         let will = opts.last_will().expect("a last will");

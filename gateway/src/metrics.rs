@@ -69,6 +69,7 @@ pub struct Metrics {
     pending: Gauge,
     turn_seconds: Histogram,
     errors: Family<KindLabel, Counter>,
+    retries: Counter,
     subscribed: Family<ProjectLabel, Gauge>,
 }
 
@@ -84,6 +85,7 @@ impl Metrics {
             // millisecond; the default deadline is 120 s.
             turn_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 20)),
             errors: Family::default(),
+            retries: Counter::default(),
             subscribed: Family::default(),
         };
         // prometheus-client appends `_total` to counters.
@@ -116,6 +118,11 @@ impl Metrics {
             "palaver_gateway_errors",
             "Requests answered with an error, by kind",
             m.errors.clone(),
+        );
+        registry.register(
+            "palaver_gateway_turn_retries",
+            "Attempts at a turn repeated (same request id) because session-svc was unreachable",
+            m.retries.clone(),
         );
         registry.register(
             "palaver_gateway_subscribed",
@@ -163,6 +170,11 @@ impl Metrics {
                 reason: reason.to_owned(),
             })
             .inc();
+    }
+
+    /// A turn is tried again after session-svc was unreachable.
+    pub fn retried(&self) {
+        self.retries.inc();
     }
 
     /// A request ended in an error of `kind`.

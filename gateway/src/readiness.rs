@@ -1,4 +1,5 @@
-//! "Is every project subscribed?" as a watchable flag.
+//! "Is every project subscribed (or left to another gateway)?" as a
+//! watchable flag.
 //!
 //! Tests (and orchestration) must not publish before the broker knows the
 //! gateway's subscriptions, or the message is lost; the flag turns true only
@@ -13,6 +14,7 @@ use tokio::sync::watch;
 
 /// Per-project subscription state, summarised in one watch channel.
 pub struct Readiness {
+    /// Per project: subscribed, or standing by for another gateway's lease.
     subscribed: Mutex<Vec<bool>>,
     /// One per project, in the same order, set with `subscribed`.
     gauges: Vec<Gauge>,
@@ -34,9 +36,19 @@ impl Readiness {
 
     /// Records whether project number `index` is subscribed.
     pub fn set(&self, index: usize, subscribed: bool) {
+        self.record(index, subscribed, subscribed);
+    }
+
+    /// Project number `index` is another gateway's to consume, and this one
+    /// stands by to take it over: ready, but not subscribed.
+    pub fn standby(&self, index: usize) {
+        self.record(index, true, false);
+    }
+
+    fn record(&self, index: usize, ready: bool, subscribed: bool) {
         let mut state = self.subscribed.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(slot) = state.get_mut(index) {
-            *slot = subscribed;
+            *slot = ready;
             self.gauges[index].set(i64::from(subscribed));
         }
         let all = !state.is_empty() && state.iter().all(|s| *s);

@@ -3,22 +3,24 @@
 //! Each request runs in its own task holding a [`Permit`], so a slow model
 //! never blocks the MQTT poll loop, and shutdown can wait for exactly these.
 
+use std::error::Error as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use palaver_core::auth::Channel;
 use palaver_proto::session::v1::chat_event::Event;
 use palaver_proto::session::v1::{
     sessions_client::SessionsClient, ChatReply, ChatRequest, ResetSessionRequest, SessionAction,
     SessionRef, UpdateProjectRequest,
 };
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tracing::Instrument;
 
 use crate::backlog::Permit;
 use crate::control::{ControlOp, ControlRequest};
 use crate::errors;
+use crate::link::Ack;
 use crate::metrics::{Metrics, OutKind};
 use crate::order::{SessionOrder, Ticket};
 use crate::publish::Publisher;
@@ -27,6 +29,10 @@ use crate::request::ChatTurn;
 /// Extra time the local deadline allows past `grpc-timeout`, so that when
 /// session-svc answers DEADLINE_EXCEEDED itself, its answer wins.
 const LOCAL_DEADLINE_SLACK: Duration = Duration::from_millis(250);
+
+/// Pauses between attempts at a turn while session-svc is unreachable.
+const RETRY_FIRST_PAUSE: Duration = Duration::from_millis(100);
+const RETRY_MAX_PAUSE: Duration = Duration::from_secs(1);
 
 /// Deadline of a control call: they only touch the store.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -64,8 +70,16 @@ impl Turns {
         self.order.ticket(project, session_id)
     }
 
-    /// Runs one chat turn and publishes the reply or the error text.
-    pub async fn chat(&self, publisher: Publisher, turn: ChatTurn, permit: Permit, ticket: Ticket) {
+    /// Runs one chat turn and publishes the reply or the error text; the
+    /// request is acknowledged (`ack` dropped) only after that.
+    pub async fn chat(
+        &self,
+        publisher: Publisher,
+        turn: ChatTurn,
+        permit: Permit,
+        ack: Ack,
+        ticket: Ticket,
+    ) {
         // A debug span: at the default level it costs nothing, where an
         // info span was a tenth of the gateway's instructions per turn
         // (callgrind: the fmt layer formats its fields when it is made).
@@ -73,7 +87,7 @@ impl Turns {
         let span = tracing::debug_span!(
             "turn",
             project = publisher.project(),
-            session_id = %turn.session_id,
+            session_id = ?turn.session_id,
             request_id = turn.request_id.as_deref().unwrap_or(""),
             client_id = turn.client_id.as_deref().unwrap_or(""),
         );
@@ -87,11 +101,19 @@ impl Turns {
             };
             self.metrics.observe_turn(started.elapsed().as_secs_f64());
             match outcome {
+                None if ack.redeliverable() => {
+                    // Unacknowledged, it goes to the gateway that consumes
+                    // the project next, which answers it.
+                    tracing::warn!(turn = %who, "turn left to the next consumer at shutdown");
+                    self.metrics.dropped("abandoned_at_shutdown");
+                    ack.withhold();
+                    drop(permit);
+                    return;
+                }
                 None => {
                     tracing::warn!(turn = %who, "turn abandoned at shutdown");
                     self.metrics.dropped("abandoned_at_shutdown");
-                    // Its request was acknowledged to the broker long ago, so
-                    // nothing else will answer it: say so in the words
+                    // Nothing else will answer it: say so in the words
                     // clients retry on, ahead of the "offline" status.
                     let _ = publisher.try_publish(
                         OutKind::Error,
@@ -118,6 +140,7 @@ impl Turns {
                 }
             }
             // Freed only now: shutdown's drain then also covers the publish.
+            drop(ack);
             drop(permit);
         }
         .instrument(span)
@@ -126,45 +149,83 @@ impl Turns {
 
     /// Runs the turn as a `ChatStream` so that the session's next message can
     /// go as soon as this one is accepted, long before its reply.
+    ///
+    /// A turn with a request id is retried with backoff, under the same id,
+    /// while session-svc (or what is behind it) is unreachable, until the
+    /// deadline: the same id never makes a second turn (session-svc answers
+    /// a retry with the stored reply, or waits for the turn in flight), so
+    /// an outage shorter than the deadline costs the client nothing but time.
     async fn call_chat(
         &self,
         project: &str,
         turn: &ChatTurn,
         mut ticket: Ticket,
     ) -> Result<ChatReply, Status> {
-        let mut request = tonic::Request::new(ChatRequest {
+        let request_id = turn.idempotency_key();
+        let retry = request_id.is_some();
+        let message = ChatRequest {
             project: project.to_owned(),
             session_id: turn.session_id.clone(),
             message: turn.message.clone(),
-            request_id: turn.idempotency_key().unwrap_or_default(),
+            request_id: request_id.unwrap_or_default(),
             system_prompt: turn.system_prompt.clone(),
             temperature: turn.temperature,
             top_p: turn.top_p,
             max_tokens: turn.max_tokens,
             final_only: true,
-        });
-        request.set_timeout(self.timeout);
-        let mut client = self.sessions.clone();
+        };
         let started = Instant::now();
-        let call = async move {
+        let deadline = started + self.timeout;
+        let call = async {
             ticket.wait_turn().await;
-            let mut events = client.chat_stream(request).await?.into_inner();
-            while let Some(ev) = events.message().await? {
-                match ev.event {
-                    Some(Event::Accepted(_)) => ticket.release(),
-                    Some(Event::Done(reply)) => return Ok(reply),
-                    Some(Event::Delta(_)) | None => {}
+            let mut pause = RETRY_FIRST_PAUSE;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let mut request = tonic::Request::new(message.clone());
+                request.set_timeout(left.max(Duration::from_millis(1)));
+                let outcome = self.chat_once(request, &mut ticket).await;
+                match outcome {
+                    Err(status)
+                        if retry && is_transient(&status) && Instant::now() + pause < deadline =>
+                    {
+                        tracing::debug!(code = ?status.code(), detail = status.message(), "session-svc unreachable; retrying the turn");
+                        self.metrics.retried();
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(RETRY_MAX_PAUSE);
+                    }
+                    outcome => return outcome,
                 }
             }
-            Err(Status::internal(
-                "session-svc ended the turn without a reply",
-            ))
         };
         match tokio::time::timeout(self.timeout + LOCAL_DEADLINE_SLACK, call).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(status)) => Err(deadline_as_such(status, started.elapsed(), self.timeout)),
             Err(_) => Err(Status::deadline_exceeded("gateway deadline passed")),
         }
+    }
+
+    /// One attempt at the turn; releases the ticket once it is accepted.
+    async fn chat_once(
+        &self,
+        request: tonic::Request<ChatRequest>,
+        ticket: &mut Ticket,
+    ) -> Result<ChatReply, Status> {
+        let mut events = self
+            .sessions
+            .clone()
+            .chat_stream(request)
+            .await?
+            .into_inner();
+        while let Some(ev) = events.message().await? {
+            match ev.event {
+                Some(Event::Accepted(_)) => ticket.release(),
+                Some(Event::Done(reply)) => return Ok(reply),
+                Some(Event::Delta(_)) | None => {}
+            }
+        }
+        Err(Status::internal(
+            "session-svc ended the turn without a reply",
+        ))
     }
 
     /// Applies one control action and publishes its acknowledgement. With a
@@ -175,6 +236,7 @@ impl Turns {
         publisher: Publisher,
         request: ControlRequest,
         permit: Permit,
+        ack: Ack,
         ticket: Option<Ticket>,
     ) {
         let project = publisher.project().to_owned();
@@ -194,9 +256,14 @@ impl Turns {
                 r = in_line => Some(r),
             };
             match outcome {
-                None => self.metrics.dropped("abandoned_at_shutdown"),
+                None => {
+                    self.metrics.dropped("abandoned_at_shutdown");
+                    ack.withhold();
+                    drop(permit);
+                    return;
+                }
                 Some(Ok(())) => {
-                    tracing::info!(ack_topic = %request.ack_topic, "control applied");
+                    tracing::info!(ack_topic = ?request.ack_topic, "control applied");
                     let _ = publisher
                         .publish(OutKind::Hint, &request.ack_topic, request.ack_payload.as_bytes().to_vec())
                         .await;
@@ -207,6 +274,7 @@ impl Turns {
                     self.metrics.error(kind.as_str());
                 }
             }
+            drop(ack);
             drop(permit);
         }
         .instrument(span)
@@ -294,13 +362,14 @@ struct TurnName<'a>(&'a str, &'a ChatTurn);
 
 impl std::fmt::Display for TurnName<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Ids are the client's: escaped, so a newline cannot forge a log line.
         let TurnName(project, turn) = self;
-        write!(f, "{project}/{}", turn.session_id)?;
+        write!(f, "{project}/{}", turn.session_id.escape_debug())?;
         if let Some(id) = &turn.request_id {
-            write!(f, " request {id}")?;
+            write!(f, " request {}", id.escape_debug())?;
         }
         if let Some(id) = &turn.client_id {
-            write!(f, " client {id}")?;
+            write!(f, " client {}", id.escape_debug())?;
         }
         Ok(())
     }
@@ -314,6 +383,17 @@ fn deadline_as_such(status: Status, elapsed: Duration, deadline: Duration) -> St
         Status::deadline_exceeded(status.message().to_owned())
     } else {
         status
+    }
+}
+
+/// Whether a failed call may go through if tried again: session-svc (or
+/// Redis, or inference-svc behind it) unreachable, or the connection to it
+/// broken mid-call (a local transport error, which carries its cause).
+fn is_transient(status: &Status) -> bool {
+    match status.code() {
+        Code::Unavailable => true,
+        Code::Unknown | Code::Internal | Code::Cancelled => status.source().is_some(),
+        _ => false,
     }
 }
 
@@ -354,6 +434,19 @@ mod tests {
     }
 
     #[test]
+    fn only_unreachable_and_broken_calls_are_retried() {
+        assert!(is_transient(&Status::unavailable("connection refused")));
+        let broken = Status::from_error(Box::new(std::io::Error::other("connection reset")));
+        assert!(broken.source().is_some());
+        assert!(is_transient(&broken));
+        // Said by session-svc itself: final.
+        assert!(!is_transient(&Status::internal("a bug")));
+        assert!(!is_transient(&Status::invalid_argument("too long")));
+        assert!(!is_transient(&Status::resource_exhausted("rate limited")));
+        assert!(!is_transient(&Status::deadline_exceeded("late")));
+    }
+
+    #[test]
     fn cancelled_after_the_deadline_is_a_timeout() {
         let d = Duration::from_millis(300);
         let late = deadline_as_such(Status::cancelled("Timeout expired"), d, d);
@@ -362,5 +455,14 @@ mod tests {
         assert_eq!(early.code(), Code::Cancelled);
         let other = deadline_as_such(Status::internal("x"), d * 2, d);
         assert_eq!(other.code(), Code::Internal);
+    }
+
+    #[test]
+    fn turn_names_escape_control_characters() {
+        let mut turn = ChatTurn::plain("p", "s\nERROR forged".into(), "hi".into());
+        turn.client_id = Some("c\r\x1b[31m".into());
+        let name = TurnName("p", &turn).to_string();
+        assert!(!name.chars().any(char::is_control), "{name:?}");
+        assert!(name.contains("s\\nERROR forged"), "{name}");
     }
 }

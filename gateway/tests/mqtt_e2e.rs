@@ -18,8 +18,8 @@ use palaver_core::{ERROR_KIND_HEADER, ERROR_KIND_RATE_LIMITED};
 use palaver_proto::session::v1::sessions_server::{Sessions, SessionsServer};
 use palaver_proto::session::v1::{
     chat_event, Accepted, ChatEvent, ChatReply, ChatRequest, DeleteSessionReply, History,
-    ResetSessionReply, ResetSessionRequest, SessionAction, SessionRef, UpdateProjectReply,
-    UpdateProjectRequest,
+    LeaseReply, LeaseRequest, ResetSessionReply, ResetSessionRequest, SessionAction, SessionRef,
+    UpdateProjectReply, UpdateProjectRequest,
 };
 use palaver_testkit::mqtt::{Received, TestClient};
 use palaver_testkit::process::{free_port, Mosquitto};
@@ -182,6 +182,19 @@ impl Sessions for Fake {
             .updates
             .push(request.into_inner());
         Ok(Response::new(UpdateProjectReply { sessions: 3 }))
+    }
+
+    /// One gateway per test: its lease is always granted.
+    async fn hold_lease(
+        &self,
+        request: Request<LeaseRequest>,
+    ) -> Result<Response<LeaseReply>, Status> {
+        let r = request.into_inner();
+        Ok(Response::new(LeaseReply {
+            held: r.ttl_ms > 0,
+            epoch: 1,
+            holder: r.holder,
+        }))
     }
 }
 
@@ -628,10 +641,13 @@ async fn deadlines_and_a_missing_session_svc() {
     gw.shutdown.cancel();
     gw.task.await.unwrap().unwrap();
 
-    // Nothing listens on this port: the gateway still starts (lazy connect)
-    // and answers with the "unavailable" error.
+    // Nothing listens on this port: without the consumer lease (which needs
+    // session-svc to be held) the gateway still starts (lazy connect) and
+    // answers with the "unavailable" error.
     let nobody: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let gw = start_gateway(config(&broker, nobody, &["p"])).await;
+    let mut cfg = config(&broker, nobody, &["p"]);
+    cfg.consumer_lease = None;
+    let gw = start_gateway(cfg).await;
     c.publish("p/user_input", r#"{"sessionId":"u","message":"anyone?"}"#)
         .await;
     assert_eq!(c.reply_on("p/assistant_response/u").await, UNAVAILABLE_TEXT);
@@ -698,8 +714,13 @@ async fn shutdown_drains_then_goes_offline() {
 /// the overloaded text (clients retry on it) before the gateway goes offline.
 #[tokio::test]
 async fn a_turn_abandoned_at_shutdown_is_told_to_retry() {
-    let (_broker, fake, gw, mut c) =
-        start_all(&["p"], |c| c.shutdown_grace = Duration::from_millis(200)).await;
+    // Without the consumer lease nobody would get the request again; with
+    // it, see tests/tests/gateways.rs (it is left to the next consumer).
+    let (_broker, fake, gw, mut c) = start_all(&["p"], |c| {
+        c.shutdown_grace = Duration::from_millis(200);
+        c.consumer_lease = None;
+    })
+    .await;
 
     let (topic, text) = shut_down_mid_turn(&mut c, &fake, &gw, "a", 5000).await;
     assert_eq!(
@@ -751,6 +772,10 @@ async fn oversize_packet_costs_a_reconnect_not_the_gateway() {
     let mut registry = Registry::default();
     let mut cfg = config(&broker, session, &["p"]);
     cfg.max_packet_bytes = 32 * 1024;
+    // A persistent session would have the broker deliver the oversize
+    // request again at every reconnect: with the consumer lease the broker's
+    // message_size_limit must stay below max-packet-bytes (README).
+    cfg.consumer_lease = None;
     let gw = Gateway::new(cfg, &mut registry).unwrap();
     let mut ready = gw.ready_watch();
     let shutdown = CancellationToken::new();
@@ -832,4 +857,43 @@ async fn resubscribes_after_a_broker_restart() {
 
     shutdown.cancel();
     task.await.unwrap().unwrap();
+}
+
+/// The link to the broker breaks while a turn runs: the broker delivers the
+/// unacknowledged request again on the new connection (persistent session),
+/// and the gateway, still answering it, neither runs it a second time nor
+/// answers it twice; the answer acknowledges it on the new connection.
+#[tokio::test]
+async fn a_request_delivered_again_while_answered_runs_once() {
+    let broker = Broker::start();
+    let fake = Fake::default();
+    let session = start_fake(fake.clone()).await;
+    let link = palaver_testkit::link::Link::start(([127, 0, 0, 1], broker.port()).into())
+        .await
+        .unwrap();
+    let mut cfg = config(&broker, session, &["p"]);
+    cfg.mqtt_port = link.addr().port();
+    cfg.keep_alive = Duration::from_secs(2);
+    let gw = start_gateway(cfg).await;
+    let mut c = Client::connect(broker.port()).await;
+
+    let arrived = fake.chat_arrived.notified();
+    c.publish(
+        "p/user_input",
+        r#"{"sessionId":"d","message":"slow:1500","clientId":"c","requestId":"r1"}"#,
+    )
+    .await;
+    tokio::time::timeout(WAIT, arrived).await.unwrap();
+    link.cut();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    link.restore();
+
+    assert_eq!(
+        c.reply_on("p/assistant_response/d").await,
+        "echo[d]: slow:1500"
+    );
+    c.nothing_on(is_reply, Duration::from_secs(2)).await;
+    assert_eq!(fake.calls.lock().unwrap().chats.len(), 1, "run once");
+    gw.shutdown.cancel();
+    gw.task.await.unwrap().unwrap();
 }

@@ -1,7 +1,8 @@
 //! The gateway's HTTP probes against a real mosquitto: `/readyz` answers 200
 //! only while every project is subscribed, and flips with the broker;
 //! `/healthz` answers while the process serves. No session-svc is needed:
-//! the gateway connects to it lazily.
+//! the gateway connects to it lazily (and runs without the consumer lease,
+//! which is held through session-svc).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -60,6 +61,7 @@ async fn readyz_follows_the_subscriptions() {
         vec!["general".into(), "npc".into()],
     );
     config.keep_alive = Duration::from_secs(2);
+    config.consumer_lease = None;
     let mut registry = Registry::default();
     let gateway = Gateway::new(config, &mut registry).expect("gateway settings");
     let stop = CancellationToken::new();

@@ -591,7 +591,7 @@ fn latency_figures(sorted: &[u64]) -> Vec<(&'static str, Option<f64>)> {
 
 /// The latency figures of sorted nanosecond samples (ms; null without
 /// samples) as a JSON object.
-pub(crate) fn latency_json(sorted: &[u64]) -> serde_json::Map<String, Value> {
+pub fn latency_json(sorted: &[u64]) -> serde_json::Map<String, Value> {
     latency_figures(sorted)
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.map_or(Value::Null, Value::from)))
@@ -600,7 +600,7 @@ pub(crate) fn latency_json(sorted: &[u64]) -> serde_json::Map<String, Value> {
 
 /// The latency figures of sorted nanosecond samples as the rows of a human
 /// table, appended to `out`.
-pub(crate) fn latency_rows(sorted: &[u64], out: &mut String) {
+pub fn latency_rows(sorted: &[u64], out: &mut String) {
     for (name, v) in latency_figures(sorted) {
         let shown = v.map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"));
         out.push_str(&format!("  {name:<16}{shown:>10}\n"));

@@ -277,6 +277,16 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let session_listener = bind(args.bind, args.session_port, "session-svc").await?;
     let inference_addr = inference_listener.local_addr()?;
     let session_addr = session_listener.local_addr()?;
+    if !args.bind.is_loopback() {
+        // `palaver up` runs the services without tokens: on the network,
+        // anyone who reaches these ports can read or delete any dialog.
+        tracing::warn!(
+            %session_addr,
+            %inference_addr,
+            "gRPC is UNAUTHENTICATED and reachable from other hosts; run the \
+             services with --auth-tokens-file for that"
+        );
+    }
 
     let services_stop = CancellationToken::new();
     let mut services = Services::new();

@@ -62,6 +62,12 @@ impl KeySpace {
         format!("{}:replica:{}", self.prefix, encode(replica))
     }
 
+    /// A lease's holder and its epoch counter, under one hash tag.
+    pub fn lease(&self, name: &str) -> (String, String) {
+        let tag = format!("{}:{{lease:{}}}", self.prefix, encode(name));
+        (format!("{tag}:holder"), format!("{tag}:epoch"))
+    }
+
     pub fn project(&self, project: &str) -> ProjectKeys {
         let tag = format!("{}:{{p:{}}}", self.prefix, encode(project));
         ProjectKeys {

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt as _};
 use palaver_proto::inference::v1 as inf;
-use palaver_proto::inference::v1::inference_client::InferenceClient;
 use palaver_proto::session::v1 as pb;
 use palaver_proto::session::v1::sessions_server::Sessions;
 use rand::Rng;
@@ -15,11 +14,11 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use palaver_core::projects::ProjectSettings;
 
+use crate::balance::Balancer;
 use crate::dialog::{random_first_seq, Dialog, Role};
 use crate::error::SessionError;
 use crate::metrics::{KindLabel, OutcomeLabel};
@@ -31,6 +30,8 @@ const MAX_ID_BYTES: usize = 256;
 const MAX_SYSTEM_PROMPT_CHARS: usize = 32_000;
 /// Deadline of a turn whose caller set none: the gateway's default.
 const DEFAULT_DEADLINE: Duration = Duration::from_secs(120);
+/// Longest lease: a holder that dies keeps others out for at most this.
+const MAX_LEASE_TTL: Duration = Duration::from_secs(600);
 /// Times a retry may find its turn gone and begin again.
 const MAX_BEGINS: usize = 3;
 /// Sessions a project-wide clear or delete works on at once.
@@ -39,7 +40,7 @@ const PROJECT_ACTION_CONCURRENCY: usize = 16;
 /// The `Sessions` gRPC service over a store.
 pub struct SessionService<S: Store> {
     turns: Arc<Turns<S>>,
-    inference: InferenceClient<Channel>,
+    inference: Balancer,
 }
 
 impl<S: Store> Clone for SessionService<S> {
@@ -52,7 +53,7 @@ impl<S: Store> Clone for SessionService<S> {
 }
 
 impl<S: Store> SessionService<S> {
-    pub fn new(turns: Arc<Turns<S>>, inference: InferenceClient<Channel>) -> Self {
+    pub fn new(turns: Arc<Turns<S>>, inference: Balancer) -> Self {
         Self { turns, inference }
     }
 
@@ -79,8 +80,9 @@ impl<S: Store> SessionService<S> {
         &self,
         req: &pb::ChatRequest,
         owner: TurnOwner<S>,
+        deadline: Instant,
     ) -> Result<(Prepared, TurnOwner<S>), SessionError> {
-        match self.turns.prepare(&new_turn(req), &owner).await {
+        match self.turns.prepare(&new_turn(req, deadline), &owner).await {
             Ok(prepared) => Ok((prepared, owner)),
             Err(e) => {
                 if !matches!(e, SessionError::Store(_)) {
@@ -100,10 +102,11 @@ impl<S: Store> SessionService<S> {
         settings: &ProjectSettings,
         theirs: String,
         owner: TurnOwner<S>,
+        deadline: Instant,
     ) -> Result<Option<Resumed<S>>, SessionError> {
         let awaited = self
             .turns
-            .await_turn(&new_turn(req), &req.request_id, theirs, &owner)
+            .await_turn(&new_turn(req, deadline), &req.request_id, theirs, &owner)
             .await?;
         Ok(match awaited {
             Awaited::Generate { messages } => Some(Resumed::Generate(
@@ -130,6 +133,7 @@ impl<S: Store> SessionService<S> {
     async fn begin(
         &self,
         req: &pb::ChatRequest,
+        deadline: Instant,
         mut accepted: impl FnMut(),
     ) -> Result<Resumed<S>, SessionError> {
         let settings = self.turns.project(&req.project)?;
@@ -138,7 +142,7 @@ impl<S: Store> SessionService<S> {
         // bound keeps a pathological clear-retry race from looping.
         for _ in 0..MAX_BEGINS {
             let owner = self.turns.owner(&req.project, &req.session_id);
-            let (prepared, owner) = self.prepare(req, owner).await?;
+            let (prepared, owner) = self.prepare(req, owner, deadline).await?;
             accepted();
             match prepared {
                 Prepared::Replay(text) => {
@@ -151,7 +155,10 @@ impl<S: Store> SessionService<S> {
                     ))
                 }
                 Prepared::InFlight { attempt } => {
-                    if let Some(resumed) = self.await_turn(req, settings, attempt, owner).await? {
+                    if let Some(resumed) = self
+                        .await_turn(req, settings, attempt, owner, deadline)
+                        .await?
+                    {
                         return Ok(resumed);
                     }
                 }
@@ -183,7 +190,9 @@ impl<S: Store> SessionService<S> {
             }),
             // Unique per attempt: vLLM refuses duplicate ids in flight.
             request_id: format!("palaver-{:016x}", rand::rng().random::<u64>()),
-            affinity_key: req.session_id.clone(),
+            // Unique across projects: routers in front of several model
+            // servers see it as the session (x-session-id, OpenAI `user`).
+            affinity_key: format!("{}/{}", req.project, req.session_id),
         };
         Generation { request, owner }
     }
@@ -253,7 +262,7 @@ impl<S: Store> SessionService<S> {
         req: pb::ChatRequest,
         deadline: Instant,
     ) -> Result<pb::ChatReply, SessionError> {
-        match self.begin(&req, || {}).await? {
+        match self.begin(&req, deadline, || {}).await? {
             Resumed::Replay(text) => {
                 self.count_turn("replay");
                 Ok(reply(&req, text, "stop", None))
@@ -304,7 +313,7 @@ impl<S: Store> SessionService<S> {
                 let _ = tx.send(Ok(ev)).await;
             }
         };
-        let begun = self.begin(&req, move || {
+        let begun = self.begin(&req, deadline, move || {
             if let Some(t) = accepted_tx.take() {
                 let _ = t.send(());
             }
@@ -329,6 +338,7 @@ impl<S: Store> SessionService<S> {
         let mut text = String::new();
         let mut finish = String::new();
         let mut usage = None;
+        let mut caller_left = false;
         let outcome: Result<(), Status> = async {
             let mut stream = self
                 .inference
@@ -345,6 +355,7 @@ impl<S: Store> SessionService<S> {
                     if tx.send(Ok(ev)).await.is_err() {
                         // The caller left: dropping `stream` cancels the
                         // generation, and the owner takes the turn back.
+                        caller_left = true;
                         return Err(Status::cancelled("caller went away"));
                     }
                 }
@@ -359,7 +370,7 @@ impl<S: Store> SessionService<S> {
         }
         .await;
         self.turns.observe_phase("generate", generated);
-        if matches!(&outcome, Err(s) if s.code() == tonic::Code::Cancelled) {
+        if caller_left {
             return Ok(()); // dropping the owner takes the turn back
         }
         let text = self
@@ -384,13 +395,14 @@ struct Generation<S: Store> {
     owner: TurnOwner<S>,
 }
 
-fn new_turn(req: &pb::ChatRequest) -> NewTurn<'_> {
+fn new_turn(req: &pb::ChatRequest, deadline: Instant) -> NewTurn<'_> {
     NewTurn {
         project: &req.project,
         session_id: &req.session_id,
         message: &req.message,
         request_id: non_empty(&req.request_id),
         system_prompt: req.system_prompt.as_deref(),
+        deadline,
     }
 }
 
@@ -616,6 +628,14 @@ impl<S: Store> Sessions for SessionService<S> {
     ) -> Result<Response<pb::ResetSessionReply>, Status> {
         let r = request.into_inner();
         let (settings, id) = self.address(&r.project, &r.session_id)?;
+        // The limit a chat's system prompt has: a reset is no way around it.
+        if let Some(p) = &r.system_prompt {
+            if p.chars().count() > MAX_SYSTEM_PROMPT_CHARS {
+                return Err(self.fail(invalid(format!(
+                    "system prompt is too long (at most {MAX_SYSTEM_PROMPT_CHARS} characters)"
+                ))));
+            }
+        }
         let (prompt, keep_history) = (r.system_prompt, r.keep_history);
         self.turns
             .locked(id, settings.session_ttl, move |d| {
@@ -715,6 +735,36 @@ impl<S: Store> Sessions for SessionService<S> {
             touched += changed.map_err(|e| self.fail(e))?;
         }
         Ok(Response::new(pb::UpdateProjectReply { sessions: touched }))
+    }
+
+    async fn hold_lease(
+        &self,
+        request: Request<pb::LeaseRequest>,
+    ) -> Result<Response<pb::LeaseReply>, Status> {
+        let r = request.into_inner();
+        for (what, v) in [("lease name", &r.name), ("lease holder", &r.holder)] {
+            if v.trim().is_empty() || v.len() > MAX_ID_BYTES {
+                return Err(self.fail(invalid(format!("{what} must be 1 to {MAX_ID_BYTES} bytes"))));
+            }
+        }
+        let ttl = Duration::from_millis(u64::from(r.ttl_ms));
+        if ttl > MAX_LEASE_TTL {
+            return Err(self.fail(invalid(format!(
+                "lease ttl_ms must be at most {}",
+                MAX_LEASE_TTL.as_millis()
+            ))));
+        }
+        let lease = self
+            .turns
+            .store()
+            .hold_lease(&r.name, &r.holder, ttl)
+            .await
+            .map_err(|e| self.fail(e.into()))?;
+        Ok(Response::new(pb::LeaseReply {
+            held: lease.held,
+            epoch: lease.epoch,
+            holder: lease.holder.unwrap_or_default(),
+        }))
     }
 }
 

@@ -100,6 +100,8 @@ fn opening(message: &str) -> Opening<'_> {
         message,
         request_id: None,
         attempt: message,
+        ends_by: u64::MAX,
+        now_ms: 0,
         system_prompt: None,
         limits: WIDE,
         first_seq: 0,
@@ -254,6 +256,8 @@ async fn one_step_changes_follow_the_dialog_rules<S: Store>(s: &S) {
         message,
         request_id,
         attempt: message,
+        ends_by: u64::MAX,
+        now_ms: 0,
         system_prompt,
         limits,
         first_seq: 0,
@@ -394,6 +398,7 @@ async fn turns_keep_order_and_do_not_repeat_retries<S: Store>(s: &S) {
         message,
         request_id: Some(request_id),
         system_prompt: None,
+        deadline: tokio::time::Instant::now() + Duration::from_secs(60),
     };
     let generates = |p: Prepared| match p {
         Prepared::Generate { messages } => {
@@ -433,7 +438,40 @@ async fn turns_keep_order_and_do_not_repeat_retries<S: Store>(s: &S) {
     assert_eq!(history, ["u1", "a1", "u2", "a2"]);
 }
 
+/// A lease is held by one holder at a time, changes hands with a larger
+/// epoch, and frees itself after its TTL or when released.
+async fn a_lease_has_one_holder_at_a_time<S: Store>(s: &S) {
+    let short = Duration::from_millis(150);
+    let a = s.hold_lease("gateway/p", "a", short).await.unwrap();
+    assert!(a.held);
+    let b = s.hold_lease("gateway/p", "b", short).await.unwrap();
+    assert!(!b.held, "taken");
+    assert_eq!(b.holder.as_deref(), Some("a"));
+    let renewed = s.hold_lease("gateway/p", "a", short).await.unwrap();
+    assert_eq!(
+        (renewed.held, renewed.epoch),
+        (true, a.epoch),
+        "a renewal keeps the epoch"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b = s.hold_lease("gateway/p", "b", TTL).await.unwrap();
+    assert!(b.held, "a's lease expired");
+    assert!(b.epoch > a.epoch);
+    let late = s.hold_lease("gateway/p", "a", TTL).await.unwrap();
+    assert!(!late.held, "the old holder cannot renew it back");
+    let released = s
+        .hold_lease("gateway/p", "b", Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(!released.held);
+    let other = s.hold_lease("gateway/q", "b", TTL).await.unwrap();
+    assert!(other.held, "leases are independent");
+    let a = s.hold_lease("gateway/p", "a", TTL).await.unwrap();
+    assert!(a.held && a.epoch > b.epoch, "free after release");
+}
+
 async fn contract<S: Store>(s: S) {
+    a_lease_has_one_holder_at_a_time(&s).await;
     turns_keep_order_and_do_not_repeat_retries(&s).await;
     lock_excludes_others_and_only_the_holder_writes(&s).await;
     a_dead_holders_lock_expires_and_its_late_write_is_refused(&s).await;

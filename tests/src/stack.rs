@@ -28,6 +28,8 @@ pub struct StackOptions {
     pub projects: Projects,
     /// Number of session-svc replicas sharing the one Redis.
     pub session_replicas: usize,
+    /// Whether to start the gateway (a test may run its own gateways).
+    pub gateway_started: bool,
     /// A real OpenAI-compatible server (llama-server) for inference-svc,
     /// in place of the fake (which still runs, unused).
     pub model_url: Option<String>,
@@ -41,6 +43,7 @@ impl Default for StackOptions {
             gateway: Box::new(|_| {}),
             projects: Projects::builtin(),
             session_replicas: 1,
+            gateway_started: true,
             model_url: None,
         }
     }
@@ -137,21 +140,23 @@ impl Stack {
         }
 
         // gateway
-        let names = opts.projects.names().map(str::to_owned).collect();
-        let mut gw_cfg =
-            gateway::Config::new("127.0.0.1", broker.port(), session_urls[0].clone(), names);
-        (opts.gateway)(&mut gw_cfg);
         let mut gw_registry = Registry::default();
-        let gw = gateway::Gateway::new(gw_cfg, &mut gw_registry).expect("gateway config");
-        let ready = gw.ready();
-        let sd = shutdown.clone();
-        tasks.push(tokio::spawn(async move {
-            gw.run(sd).await.expect("gateway runs");
-        }));
-        let subscribed = tokio::time::timeout(Duration::from_secs(10), ready)
-            .await
-            .expect("gateway subscribed in time");
-        assert!(subscribed, "gateway stopped before subscribing");
+        if opts.gateway_started {
+            let names = opts.projects.names().map(str::to_owned).collect();
+            let mut gw_cfg =
+                gateway::Config::new("127.0.0.1", broker.port(), session_urls[0].clone(), names);
+            (opts.gateway)(&mut gw_cfg);
+            let gw = gateway::Gateway::new(gw_cfg, &mut gw_registry).expect("gateway config");
+            let ready = gw.ready();
+            let sd = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                gw.run(sd).await.expect("gateway runs");
+            }));
+            let subscribed = tokio::time::timeout(Duration::from_secs(10), ready)
+                .await
+                .expect("gateway subscribed in time");
+            assert!(subscribed, "gateway stopped before subscribing");
+        }
 
         Self {
             redis,

@@ -17,7 +17,7 @@ use prometheus_client::registry::Registry;
 use serde_json::json;
 use session_svc::dialog::{Dialog, Ending, Opened, Opening};
 use session_svc::keys::KeySpace;
-use session_svc::store::{Admit, RateLimit, SessionId, Step, Store, StoreError};
+use session_svc::store::{Admit, Lease, RateLimit, SessionId, Step, Store, StoreError};
 use session_svc::RedisStore;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -335,15 +335,26 @@ impl Store for Flaky {
         request_id: &str,
         from: &str,
         to: &str,
+        ends_by: u64,
         ttl: Duration,
     ) -> Result<Step<Option<Opened>>, StoreError> {
-        self.inner.take_over(id, request_id, from, to, ttl).await
+        self.inner
+            .take_over(id, request_id, from, to, ends_by, ttl)
+            .await
     }
     async fn heartbeat(&self, replica: &str, ttl: Duration) -> Result<(), StoreError> {
         self.inner.heartbeat(replica, ttl).await
     }
     async fn alive(&self, replica: &str) -> Result<bool, StoreError> {
         self.inner.alive(replica).await
+    }
+    async fn hold_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Lease, StoreError> {
+        self.inner.hold_lease(name, holder, ttl).await
     }
     async fn admit(
         &self,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Admit, RateLimit, SessionId, Step, Store, StoreError};
+use super::{Admit, Lease, RateLimit, SessionId, Step, Store, StoreError};
 use crate::dialog::{Dialog, Ending, Opened, Opening};
 
 #[derive(Default)]
@@ -70,10 +70,18 @@ struct Project {
     sessions: HashMap<String, Instant>,
 }
 
+/// A lease's holder (with its expiry) and epoch.
+#[derive(Default)]
+struct LeaseState {
+    holder: Option<(String, Instant)>,
+    epoch: u64,
+}
+
 #[derive(Default)]
 struct State {
     sessions: HashMap<(String, String), Session>,
     projects: HashMap<String, Project>,
+    leases: HashMap<String, LeaseState>,
 }
 
 /// Dialogs in this process's memory. Lost on restart, by design. Clones
@@ -208,15 +216,47 @@ impl Store for MemoryStore {
         request_id: &str,
         from: &str,
         to: &str,
+        ends_by: u64,
         ttl: Duration,
     ) -> Result<Step<Option<Opened>>, StoreError> {
         Ok(self
-            .change_existing(id, ttl, |d| d.take_over(request_id, from, to))
+            .change_existing(id, ttl, |d| d.take_over(request_id, from, to, ends_by))
             .map(Option::flatten))
     }
 
     async fn heartbeat(&self, _replica: &str, _ttl: Duration) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    async fn hold_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Lease, StoreError> {
+        let now = Instant::now();
+        Ok(self.with(|st| {
+            let l = st.leases.entry(name.to_owned()).or_default();
+            if l.holder.as_ref().is_some_and(|(_, exp)| *exp <= now) {
+                l.holder = None;
+            }
+            let mine = l.holder.as_ref().is_some_and(|(h, _)| h == holder);
+            if ttl.is_zero() {
+                if mine {
+                    l.holder = None;
+                }
+            } else if mine {
+                l.holder = Some((holder.to_owned(), now + ttl));
+            } else if l.holder.is_none() {
+                l.holder = Some((holder.to_owned(), now + ttl));
+                l.epoch += 1;
+            }
+            Lease {
+                held: l.holder.as_ref().is_some_and(|(h, _)| h == holder),
+                epoch: l.epoch,
+                holder: l.holder.as_ref().map(|(h, _)| h.clone()),
+            }
+        }))
     }
 
     async fn alive(&self, _replica: &str) -> Result<bool, StoreError> {

@@ -73,6 +73,17 @@ impl<T> Step<T> {
     }
 }
 
+/// A named lease as it stands after [`Store::hold_lease`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// Whether the asking holder holds it now.
+    pub held: bool,
+    /// Times the lease changed hands; a new holder gets a larger number.
+    pub epoch: u64,
+    /// The current holder, if any.
+    pub holder: Option<String>,
+}
+
 /// Why a store call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -127,6 +138,7 @@ pub trait Store: Clone + Send + Sync + 'static {
         request_id: &str,
         from: &str,
         to: &str,
+        ends_by: u64,
         ttl: Duration,
     ) -> impl Future<Output = Result<Step<Option<Opened>>, StoreError>> + Send;
 
@@ -136,6 +148,16 @@ pub trait Store: Clone + Send + Sync + 'static {
         replica: &str,
         ttl: Duration,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Takes lease `name` for `holder` if it is free (a new epoch), renews it
+    /// for `ttl` if `holder` has it, or with a zero `ttl` releases it if
+    /// `holder` has it; says where it stands.
+    fn hold_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Lease, StoreError>> + Send;
 
     /// Whether process `replica` said it was alive within its last `ttl`.
     fn alive(&self, replica: &str) -> impl Future<Output = Result<bool, StoreError>> + Send;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 
-use super::{Admit, RateLimit, SessionId, Step, Store, StoreError};
+use super::{Admit, Lease, RateLimit, SessionId, Step, Store, StoreError};
 use crate::dialog::{Dialog, Ending, Opened, Opening};
 use crate::keys::KeySpace;
 
@@ -80,6 +80,27 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 ";
 
+/// Take, renew or release a lease: `KEYS[1]` its holder, `KEYS[2]` its
+/// epoch; `ARGV[1]` the asking holder, `ARGV[2]` the TTL in ms (0: release).
+/// Replies `{held (0/1), epoch, current holder or ''}`.
+const LEASE: &str = r"
+local current = redis.call('GET', KEYS[1])
+local epoch = tonumber(redis.call('GET', KEYS[2]) or '0')
+if ARGV[2] == '0' then
+  if current == ARGV[1] then redis.call('DEL', KEYS[1]) end
+  return {0, epoch, ''}
+end
+if not current then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return {1, redis.call('INCR', KEYS[2]), ARGV[1]}
+end
+if current == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {1, epoch, current}
+end
+return {0, epoch, current}
+";
+
 /// Dialogs in Redis.
 #[derive(Clone)]
 pub struct RedisStore {
@@ -95,12 +116,40 @@ pub struct RedisStore {
     admit: Script,
     commit: Script,
     release: Script,
+    lease: Script,
 }
 
 impl RedisStore {
     /// Connects to `url` (`redis://host:port/db`) and checks the server answers.
     pub async fn connect(url: &str, keys: KeySpace) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(unavailable)?;
+        Self::connect_tls(url, keys, None).await
+    }
+
+    /// As [`connect`](Self::connect); a `rediss://` url trusts the CA
+    /// certificates (PEM) in `ca_file`, else the system's roots.
+    pub async fn connect_tls(
+        url: &str,
+        keys: KeySpace,
+        ca_file: Option<&std::path::Path>,
+    ) -> Result<Self, StoreError> {
+        palaver_core::tls::install_provider();
+        let client = match ca_file {
+            Some(path) if url.starts_with("rediss://") => {
+                let root_cert = palaver_core::tls::read_certs_pem(path)
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                let certs = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                };
+                redis::Client::build_with_tls(url, certs).map_err(unavailable)?
+            }
+            Some(_) => {
+                return Err(StoreError::Unavailable(
+                    "--redis-ca-file is given but the url is not rediss://".into(),
+                ))
+            }
+            None => redis::Client::open(url).map_err(unavailable)?,
+        };
         let conn = ConnectionManager::new(client).await.map_err(unavailable)?;
         Ok(Self {
             conn,
@@ -110,6 +159,7 @@ impl RedisStore {
             admit: Script::new(ADMIT),
             commit: Script::new(COMMIT),
             release: Script::new(RELEASE),
+            lease: Script::new(LEASE),
         })
     }
 }
@@ -385,13 +435,17 @@ impl Store for RedisStore {
         request_id: &str,
         from: &str,
         to: &str,
+        ends_by: u64,
         ttl: Duration,
     ) -> Result<Step<Option<Opened>>, StoreError> {
         self.change(
             id,
             |_| None,
             ttl,
-            |d| d.as_mut().and_then(|d| d.take_over(request_id, from, to)),
+            |d| {
+                d.as_mut()
+                    .and_then(|d| d.take_over(request_id, from, to, ends_by))
+            },
         )
         .await
     }
@@ -405,6 +459,30 @@ impl Store for RedisStore {
             .query_async::<()>(&mut self.conn.clone())
             .await
             .map_err(unavailable)
+    }
+
+    async fn hold_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Lease, StoreError> {
+        let (holder_key, epoch_key) = self.keys.lease(name);
+        let ttl_ms = if ttl.is_zero() { 0 } else { millis(ttl) };
+        let (held, epoch, current): (i64, u64, String) = self
+            .lease
+            .key(holder_key)
+            .key(epoch_key)
+            .arg(holder)
+            .arg(ttl_ms)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(Lease {
+            held: held == 1,
+            epoch,
+            holder: (!current.is_empty()).then_some(current),
+        })
     }
 
     async fn alive(&self, replica: &str) -> Result<bool, StoreError> {
@@ -586,6 +664,7 @@ mod tests {
             seq,
             request_id: request_id.map(str::to_owned),
             attempt: reply.is_none().then(|| "replica.1".to_owned()),
+            ends_by: reply.is_none().then_some(1_000),
             user: user.to_owned(),
             reply: reply.map(str::to_owned),
         };
