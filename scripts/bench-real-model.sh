@@ -154,8 +154,13 @@ lines = [
 ]
 for r, dr, pr, d50, p50, d99, p99 in rows:
     lines.append(f"| {r} | {dr:.2f} | {pr:.2f} | {pr/dr:.1%} | {d50:.1f} | {p50:.1f} | {p50-d50:+.1f} | {d99:.1f} | {p99:.1f} | {p99-d99:+.1f} |")
+busy = dropped or max(float(load0.split()[0]), float(load1.split()[0])) > float(cores)
 lines += [
     "",
+    ("**This run measured the machine, not palaver**: other work kept it busier than its "
+     f"{cores} cores (load average above {cores}, or windows without a reply), and llama.cpp's threads "
+     "slow down far more than in proportion when they must wait for a core. Rerun on a quiet machine. "
+     if busy else "") +
     (f"Pairs left out, a window without a single reply (the machine taken by other work): {dropped}. " if dropped else "") +
     f"Errors: {errors}. A reply takes over a second here (8 sequences share 2 cores), and the spread between "
     "pairs is the resolution of this measurement: tens of milliseconds, not the 5 ms of the target. On a GPU the "
