@@ -794,26 +794,25 @@ def main():
         L.append("```")
         L.append("")
     text = "\n".join(L)
-    # The real-model section comes from scripts/bench-real-model.sh, not from
-    # these runs: keep it, before "## Machine".
-    kept = real_model_section(args.markdown)
+    # Sections other tools wrote (between <!-- NAME: ... --> and
+    # <!-- /NAME -->: the real model, streaming, several GPUs, the figures
+    # behind code choices) come from other runs: keep them, before "## Machine".
+    kept = kept_sections(args.markdown)
     if kept:
         text = text.replace("## Machine", kept + "\n## Machine", 1)
     with open(args.markdown, "w") as f:
         f.write(text)
 
 
-def real_model_section(path):
-    """The section scripts/bench-real-model.sh wrote into `path`, markers included."""
+def kept_sections(path):
+    """Every marked section in `path` (markers included), in order."""
     try:
         with open(path) as f:
             old = f.read()
     except OSError:
         return ""
-    start, end = "<!-- real-model:", "<!-- /real-model -->"
-    if start not in old or end not in old:
-        return ""
-    return old[old.index(start):old.index(end) + len(end)] + "\n"
+    blocks = re.findall(r"(<!-- ([a-z0-9-]+): .*?<!-- /\2 -->)", old, re.S)
+    return "".join(block + "\n" for block, _ in blocks)
 
 
 if __name__ == "__main__":

@@ -2,25 +2,21 @@
 //!
 //! The allocator is mimalloc, for every binary that links this crate (the
 //! services, `palaver`, and the tests): a turn allocates many small,
-//! short-lived buffers, and under load glibc's malloc, free and arena
-//! upkeep took a sixth of session-svc's and inference-svc's CPU (perf).
+//! short-lived buffers, where glibc's malloc showed up large in profiles
+//! (BENCHMARKS.md, "Figures behind the code").
 //!
 //! One worker thread by default. A turn costs each service tens of
 //! microseconds of CPU, while the GPU behind it spends seconds, so a replica
 //! never needs many cores; what it does need is a short path. With more
-//! workers, tokio wakes idle ones to share every burst of work: on the
-//! 2-core benchmark machine that doubled the context switches per turn, and
-//! cost 13 % of one session's latency and 18 % more CPU per reply. Serve
-//! more load with more replicas, or raise `--worker-threads` for one replica
-//! on a many-core host. (linkerd2-proxy makes the same choice for the same
-//! reason.)
+//! workers, tokio wakes idle ones to share every burst of work, which costs
+//! latency and CPU per reply. Serve more load with more replicas, or raise
+//! `--worker-threads` for one replica on a many-core host. (linkerd2-proxy
+//! makes the same choice for the same reason.)
 //!
 //! One worker means tokio's current-thread scheduler, not the multi-thread
 //! one with a single worker: nothing is left to steal or hand over, and its
-//! bookkeeping does not run on every wake. In five interleaved runs of one
-//! session with an instant backend, the reply's median came out 0.08 ms
-//! lower (0.95 ms against 1.03), with fewer context switches per reply
-//! under load (0.4-0.5 against 0.7 per service).
+//! bookkeeping does not run on every wake (the figures: BENCHMARKS.md,
+//! "Figures behind the code").
 
 use std::future::Future;
 use std::num::NonZeroUsize;

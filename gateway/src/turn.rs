@@ -111,8 +111,7 @@ impl Turns {
         registration: Option<Registration>,
     ) {
         // A debug span: at the default level it costs nothing, where an
-        // info span was a tenth of the gateway's instructions per turn
-        // (callgrind: the fmt layer formats its fields when it is made).
+        // info span's fields are formatted when it is made, on every turn.
         // The warnings below name the turn themselves.
         let span = tracing::debug_span!(
             "turn",

@@ -43,9 +43,8 @@ impl SseParser {
                     continue;
                 }
             }
-            // memchr scans a word (or a vector register) at a time; a byte
-            // loop here cost 24k instructions of a 16-token turn, 8 % of all
-            // inference-svc ran (callgrind).
+            // memchr scans a word (or a vector register) at a time, where a
+            // byte loop was a visible share of a turn's instructions.
             match memchr::memchr2(b'\n', b'\r', rest) {
                 Some(i) => {
                     self.line.extend_from_slice(&rest[..i]);
@@ -80,8 +79,7 @@ impl SseParser {
         // Read in place (a copy only where the bytes are not UTF-8), then
         // keep the buffer for the next line. `from_utf8` first: it checks
         // ASCII a word at a time, while `from_utf8_lossy` walks the line
-        // byte by byte even when it is valid (callgrind: 26k of the 33k
-        // instructions a turn spent here, for a 16-token reply).
+        // byte by byte even when it is valid.
         let mut raw = std::mem::take(&mut self.line);
         match std::str::from_utf8(&raw) {
             Ok(line) => self.field(line, events),

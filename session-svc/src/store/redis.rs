@@ -248,8 +248,8 @@ struct Known {
     /// The stored JSON (empty: no dialog): what the next swap expects.
     raw: Vec<u8>,
     /// The same, parsed. A phase starts from a copy of it rather than
-    /// parsing `raw` again: the parse was a fifth of session-svc's
-    /// instructions per turn (callgrind), a copy is a few allocations.
+    /// parsing `raw` again: a copy is a few allocations, the parse was a
+    /// large share of session-svc's work per turn.
     dialog: Option<Dialog>,
 }
 
