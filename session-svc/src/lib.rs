@@ -1,13 +1,13 @@
-//! session-svc: conversations in Redis under short per-session locks.
+//! session-svc: conversations in Redis, each held only while it changes.
 //!
-//! A turn takes a session's lock twice, briefly — to append the user message
-//! and to store the reply — and never while the model runs (see [`turn`]).
-//! The gRPC surface is `palaver.session.v1.Sessions`, plus health and
-//! reflection.
+//! A turn holds its session twice, briefly — one swap to append the user
+//! message, one to store the reply — and never while the model runs (see
+//! [`turn`]). The gRPC surface is `palaver.session.v1.Sessions`, plus health
+//! and reflection.
 //!
 //! ```text
-//! gateway / tools ──gRPC──► SessionService ──► Turns (locks) ──► Store (Redis | memory)
-//!                                 └──────gRPC──► inference-svc
+//! gateway / tools ──gRPC──► SessionService ──► TurnEngine (swaps, owners) ──► Store (Redis | memory)
+//!                            (validate)  └──────► Balancer ──gRPC──► inference-svc replicas
 //! ```
 
 pub mod balance;
@@ -20,6 +20,7 @@ pub mod running;
 pub mod service;
 pub mod store;
 pub mod turn;
+pub mod validate;
 
 use std::sync::Arc;
 
