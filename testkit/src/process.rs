@@ -251,6 +251,10 @@ impl Mosquitto {
         let program = find_program("mosquitto")?;
         let conf = self.dir.path().join("mosquitto.conf");
         let persistence = if self.persistent {
+            // Started as root, mosquitto drops to its own user, which must
+            // be able to write its database here (else it silently keeps none).
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o777))?;
             format!(
                 "persistence true\npersistence_location {}/\n",
                 self.dir.path().display()
