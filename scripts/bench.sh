@@ -50,10 +50,10 @@ command -v curl >/dev/null || need curl "Install it: apt-get install -y curl"
 BUILT=false
 if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
   echo "== building release binaries"
-  cargo build --release --locked -p palaver -p session-svc -p inference-svc -p gateway
+  cargo build --release --locked -p palaver -p palaver-lab -p session-svc -p inference-svc -p gateway
   BUILT=true
 fi
-for b in palaver session-svc inference-svc gateway; do
+for b in palaver palaver-lab session-svc inference-svc gateway; do
   [ -x "$BIN/$b" ] || need "$BIN/$b" "Build it: cargo build --release -p $b"
 done
 
@@ -332,8 +332,8 @@ EOF
 # idle_memory NAME: the walk, to $OUT/NAME.json.
 idle_memory() {
   echo "== $1"
-  echo "$BIN/palaver idle-memory --json" >>"$OUT/commands.txt"
-  "$BIN/palaver" idle-memory --json >"$OUT/$1.json"
+  echo "$BIN/palaver-lab idle-memory --json" >>"$OUT/commands.txt"
+  "$BIN/palaver-lab" idle-memory --json >"$OUT/$1.json"
   python3 - "$OUT/$1.json" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -345,14 +345,14 @@ idle_memory idle-memory
 with_busy_vcpus idle_memory idle-memory-busy
 
 # The same fourteen hops a turn crosses, with no work at any of them:
-# `palaver floor` sends a frame through six relay processes (tokio, like the
+# `palaver-lab floor` sends a frame through six relay processes (tokio, like the
 # services) and back, the backend's relay pausing as the fake does. What
 # one session could cost here at best, to hold P1' and P1 against.
 echo "== floor: a turn's hops with no work"
 floor() {
   local label=$1
   shift
-  local cmd=("$BIN/palaver" floor --label "$label" --json "$@")
+  local cmd=("$BIN/palaver-lab" floor --label "$label" --json "$@")
   echo "${cmd[*]}" >>"$OUT/commands.txt"
   "${cmd[@]}" >"$OUT/$label.json"
   python3 - "$OUT/$label.json" <<'PY'

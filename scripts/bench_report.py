@@ -246,7 +246,7 @@ def cold_budget(out_dir, runs, floors):
     busy_mem = load(out_dir, "idle-memory-busy.json")
     busy = {f"{w['idle_ms']:g}": w["ns_per_line"] for w in busy_mem["median_by_idle"]} if busy_mem else {}
     if mem:
-        out.append(f"`palaver idle-memory` walks {mem['lines']} cache lines ({mem['bytes'] // 1024} KiB, within "
+        out.append(f"`palaver-lab idle-memory` walks {mem['lines']} cache lines ({mem['bytes'] // 1024} KiB, within "
                    "one core's L2 cache) in a random chain, each load waiting for the one before, back to back "
                    "and after sleeping: the price of one cache miss wherever the line is found after that much "
                    f"idleness (median of {mem['rounds']} walks)."
@@ -345,7 +345,7 @@ def misses_notes(out_dir, runs, loop, floors):
     fi, f1 = floors.get("instant"), floors.get("100ms")
     if fi and f1:
         out.append("")
-        out.append("`palaver floor` sends a 128-byte frame along the same fourteen hops through six relay "
+        out.append("`palaver-lab floor` sends a 128-byte frame along the same fourteen hops through six relay "
                    "processes (tokio programs on the services' runtime) that forward it the moment it "
                    "arrives, the backend's relay pausing with the fake's own pause code: what one session "
                    "costs here when no hop does any work, the floor for any stack of this shape on this "
@@ -793,8 +793,27 @@ def main():
             L.extend(line.rstrip("\n").replace(os.getcwd() + "/", "") for line in f)
         L.append("```")
         L.append("")
+    text = "\n".join(L)
+    # The real-model section comes from scripts/bench-real-model.sh, not from
+    # these runs: keep it, before "## Machine".
+    kept = real_model_section(args.markdown)
+    if kept:
+        text = text.replace("## Machine", kept + "\n## Machine", 1)
     with open(args.markdown, "w") as f:
-        f.write("\n".join(L))
+        f.write(text)
+
+
+def real_model_section(path):
+    """The section scripts/bench-real-model.sh wrote into `path`, markers included."""
+    try:
+        with open(path) as f:
+            old = f.read()
+    except OSError:
+        return ""
+    start, end = "<!-- real-model:", "<!-- /real-model -->"
+    if start not in old or end not in old:
+        return ""
+    return old[old.index(start):old.index(end) + len(end)] + "\n"
 
 
 if __name__ == "__main__":

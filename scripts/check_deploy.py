@@ -210,9 +210,8 @@ def compose(path):
     report("compose rules", errors, f"{len(doc['services'])} services")
 
 
-# Set by the manifests for what DESIGN.md "Security" specifies and issue 20
-# builds; until the services read them they are inert.
-PENDING_ENV = {"PALAVER_AUTH_TOKENS_FILE", "PALAVER_AUTH_TOKEN"}
+# Set by the manifests ahead of the code that reads them (none now).
+PENDING_ENV: set = set()
 
 
 def envvars(root, paths):

@@ -4,12 +4,16 @@
 //!   limits, sampling defaults per project);
 //! - [`runtime`]: the tokio runtime of every binary (one worker by default);
 //! - [`shutdown`]: one cancellation token tripped by SIGINT/SIGTERM;
-//! - [`telemetry`]: logging setup and the Prometheus `/metrics` endpoint.
+//! - [`telemetry`]: logging setup and the Prometheus `/metrics` endpoint;
+//! - [`tls`]: rustls configurations from PEM files, for every link;
+//! - [`auth`]: gRPC bearer tokens, checked by servers and sent by clients.
 
+pub mod auth;
 pub mod projects;
 pub mod runtime;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 
 /// gRPC metadata key naming why a call failed, beyond its status code.
 ///
@@ -21,3 +25,5 @@ pub const ERROR_KIND_HEADER: &str = "palaver-error-kind";
 pub const ERROR_KIND_RATE_LIMITED: &str = "rate_limited";
 /// Every inference slot is busy and the queue is full (or the wait timed out).
 pub const ERROR_KIND_OVERLOADED: &str = "overloaded";
+/// The turn was cancelled (`Sessions/CancelTurn`) while it ran.
+pub const ERROR_KIND_CANCELLED: &str = "cancelled";

@@ -7,7 +7,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use palaver_core::auth::{AuthError, Bearer, ClientAuthArgs};
 use palaver_core::projects::{Projects, ProjectsError};
+use palaver_core::tls::{ClientIdentity, ClientTlsArgs, TlsError};
 
 /// Why the settings cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +30,12 @@ pub enum ConfigError {
     /// `--project` names a project the projects file does not have.
     #[error("--project {0:?} is not in the projects file")]
     UnknownProject(String),
+    /// A TLS file is unusable or a TLS setting contradicts the URL.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The session-svc token cannot be read.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
     /// Any other out-of-range or inconsistent setting.
     #[error("invalid setting: {0}")]
     Invalid(String),
@@ -37,7 +47,8 @@ pub enum ConfigError {
 #[allow(rustdoc::invalid_html_tags)]
 #[derive(Debug, Clone, clap::Args)]
 pub struct GatewayArgs {
-    /// MQTT broker to serve, as mqtt://host:port (plain TCP; tcp:// also accepted).
+    /// MQTT broker to serve, as mqtt://host:port (plain TCP; tcp:// also
+    /// accepted) or mqtts://host:port (TLS, port 8883 by default; ssl:// also accepted).
     #[arg(
         long,
         env = "PALAVER_MQTT_URL",
@@ -49,9 +60,39 @@ pub struct GatewayArgs {
     #[arg(long, env = "PALAVER_MQTT_USERNAME")]
     pub mqtt_username: Option<String>,
 
-    /// Password for the broker (prefer the environment variable over the flag).
+    /// Password for the broker. Prefer the environment variable or
+    /// --mqtt-password-file: a flag is visible to anyone running `ps`.
     #[arg(long, env = "PALAVER_MQTT_PASSWORD", hide_env_values = true)]
     pub mqtt_password: Option<String>,
+
+    /// File holding the broker password (one line).
+    #[arg(
+        long,
+        env = "PALAVER_MQTT_PASSWORD_FILE",
+        conflicts_with = "mqtt_password"
+    )]
+    pub mqtt_password_file: Option<PathBuf>,
+
+    /// CA certificate(s) (PEM) that an mqtts:// broker must chain to
+    /// [default: the system's roots].
+    #[arg(long, env = "PALAVER_MQTT_CA_FILE")]
+    pub mqtt_ca_file: Option<PathBuf>,
+
+    /// Client certificate (PEM) for mutual TLS with the broker.
+    #[arg(long, env = "PALAVER_MQTT_CLIENT_CERT_FILE")]
+    pub mqtt_client_cert_file: Option<PathBuf>,
+
+    /// Private key (PEM) of --mqtt-client-cert-file.
+    #[arg(long, env = "PALAVER_MQTT_CLIENT_KEY_FILE")]
+    pub mqtt_client_key_file: Option<PathBuf>,
+
+    /// TLS towards session-svc (an https:// --session-url).
+    #[command(flatten)]
+    pub session_tls: ClientTlsArgs,
+
+    /// The bearer token sent to session-svc.
+    #[command(flatten)]
+    pub session_auth: ClientAuthArgs,
 
     /// MQTT client id prefix; each project's connection uses <client-id>-<project>.
     /// The gateways of one deployment share it: with the consumer lease, the
@@ -141,7 +182,39 @@ impl GatewayArgs {
     /// Resolves the flags into a [`Config`]: parses the URL, reads the projects
     /// file, applies `--project`, picks a client id.
     pub fn into_config(self) -> Result<Config, ConfigError> {
-        let (mqtt_host, mqtt_port) = parse_mqtt_url(&self.mqtt_url)?;
+        let (mqtt_host, mqtt_port, mqtt_tls) = parse_broker_url(&self.mqtt_url)?;
+        let identity = ClientIdentity::from_pair(
+            self.mqtt_client_cert_file.as_ref(),
+            self.mqtt_client_key_file.as_ref(),
+            "--mqtt-client-cert-file/--mqtt-client-key-file",
+        )?;
+        let mqtt_tls = if mqtt_tls {
+            palaver_core::tls::install_provider();
+            let tls =
+                palaver_core::tls::client_config(self.mqtt_ca_file.as_deref(), identity.as_ref())?;
+            Some(Arc::new(tls))
+        } else if self.mqtt_ca_file.is_some() || identity.is_some() {
+            return Err(ConfigError::Invalid(
+                "MQTT TLS files are given but --mqtt-url is not mqtts://".into(),
+            ));
+        } else {
+            None
+        };
+        // Fails now rather than at the first turn.
+        self.session_tls.endpoint(&self.session_url)?;
+        let session_token = self.session_auth.bearer()?;
+        let mqtt_password = match (&self.mqtt_password, &self.mqtt_password_file) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| {
+                        ConfigError::Invalid(format!("cannot read {}: {e}", path.display()))
+                    })?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_owned(),
+            ),
+            (None, None) => None,
+        };
         let file = Projects::load(self.projects_file.as_deref())?;
         let available: Vec<String> = file.names().map(str::to_owned).collect();
         let projects = if self.projects.is_empty() {
@@ -161,7 +234,10 @@ impl GatewayArgs {
         };
         let mut config = Config::new(mqtt_host, mqtt_port, self.session_url, projects);
         config.mqtt_username = self.mqtt_username;
-        config.mqtt_password = self.mqtt_password;
+        config.mqtt_password = mqtt_password;
+        config.mqtt_tls = mqtt_tls;
+        config.session_tls = self.session_tls;
+        config.session_token = session_token;
         config.client_id = self.client_id;
         config.consumer_lease = (self.consumer_lease_ms > 0 && self.shared_group.is_none())
             .then(|| Duration::from_millis(self.consumer_lease_ms));
@@ -191,6 +267,12 @@ pub struct Config {
     pub mqtt_username: Option<String>,
     /// Broker password (used only with a user name).
     pub mqtt_password: Option<String>,
+    /// TLS towards the broker (an mqtts:// URL); `None` is plain TCP.
+    pub mqtt_tls: Option<Arc<rustls::ClientConfig>>,
+    /// CA and client certificate for an https:// `session_url`.
+    pub session_tls: ClientTlsArgs,
+    /// The token sent to session-svc.
+    pub session_token: Bearer,
     /// Client id prefix; one connection per project as `<client_id>-<project>`
     /// because MQTT allows one last will per connection.
     pub client_id: String,
@@ -242,6 +324,9 @@ impl Config {
             mqtt_port,
             mqtt_username: None,
             mqtt_password: None,
+            mqtt_tls: None,
+            session_tls: ClientTlsArgs::default(),
+            session_token: Bearer::none(),
             client_id: format!("palaver-gateway-{:08x}", rand::random::<u32>()),
             projects,
             shared_group: None,
@@ -352,23 +437,39 @@ fn is_topic_level(s: &str) -> bool {
 }
 
 /// `mqtt://host[:port]` or `tcp://host[:port]` (IPv6 in brackets) to host
-/// and port. Credentials in the URL are refused: they would need
-/// percent-decoding rules nobody remembers; use the username/password flags.
+/// and port, for callers that speak plain MQTT only.
 pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), ConfigError> {
+    match parse_broker_url(url)? {
+        (host, port, false) => Ok((host, port)),
+        (_, _, true) => Err(ConfigError::MqttUrl {
+            url: url.to_owned(),
+            why: "TLS is not supported here; use mqtt://",
+        }),
+    }
+}
+
+/// A broker URL to host, port and whether it is TLS (`mqtts://`, `ssl://`,
+/// default port 8883) or plain (`mqtt://`, `tcp://`, default port 1883).
+/// Credentials in the URL are refused: they would need percent-decoding
+/// rules nobody remembers; use the username/password flags.
+pub fn parse_broker_url(url: &str) -> Result<(String, u16, bool), ConfigError> {
     let fail = |why| ConfigError::MqttUrl {
         url: url.to_owned(),
         why,
     };
-    let rest = url
+    let (rest, tls) = if let Some(r) = url
         .strip_prefix("mqtt://")
         .or_else(|| url.strip_prefix("tcp://"))
-        .ok_or_else(|| {
-            if url.starts_with("mqtts://") || url.starts_with("ssl://") {
-                fail("TLS is not built into this gateway; use mqtt:// (e.g. behind a TLS-terminating proxy)")
-            } else {
-                fail("expected mqtt://host:port")
-            }
-        })?;
+    {
+        (r, false)
+    } else if let Some(r) = url
+        .strip_prefix("mqtts://")
+        .or_else(|| url.strip_prefix("ssl://"))
+    {
+        (r, true)
+    } else {
+        return Err(fail("expected mqtt://host:port or mqtts://host:port"));
+    };
     let authority = rest.strip_suffix('/').unwrap_or(rest);
     if authority.contains('@') {
         return Err(fail(
@@ -397,13 +498,14 @@ pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), ConfigError> {
         return Err(fail("the host is empty"));
     }
     let port = match port {
+        None if tls => 8883,
         None => 1883,
         Some(p) => match p.parse::<u16>() {
             Ok(0) | Err(_) => return Err(fail("the port must be a number within 1..=65535")),
             Ok(p) => p,
         },
     };
-    Ok((host.to_owned(), port))
+    Ok((host.to_owned(), port, tls))
 }
 
 #[cfg(test)]

@@ -137,7 +137,13 @@ pub enum ControlDrop {
     NotAnObject,
     /// A session id over [`MAX_SESSION_ID_BYTES`].
     SessionIdTooLong,
+    /// A template prompt over [`MAX_PROMPT_CHARS`].
+    PromptTooLong,
 }
+
+/// session-svc's limit on a system prompt: a longer template is dropped here
+/// instead of costing a round trip to be refused.
+pub const MAX_PROMPT_CHARS: usize = 32_000;
 
 impl ControlDrop {
     /// The metric label.
@@ -147,6 +153,7 @@ impl ControlDrop {
             ControlDrop::NoPrompt => "template_without_prompt",
             ControlDrop::NotAnObject => "control_not_an_object",
             ControlDrop::SessionIdTooLong => "session_id_too_long",
+            ControlDrop::PromptTooLong => "prompt_too_long",
         }
     }
 }
@@ -196,6 +203,9 @@ pub fn parse(
                 (None, None) => non_blank(text),
             }
             .ok_or(ControlDrop::NoPrompt)?;
+            if prompt.chars().count() > MAX_PROMPT_CHARS {
+                return Err(ControlDrop::PromptTooLong);
+            }
             let reset = object.is_none_or(|map| reset_flag(map.get("reset")));
             let ack_topic = topics::hint_topic(project, session_id.as_deref());
             let op = match session_id {
@@ -297,6 +307,21 @@ mod tests {
             prompt: prompt.into(),
             keep_history,
         }
+    }
+
+    #[test]
+    fn a_template_over_the_prompt_limit_is_dropped() {
+        let long = "x".repeat(MAX_PROMPT_CHARS + 1);
+        let got = parse(
+            "p",
+            ControlKind::Template,
+            Some("s".into()),
+            long.as_bytes(),
+            1 << 20,
+        );
+        assert_eq!(got.unwrap_err(), ControlDrop::PromptTooLong);
+        let ok = "x".repeat(MAX_PROMPT_CHARS);
+        assert!(parse("p", ControlKind::Template, None, ok.as_bytes(), 1 << 20).is_ok());
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! ([`RATE_LIMITED_TEXT`], [`OVERLOADED_TEXT`]); the rest start with `Error: `
 //! and say what went wrong in one sentence.
 
-use palaver_core::{ERROR_KIND_HEADER, ERROR_KIND_OVERLOADED, ERROR_KIND_RATE_LIMITED};
+use palaver_core::{
+    ERROR_KIND_CANCELLED, ERROR_KIND_HEADER, ERROR_KIND_OVERLOADED, ERROR_KIND_RATE_LIMITED,
+};
 use tonic::{Code, Status};
 
 /// Exact string old clients recognise as "rate limited".
@@ -23,6 +25,8 @@ pub const UNAVAILABLE_TEXT: &str =
 pub const BUSY_TEXT: &str = "Error: The session is busy. Please try again.";
 /// Reply for every failure the client cannot act on.
 pub const INTERNAL_TEXT: &str = "Error: Something went wrong on the server.";
+/// Reply to a turn its client cancelled (`<project>/cancel/<sid>`).
+pub const CANCELLED_TEXT: &str = "Error: Cancelled.";
 /// Reply when the model's answer does not fit in one MQTT packet.
 pub const REPLY_TOO_LARGE_TEXT: &str = "Error: The reply is too long to send.";
 
@@ -50,6 +54,8 @@ pub enum ErrorKind {
     Busy,
     /// The reply was too large to publish.
     ReplyTooLarge,
+    /// The client cancelled the turn.
+    Cancelled,
     /// Anything else.
     Internal,
 }
@@ -67,6 +73,7 @@ impl ErrorKind {
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::Busy => "busy",
             ErrorKind::ReplyTooLarge => "reply_too_large",
+            ErrorKind::Cancelled => "cancelled",
             ErrorKind::Internal => "internal",
         }
     }
@@ -85,6 +92,7 @@ pub fn classify(status: &Status) -> (ErrorKind, String) {
     match kind {
         Some(ERROR_KIND_RATE_LIMITED) => return (ErrorKind::RateLimited, RATE_LIMITED_TEXT.into()),
         Some(ERROR_KIND_OVERLOADED) => return (ErrorKind::Overloaded, OVERLOADED_TEXT.into()),
+        Some(ERROR_KIND_CANCELLED) => return (ErrorKind::Cancelled, CANCELLED_TEXT.into()),
         _ => {}
     }
     match status.code() {
@@ -166,6 +174,12 @@ mod tests {
                 with_kind(Code::Internal, "rate_limited"),
                 ErrorKind::RateLimited,
                 RATE_LIMITED_TEXT,
+            ),
+            // A turn stopped by Sessions/CancelTurn.
+            (
+                with_kind(Code::Cancelled, "cancelled"),
+                ErrorKind::Cancelled,
+                CANCELLED_TEXT,
             ),
             (
                 with_kind(Code::ResourceExhausted, "something_new"),

@@ -18,12 +18,12 @@
 
 use std::time::Duration;
 
+use palaver_core::auth::Channel;
 use palaver_proto::session::v1::sessions_client::SessionsClient;
 use palaver_proto::session::v1::LeaseRequest;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 /// Where this process stands with a project's lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

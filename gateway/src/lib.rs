@@ -12,6 +12,7 @@
 //! - [`link`]: one MQTT connection per project (one last will each);
 //! - [`lease`]: which of several gateways consumes a project;
 //! - [`turn`]: one request against session-svc;
+//! - [`stream`], [`cancel`]: the opt-in streamed reply, and cancelling a turn;
 //! - [`backlog`]: the `max-pending` bound and the shutdown drain;
 //! - [`presence`], [`readiness`], [`metrics`].
 //!
@@ -34,6 +35,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backlog;
+pub mod cancel;
 pub mod config;
 pub mod control;
 pub mod errors;
@@ -45,6 +47,7 @@ pub mod presence;
 pub mod publish;
 pub mod readiness;
 pub mod request;
+pub mod stream;
 pub mod topics;
 pub mod turn;
 
@@ -94,14 +97,6 @@ pub enum GatewayError {
     /// The settings are unusable.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// `session_url` is not a URL tonic can connect to.
-    #[error("invalid session-svc URL {url:?}: {source}")]
-    SessionUrl {
-        /// The URL as given.
-        url: String,
-        /// tonic's explanation.
-        source: tonic::transport::Error,
-    },
     /// A connection task panicked (a bug); the others were still shut down.
     #[error("gateway task failed: {0}")]
     Task(String),
@@ -121,11 +116,10 @@ impl Gateway {
     /// Connects to nothing yet; it need not be called inside a Tokio runtime.
     pub fn new(config: Config, registry: &mut Registry) -> Result<Self, GatewayError> {
         config.validate()?;
-        let endpoint = Endpoint::from_shared(config.session_url.clone())
-            .map_err(|source| GatewayError::SessionUrl {
-                url: config.session_url.clone(),
-                source,
-            })?
+        let endpoint = config
+            .session_tls
+            .endpoint(&config.session_url)
+            .map_err(ConfigError::Tls)?
             .connect_timeout(Duration::from_secs(5))
             // Notice a silently dead session-svc between turns.
             .http2_keep_alive_interval(Duration::from_secs(30))
@@ -178,7 +172,8 @@ impl Gateway {
             endpoint,
             readiness,
         } = self;
-        let sessions = SessionsClient::new(endpoint.connect_lazy());
+        let sessions =
+            SessionsClient::with_interceptor(endpoint.connect_lazy(), config.session_token.clone());
         // Unique per process: the lease tells this gateway from its standbys.
         let holder = format!("{}-{:016x}", config.client_id, rand::random::<u64>());
         let leases: Vec<Option<Arc<ConsumerLease>>> = config

@@ -6,8 +6,9 @@
 //! non-blocking publish, and turns run in their own tasks. rumqttc only makes
 //! progress (including sending our replies) while the loop polls.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rumqttc::{
@@ -18,6 +19,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::backlog::Backlog;
+use crate::cancel::{self, TurnKey};
 use crate::config::Config;
 use crate::control;
 use crate::errors::{ErrorKind, OVERLOADED_TEXT};
@@ -83,6 +85,8 @@ pub struct Link {
     /// Counts connections, so that an acknowledgement is sent only on the
     /// connection its request came on (a packet id means nothing on another).
     connection: Arc<AtomicU64>,
+    /// Requests not acknowledged yet (see [`Unfinished`]).
+    unfinished: Unfinished,
 }
 
 /// A request's acknowledgement to the broker, sent when this is dropped:
@@ -94,9 +98,18 @@ pub struct Ack {
     client: AsyncClient,
     /// Only the packet id and QoS of the request; `None`: nothing to send.
     packet: Option<Publish>,
-    connection: u64,
+    /// The connection to acknowledge on: the one the request came on, or
+    /// the one that delivered it again while it was still being answered.
+    on: Arc<AtomicU64>,
     current: Arc<AtomicU64>,
+    unfinished: Unfinished,
 }
+
+/// Requests received and not yet acknowledged, by packet id, with the
+/// connection each is to be acknowledged on. A broker re-delivers them
+/// (same packet id, DUP set) when the connection comes back: such a request
+/// is not run again, its running turn acknowledges it on the new connection.
+type Unfinished = Arc<Mutex<HashMap<u16, Arc<AtomicU64>>>>;
 
 impl Ack {
     /// Whether the broker delivers the request again if it is not
@@ -108,17 +121,30 @@ impl Ack {
     /// Leaves the request unacknowledged, for the broker to deliver again
     /// (to the next consumer) after this connection ends.
     pub fn withhold(mut self) {
-        self.packet = None;
+        self.forget();
+    }
+
+    fn forget(&mut self) {
+        if let Some(packet) = self.packet.take() {
+            let mut unfinished = self.unfinished.lock().unwrap_or_else(|p| p.into_inner());
+            if unfinished
+                .get(&packet.pkid)
+                .is_some_and(|on| Arc::ptr_eq(on, &self.on))
+            {
+                unfinished.remove(&packet.pkid);
+            }
+        }
     }
 }
 
 impl Drop for Ack {
     fn drop(&mut self) {
-        if let Some(packet) = self.packet.take() {
-            if self.current.load(Ordering::SeqCst) == self.connection {
-                let _ = self.client.try_ack(&packet);
+        if let Some(packet) = &self.packet {
+            if self.current.load(Ordering::SeqCst) == self.on.load(Ordering::SeqCst) {
+                let _ = self.client.try_ack(packet);
             }
         }
+        self.forget();
     }
 }
 
@@ -158,6 +184,11 @@ pub fn mqtt_options(config: &Config, project: &str) -> MqttOptions {
         );
     }
     opts.set_last_will(presence::last_will(project, &config.service_name));
+    if let Some(tls) = &config.mqtt_tls {
+        opts.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls.clone()),
+        ));
+    }
     opts
 }
 
@@ -196,6 +227,7 @@ impl Link {
             publisher,
             connected,
             connection,
+            unfinished: Unfinished::default(),
         };
         (link, handle)
     }
@@ -352,7 +384,9 @@ impl Link {
     fn on_publish(&self, publish: Publish) {
         let metrics = &self.shared.metrics;
         metrics.message_in(&self.project);
-        let ack = self.ack_for(&publish);
+        let Some(ack) = self.ack_for(&publish) else {
+            return;
+        };
         // The broker sets `retain` only when replaying a stored message to a
         // new subscription: a stale request (or a stale "clear_history")
         // that must not run again on every reconnect.
@@ -366,25 +400,49 @@ impl Link {
         } else if let Some((kind, topic_sid)) = control::match_topic(&self.project, &publish.topic)
         {
             self.on_control(kind, topic_sid, &publish.payload, ack);
+        } else if let Some(session_id) = cancel::match_topic(&self.project, &publish.topic) {
+            // Acknowledged at once (`ack` dropped): a cancel is done when read.
+            self.on_cancel(session_id, &publish.payload);
         } else {
             tracing::debug!(project = %self.project, topic = %publish.topic, "message on an unexpected topic");
             metrics.dropped("unknown_topic");
         }
     }
 
-    fn ack_for(&self, publish: &Publish) -> Ack {
+    /// The acknowledgement of `publish`, or `None` when it is a broker's
+    /// re-delivery of a request this gateway is still answering (which then
+    /// acknowledges it on the current connection).
+    fn ack_for(&self, publish: &Publish) -> Option<Ack> {
         let manual = self.shared.config.consumer_lease.is_some();
-        let packet = (manual && publish.qos != QoS::AtMostOnce).then(|| {
+        let current = self.connection.load(Ordering::SeqCst);
+        let packet = if manual && publish.qos != QoS::AtMostOnce {
+            let mut unfinished = self.unfinished.lock().unwrap_or_else(|p| p.into_inner());
+            if publish.dup {
+                if let Some(on) = unfinished.get(&publish.pkid) {
+                    on.store(current, Ordering::SeqCst);
+                    tracing::debug!(project = %self.project, pkid = publish.pkid, "re-delivery of a request still being answered");
+                    return None;
+                }
+            }
+            let on = Arc::new(AtomicU64::new(current));
+            unfinished.insert(publish.pkid, on.clone());
             let mut p = Publish::new("", publish.qos, Vec::new());
             p.pkid = publish.pkid;
-            p
-        });
-        Ack {
+            Some((p, on))
+        } else {
+            None
+        };
+        let (packet, on) = match packet {
+            Some((p, on)) => (Some(p), on),
+            None => (None, Arc::new(AtomicU64::new(current))),
+        };
+        Some(Ack {
             client: self.client.clone(),
             packet,
-            connection: self.connection.load(Ordering::SeqCst),
+            on,
             current: self.connection.clone(),
-        }
+            unfinished: self.unfinished.clone(),
+        })
     }
 
     fn on_user_input(&self, payload: &[u8], ack: Ack) {
@@ -432,7 +490,7 @@ impl Link {
                 let Some(permit) = permit else {
                     // Old clients know this string and retry later (with a
                     // shared group, possibly on another gateway).
-                    tracing::warn!(project = %self.project, session_id = %turn.session_id, "request refused: backlog full or shutting down");
+                    tracing::warn!(project = %self.project, session_id = ?turn.session_id, "request refused: backlog full or shutting down");
                     let _ = self.publisher.try_publish(
                         OutKind::Error,
                         &turn.reply_topic,
@@ -442,11 +500,33 @@ impl Link {
                 };
                 // Taken here, in arrival order, before the task exists.
                 let ticket = self.shared.turns.ticket(&self.project, &turn.session_id);
+                let registration = self.shared.turns.register(&self.project, &turn);
                 let turns = self.shared.turns.clone();
                 let publisher = self.publisher.clone();
-                tokio::spawn(async move { turns.chat(publisher, turn, permit, ack, ticket).await });
+                tokio::spawn(async move {
+                    turns
+                        .chat(publisher, turn, permit, ack, ticket, registration)
+                        .await
+                });
             }
         }
+    }
+
+    /// A cancel stops the turn it names, if that turn still runs here;
+    /// anything else (unknown, finished, another client's) is a no-op.
+    fn on_cancel(&self, session_id: &str, payload: &[u8]) {
+        let metrics = &self.shared.metrics;
+        if payload.len() > self.shared.config.max_payload_bytes {
+            metrics.dropped(request::DropReason::TooLarge.as_str());
+            return;
+        }
+        let Some(key) = TurnKey::parse(&self.project, session_id, payload) else {
+            tracing::debug!(project = %self.project, session_id, "cancel without a request id ignored");
+            metrics.dropped("cancel_unnamed");
+            return;
+        };
+        let stopped = self.shared.turns.cancel(&key);
+        tracing::debug!(project = %self.project, session_id, stopped, "cancel read");
     }
 
     fn on_control(

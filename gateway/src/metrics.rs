@@ -42,6 +42,8 @@ pub enum OutKind {
     Reply,
     /// An error reply (plain text starting with `Error: ` or the overload string).
     Error,
+    /// A piece of a streamed reply, on `<replyTopic>/stream`.
+    Piece,
     /// A control acknowledgement.
     Hint,
     /// Presence: online, offline or heartbeat.
@@ -54,6 +56,7 @@ impl OutKind {
         match self {
             OutKind::Reply => "reply",
             OutKind::Error => "error",
+            OutKind::Piece => "piece",
             OutKind::Hint => "hint",
             OutKind::Status => "status",
         }

@@ -32,7 +32,7 @@ pub enum Refused {
 /// Route each kind of message may use.
 fn route(kind: OutKind) -> Route {
     match kind {
-        OutKind::Reply | OutKind::Error => Route::Reply,
+        OutKind::Reply | OutKind::Error | OutKind::Piece => Route::Reply,
         OutKind::Hint => Route::Hint,
         OutKind::Status => Route::Status,
     }

@@ -66,6 +66,9 @@ pub struct ChatTurn {
     pub top_p: Option<f32>,
     /// Completion-length override, at least 1; session-svc caps it per project.
     pub max_tokens: Option<u32>,
+    /// `"stream": true`: the reply also goes out in pieces on
+    /// `<reply_topic>/stream` (see [`crate::stream`]).
+    pub stream: bool,
 }
 
 impl ChatTurn {
@@ -82,6 +85,7 @@ impl ChatTurn {
             temperature: None,
             top_p: None,
             max_tokens: None,
+            stream: false,
         }
     }
 
@@ -247,6 +251,8 @@ fn parse_object(
         temperature,
         top_p,
         max_tokens,
+        // Only a JSON `true` opts in: anything else keeps today's behaviour.
+        stream: map.get("stream") == Some(&Value::Bool(true)),
     })
 }
 
@@ -293,7 +299,7 @@ fn number(value: Option<&Value>) -> Result<Option<f64>, ()> {
 }
 
 /// A string (trimmed) or the text of a number; `None` for anything else or blank.
-fn scalar_text(value: Option<&Value>) -> Option<String> {
+pub(crate) fn scalar_text(value: Option<&Value>) -> Option<String> {
     match value {
         Some(Value::String(s)) if !s.trim().is_empty() => Some(s.trim().to_owned()),
         Some(Value::Number(n)) => Some(n.to_string()),
@@ -388,6 +394,16 @@ mod tests {
             chat(r#"{"message":"hi"}"#),
             ChatTurn::plain("p", FRESH.into(), "hi".into())
         );
+    }
+
+    #[test]
+    fn only_a_json_true_asks_for_a_stream() {
+        assert!(chat(r#"{"message":"hi","stream":true}"#).stream);
+        for other in [r#""true""#, "1", "false", "null", "{}"] {
+            let turn = chat(&format!(r#"{{"message":"hi","stream":{other}}}"#));
+            assert!(!turn.stream, "{other}");
+        }
+        assert!(!chat(r#"{"message":"hi"}"#).stream);
     }
 
     #[test]

@@ -38,13 +38,17 @@ pub fn subscriptions(project: &str, shared_group: Option<&str>) -> Vec<String> {
         plain.push(format!("{project}/{suffix}"));
         plain.push(format!("{project}/{suffix}/+"));
     }
-    match shared_group {
+    let mut subs: Vec<String> = match shared_group {
         None => plain,
         Some(group) => plain
             .into_iter()
             .map(|t| format!("$share/{group}/{t}"))
             .collect(),
-    }
+    };
+    // Never shared: a cancel must reach the gateway running its turn, and
+    // is a no-op at every other.
+    subs.push(crate::cancel::subscription(project));
+    subs
 }
 
 /// The beginning every reply topic of `project` must have.
@@ -163,11 +167,14 @@ mod tests {
                 "p/clear_history/+",
                 "p/delete_session",
                 "p/delete_session/+",
+                "p/cancel/+",
             ]
         );
         let shared = subscriptions("p", Some("g"));
         assert_eq!(shared.len(), subs.len());
-        assert!(shared.iter().all(|t| t.starts_with("$share/g/p/")));
+        let (cancel, rest) = shared.split_last().unwrap();
+        assert!(rest.iter().all(|t| t.starts_with("$share/g/p/")));
+        assert_eq!(cancel, "p/cancel/+");
     }
 
     #[test]

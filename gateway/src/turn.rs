@@ -7,17 +7,18 @@ use std::error::Error as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use palaver_core::auth::Channel;
 use palaver_proto::session::v1::chat_event::Event;
 use palaver_proto::session::v1::{
     sessions_client::SessionsClient, ChatReply, ChatRequest, ResetSessionRequest, SessionAction,
     SessionRef, UpdateProjectRequest,
 };
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tracing::Instrument;
 
 use crate::backlog::Permit;
+use crate::cancel::{InFlight, Registration, TurnKey};
 use crate::control::{ControlOp, ControlRequest};
 use crate::errors;
 use crate::link::Ack;
@@ -25,6 +26,7 @@ use crate::metrics::{Metrics, OutKind};
 use crate::order::{SessionOrder, Ticket};
 use crate::publish::Publisher;
 use crate::request::ChatTurn;
+use crate::stream::ReplyStream;
 
 /// Extra time the local deadline allows past `grpc-timeout`, so that when
 /// session-svc answers DEADLINE_EXCEEDED itself, its answer wins.
@@ -46,6 +48,18 @@ pub struct Turns {
     abandon: CancellationToken,
     /// Keeps each session's messages in arrival order.
     order: Arc<SessionOrder>,
+    /// Turns a client may cancel now.
+    in_flight: Arc<InFlight>,
+}
+
+/// How a turn ended, as far as its task is concerned.
+enum Outcome {
+    /// The shutdown grace period ran out first.
+    Abandoned,
+    /// Its client cancelled it.
+    Cancelled,
+    /// session-svc answered.
+    Answered(Result<ChatReply, Status>),
 }
 
 impl Turns {
@@ -62,7 +76,20 @@ impl Turns {
             metrics,
             abandon,
             order: Arc::default(),
+            in_flight: Arc::default(),
         }
+    }
+
+    /// Makes `turn` cancellable until the registration is dropped; `None`
+    /// for a turn without a request id (nothing can name it). Called where
+    /// the request is read, so that a cancel read after it finds it.
+    pub fn register(&self, project: &str, turn: &ChatTurn) -> Option<Registration> {
+        TurnKey::of(project, turn).map(|key| self.in_flight.register(key))
+    }
+
+    /// Cancels the running turns `key` names; how many there were.
+    pub fn cancel(&self, key: &TurnKey) -> usize {
+        self.in_flight.cancel(key)
     }
 
     /// A place in line for a message of `session_id`; see [`crate::order`].
@@ -71,7 +98,9 @@ impl Turns {
     }
 
     /// Runs one chat turn and publishes the reply or the error text; the
-    /// request is acknowledged (`ack` dropped) only after that.
+    /// request is acknowledged (`ack` dropped) only after that. A cancelled
+    /// turn (see [`crate::cancel`]) is answered `Error: Cancelled.`: its
+    /// call to session-svc is dropped, which takes the turn back there.
     pub async fn chat(
         &self,
         publisher: Publisher,
@@ -79,6 +108,7 @@ impl Turns {
         permit: Permit,
         ack: Ack,
         ticket: Ticket,
+        registration: Option<Registration>,
     ) {
         // A debug span: at the default level it costs nothing, where an
         // info span was a tenth of the gateway's instructions per turn
@@ -87,7 +117,7 @@ impl Turns {
         let span = tracing::debug_span!(
             "turn",
             project = publisher.project(),
-            session_id = %turn.session_id,
+            session_id = ?turn.session_id,
             request_id = turn.request_id.as_deref().unwrap_or(""),
             client_id = turn.client_id.as_deref().unwrap_or(""),
         );
@@ -95,13 +125,24 @@ impl Turns {
             let who = TurnName(publisher.project(), &turn);
             tracing::debug!(message = %turn.message, "turn started");
             let started = Instant::now();
+            let mut stream = turn
+                .stream
+                .then(|| ReplyStream::new(publisher.clone(), &turn.reply_topic))
+                .flatten();
+            // A turn nothing can name gets a token that never fires.
+            let cancel = registration
+                .as_ref()
+                .map(|r| r.token().clone())
+                .unwrap_or_default();
             let outcome = tokio::select! {
-                _ = self.abandon.cancelled() => None,
-                r = self.call_chat(publisher.project(), &turn, ticket) => Some(r),
+                _ = self.abandon.cancelled() => Outcome::Abandoned,
+                _ = cancel.cancelled() => Outcome::Cancelled,
+                r = self.call_chat(publisher.project(), &turn, ticket, stream.as_mut()) => Outcome::Answered(r),
             };
+            drop(registration);
             self.metrics.observe_turn(started.elapsed().as_secs_f64());
             match outcome {
-                None if ack.redeliverable() => {
+                Outcome::Abandoned if ack.redeliverable() => {
                     // Unacknowledged, it goes to the gateway that consumes
                     // the project next, which answers it.
                     tracing::warn!(turn = %who, "turn left to the next consumer at shutdown");
@@ -110,9 +151,12 @@ impl Turns {
                     drop(permit);
                     return;
                 }
-                None => {
+                Outcome::Abandoned => {
                     tracing::warn!(turn = %who, "turn abandoned at shutdown");
                     self.metrics.dropped("abandoned_at_shutdown");
+                    if let Some(stream) = &mut stream {
+                        stream.fail_now(errors::OVERLOADED_TEXT);
+                    }
                     // Nothing else will answer it: say so in the words
                     // clients retry on, ahead of the "offline" status.
                     let _ = publisher.try_publish(
@@ -121,19 +165,41 @@ impl Turns {
                         errors::OVERLOADED_TEXT.as_bytes().to_vec(),
                     );
                 }
-                Some(Ok(reply)) => {
+                Outcome::Cancelled => {
+                    tracing::info!(turn = %who, "turn cancelled by its client");
+                    self.metrics.error(errors::ErrorKind::Cancelled.as_str());
+                    if let Some(stream) = &mut stream {
+                        stream.fail(errors::CANCELLED_TEXT).await;
+                    }
+                    let _ = publisher
+                        .publish(
+                            OutKind::Error,
+                            &turn.reply_topic,
+                            errors::CANCELLED_TEXT.as_bytes().to_vec(),
+                        )
+                        .await;
+                }
+                Outcome::Answered(Ok(reply)) => {
                     tracing::debug!(
                         reply = %reply.text,
                         finish_reason = %reply.finish_reason,
                         elapsed_ms = started.elapsed().as_millis() as u64,
                         "turn done"
                     );
+                    // The stream ends before the reply: a client reading
+                    // both has every piece once the reply is there.
+                    if let Some(stream) = &mut stream {
+                        stream.finish(&reply.text, &reply.finish_reason).await;
+                    }
                     let _ = publisher.publish_reply(&turn.reply_topic, reply.text).await;
                 }
-                Some(Err(status)) => {
+                Outcome::Answered(Err(status)) => {
                     let (kind, text) = errors::classify(&status);
                     tracing::warn!(turn = %who, code = ?status.code(), kind = kind.as_str(), detail = status.message(), "turn failed");
                     self.metrics.error(kind.as_str());
+                    if let Some(stream) = &mut stream {
+                        stream.fail(&text).await;
+                    }
                     let _ = publisher
                         .publish(OutKind::Error, &turn.reply_topic, text.into_bytes())
                         .await;
@@ -160,6 +226,7 @@ impl Turns {
         project: &str,
         turn: &ChatTurn,
         mut ticket: Ticket,
+        mut stream: Option<&mut ReplyStream>,
     ) -> Result<ChatReply, Status> {
         let request_id = turn.idempotency_key();
         let retry = request_id.is_some();
@@ -172,7 +239,7 @@ impl Turns {
             temperature: turn.temperature,
             top_p: turn.top_p,
             max_tokens: turn.max_tokens,
-            final_only: true,
+            final_only: stream.is_none(),
         };
         let started = Instant::now();
         let deadline = started + self.timeout;
@@ -183,7 +250,12 @@ impl Turns {
                 let left = deadline.saturating_duration_since(Instant::now());
                 let mut request = tonic::Request::new(message.clone());
                 request.set_timeout(left.max(Duration::from_millis(1)));
-                let outcome = self.chat_once(request, &mut ticket).await;
+                if let Some(stream) = stream.as_deref_mut() {
+                    stream.new_attempt();
+                }
+                let outcome = self
+                    .chat_once(request, &mut ticket, stream.as_deref_mut())
+                    .await;
                 match outcome {
                     Err(status)
                         if retry && is_transient(&status) && Instant::now() + pause < deadline =>
@@ -204,11 +276,13 @@ impl Turns {
         }
     }
 
-    /// One attempt at the turn; releases the ticket once it is accepted.
+    /// One attempt at the turn; releases the ticket once it is accepted,
+    /// and passes deltas on to `stream`, sending its pieces when they are due.
     async fn chat_once(
         &self,
         request: tonic::Request<ChatRequest>,
         ticket: &mut Ticket,
+        mut stream: Option<&mut ReplyStream>,
     ) -> Result<ChatReply, Status> {
         let mut events = self
             .sessions
@@ -216,11 +290,32 @@ impl Turns {
             .chat_stream(request)
             .await?
             .into_inner();
-        while let Some(ev) = events.message().await? {
-            match ev.event {
+        loop {
+            let due = stream.as_ref().and_then(|s| s.due());
+            let event = match due {
+                // `message` keeps its state in `events`, so losing the race
+                // to the timer loses nothing.
+                Some(at) => tokio::select! {
+                    ev = events.message() => ev?,
+                    () = tokio::time::sleep_until(at) => {
+                        if let Some(s) = stream.as_deref_mut() {
+                            s.flush().await;
+                        }
+                        continue;
+                    }
+                },
+                None => events.message().await?,
+            };
+            let Some(event) = event else { break };
+            match event.event {
                 Some(Event::Accepted(_)) => ticket.release(),
                 Some(Event::Done(reply)) => return Ok(reply),
-                Some(Event::Delta(_)) | None => {}
+                Some(Event::Delta(delta)) => {
+                    if let Some(s) = stream.as_deref_mut() {
+                        s.push(&delta).await;
+                    }
+                }
+                None => {}
             }
         }
         Err(Status::internal(
@@ -263,7 +358,7 @@ impl Turns {
                     return;
                 }
                 Some(Ok(())) => {
-                    tracing::info!(ack_topic = %request.ack_topic, "control applied");
+                    tracing::info!(ack_topic = ?request.ack_topic, "control applied");
                     let _ = publisher
                         .publish(OutKind::Hint, &request.ack_topic, request.ack_payload.as_bytes().to_vec())
                         .await;
@@ -362,13 +457,14 @@ struct TurnName<'a>(&'a str, &'a ChatTurn);
 
 impl std::fmt::Display for TurnName<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Ids are the client's: escaped, so a newline cannot forge a log line.
         let TurnName(project, turn) = self;
-        write!(f, "{project}/{}", turn.session_id)?;
+        write!(f, "{project}/{}", turn.session_id.escape_debug())?;
         if let Some(id) = &turn.request_id {
-            write!(f, " request {id}")?;
+            write!(f, " request {}", id.escape_debug())?;
         }
         if let Some(id) = &turn.client_id {
-            write!(f, " client {id}")?;
+            write!(f, " client {}", id.escape_debug())?;
         }
         Ok(())
     }
@@ -454,5 +550,14 @@ mod tests {
         assert_eq!(early.code(), Code::Cancelled);
         let other = deadline_as_such(Status::internal("x"), d * 2, d);
         assert_eq!(other.code(), Code::Internal);
+    }
+
+    #[test]
+    fn turn_names_escape_control_characters() {
+        let mut turn = ChatTurn::plain("p", "s\nERROR forged".into(), "hi".into());
+        turn.client_id = Some("c\r\x1b[31m".into());
+        let name = TurnName("p", &turn).to_string();
+        assert!(!name.chars().any(char::is_control), "{name:?}");
+        assert!(name.contains("s\\nERROR forged"), "{name}");
     }
 }

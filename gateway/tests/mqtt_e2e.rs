@@ -184,6 +184,13 @@ impl Sessions for Fake {
         Ok(Response::new(UpdateProjectReply { sessions: 3 }))
     }
 
+    async fn cancel_turn(
+        &self,
+        _request: Request<palaver_proto::session::v1::CancelTurnRequest>,
+    ) -> Result<Response<palaver_proto::session::v1::CancelTurnReply>, Status> {
+        Ok(Response::new(Default::default()))
+    }
+
     /// One gateway per test: its lease is always granted.
     async fn hold_lease(
         &self,
@@ -857,4 +864,43 @@ async fn resubscribes_after_a_broker_restart() {
 
     shutdown.cancel();
     task.await.unwrap().unwrap();
+}
+
+/// The link to the broker breaks while a turn runs: the broker delivers the
+/// unacknowledged request again on the new connection (persistent session),
+/// and the gateway, still answering it, neither runs it a second time nor
+/// answers it twice; the answer acknowledges it on the new connection.
+#[tokio::test]
+async fn a_request_delivered_again_while_answered_runs_once() {
+    let broker = Broker::start();
+    let fake = Fake::default();
+    let session = start_fake(fake.clone()).await;
+    let link = palaver_testkit::link::Link::start(([127, 0, 0, 1], broker.port()).into())
+        .await
+        .unwrap();
+    let mut cfg = config(&broker, session, &["p"]);
+    cfg.mqtt_port = link.addr().port();
+    cfg.keep_alive = Duration::from_secs(2);
+    let gw = start_gateway(cfg).await;
+    let mut c = Client::connect(broker.port()).await;
+
+    let arrived = fake.chat_arrived.notified();
+    c.publish(
+        "p/user_input",
+        r#"{"sessionId":"d","message":"slow:1500","clientId":"c","requestId":"r1"}"#,
+    )
+    .await;
+    tokio::time::timeout(WAIT, arrived).await.unwrap();
+    link.cut();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    link.restore();
+
+    assert_eq!(
+        c.reply_on("p/assistant_response/d").await,
+        "echo[d]: slow:1500"
+    );
+    c.nothing_on(is_reply, Duration::from_secs(2)).await;
+    assert_eq!(fake.calls.lock().unwrap().chats.len(), 1, "run once");
+    gw.shutdown.cancel();
+    gw.task.await.unwrap().unwrap();
 }

@@ -1,6 +1,7 @@
 //! Configuration: the command line / environment ([`InferenceArgs`]) and the
 //! plain [`Config`] the library runs on, which tests build directly.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::error::InferenceError;
@@ -26,17 +27,41 @@ pub struct InferenceArgs {
     #[arg(long, env = "PALAVER_INFERENCE_BACKEND", value_enum)]
     pub backend: Option<BackendChoice>,
 
-    /// Base URL of the OpenAI-compatible server, e.g. http://vllm:8000 or http://vllm:8000/v1.
+    /// Base URL of the OpenAI-compatible server, e.g. http://vllm:8000 or
+    /// http://vllm:8000/v1; https:// connects over TLS (see --vllm-ca-file).
     #[arg(long, env = "PALAVER_INFERENCE_VLLM_URL")]
     pub vllm_url: Option<String>,
+
+    /// CA certificate(s) (PEM) that an https:// model server must chain to
+    /// [default: the system's roots].
+    #[arg(long, env = "PALAVER_INFERENCE_VLLM_CA_FILE")]
+    pub vllm_ca_file: Option<PathBuf>,
+
+    /// Largest max_tokens a Generate call may ask for; above it the call is
+    /// refused (INVALID_ARGUMENT) rather than holding a slot for ever.
+    #[arg(
+        long,
+        env = "PALAVER_INFERENCE_MAX_TOKENS_LIMIT",
+        default_value_t = 8192
+    )]
+    pub max_tokens_limit: u32,
 
     /// Model name to request [default: the first one listed by GET /v1/models].
     #[arg(long, env = "PALAVER_INFERENCE_MODEL")]
     pub model: Option<String>,
 
-    /// API key sent as `Authorization: Bearer` (vLLM's --api-key).
+    /// API key sent as `Authorization: Bearer` (vLLM's --api-key). Prefer the
+    /// environment variable: a flag is visible to anyone running `ps`.
     #[arg(long, env = "PALAVER_INFERENCE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+
+    /// File holding the model server's API key (surrounding whitespace ignored).
+    #[arg(
+        long,
+        env = "PALAVER_INFERENCE_API_KEY_FILE",
+        conflicts_with = "api_key"
+    )]
+    pub api_key_file: Option<PathBuf>,
 
     /// Generations running at once; the GPU's batch stays this small.
     #[arg(long, env = "PALAVER_INFERENCE_MAX_CONCURRENT", default_value_t = 8)]
@@ -114,6 +139,17 @@ pub struct InferenceArgs {
     /// reply is reasoning until `</think>`; it is held back until then.
     #[arg(long, env = "PALAVER_INFERENCE_THINK_STARTS_OPEN")]
     pub think_starts_open: bool,
+
+    /// How often the model server's `GET /health` is checked, in
+    /// milliseconds. While it fails, this service's gRPC health reports
+    /// `palaver.inference.v1.Inference` NOT_SERVING, so that session-svc
+    /// sends the sessions to other replicas (the simulator is always healthy).
+    #[arg(
+        long,
+        env = "PALAVER_INFERENCE_MODEL_HEALTH_INTERVAL_MS",
+        default_value_t = 2000
+    )]
+    pub model_health_interval_ms: u64,
 }
 
 impl InferenceArgs {
@@ -128,10 +164,24 @@ impl InferenceArgs {
                 ))
             }
         };
+        let api_key = match (self.api_key, &self.api_key_file) {
+            (Some(key), _) => Some(key),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| {
+                        InferenceError::Config(format!("cannot read {}: {e}", path.display()))
+                    })?
+                    .trim()
+                    .to_owned(),
+            ),
+            (None, None) => None,
+        };
         let config = Config {
             backend,
             model: self.model.filter(|m| !m.trim().is_empty()),
-            api_key: self.api_key.filter(|k| !k.is_empty()),
+            api_key: api_key.filter(|k| !k.is_empty()),
+            vllm_ca_file: self.vllm_ca_file,
+            max_tokens_limit: self.max_tokens_limit,
             max_concurrent: self.max_concurrent,
             max_queue: self.max_queue,
             queue_timeout: Duration::from_millis(self.queue_timeout_ms),
@@ -143,6 +193,7 @@ impl InferenceArgs {
             sim_tokens_per_sec: self.sim_tokens_per_sec,
             strip_think: self.strip_think,
             think_starts_open: self.think_starts_open,
+            model_health_interval: Duration::from_millis(self.model_health_interval_ms.max(1)),
         };
         config.validate()?;
         Ok(config)
@@ -171,6 +222,10 @@ pub struct Config {
     pub model: Option<String>,
     /// Bearer token for the model server, if it wants one.
     pub api_key: Option<String>,
+    /// CA file for an https:// model server (else the system's roots).
+    pub vllm_ca_file: Option<PathBuf>,
+    /// Largest max_tokens a request may ask for.
+    pub max_tokens_limit: u32,
     /// Generations running at once (the slots).
     pub max_concurrent: usize,
     /// Callers allowed to wait for a slot before calls are refused.
@@ -194,6 +249,8 @@ pub struct Config {
     pub strip_think: bool,
     /// Replies start inside a think block whose opening tag was in the prompt.
     pub think_starts_open: bool,
+    /// How often the model server's health is checked.
+    pub model_health_interval: Duration,
 }
 
 impl Config {
@@ -203,6 +260,8 @@ impl Config {
             backend: BackendKind::Sim,
             model: None,
             api_key: None,
+            vllm_ca_file: None,
+            max_tokens_limit: 8192,
             max_concurrent: 8,
             max_queue: 256,
             queue_timeout: Duration::from_secs(30),
@@ -214,6 +273,7 @@ impl Config {
             sim_tokens_per_sec: 50.0,
             strip_think: true,
             think_starts_open: false,
+            model_health_interval: Duration::from_secs(2),
         }
     }
 
@@ -228,6 +288,9 @@ impl Config {
     /// Refuses values that cannot work, so a typo fails at startup.
     pub fn validate(&self) -> Result<(), InferenceError> {
         let bad = |what: &str| Err(InferenceError::Config(what.to_string()));
+        if self.max_tokens_limit == 0 {
+            return bad("max_tokens_limit must be at least 1");
+        }
         if self.max_concurrent == 0 || self.max_concurrent > MAX_SLOTS {
             return bad("max_concurrent must be within 1..=100000");
         }

@@ -40,10 +40,37 @@ use service::InferenceService;
 /// its connection is noticed and its generation aborted.
 const HTTP2_KEEPALIVE: Duration = Duration::from_secs(20);
 
+/// The methods a `chat` token may call (all of inference-svc's);
+/// `admin` may call all.
+pub const CHAT_METHODS: &[&str] = &[
+    "/palaver.inference.v1.Inference/Generate",
+    "/palaver.inference.v1.Inference/GenerateStream",
+];
+
+/// How the gRPC server is protected: TLS (with client certificates when it
+/// has a client CA) and bearer tokens. The default is neither.
+#[derive(Debug, Clone)]
+pub struct Security {
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
+    pub auth: palaver_core::auth::AuthLayer,
+}
+
+impl Default for Security {
+    fn default() -> Self {
+        Self {
+            tls: None,
+            auth: palaver_core::auth::AuthLayer::new(None),
+        }
+    }
+}
+
 /// A configured inference-svc, ready to serve.
 pub struct Server {
     routes: Routes,
     health: tonic_health::server::HealthReporter,
+    /// For the model server's health check.
+    backend: Backend,
+    model_health_interval: Duration,
 }
 
 impl Server {
@@ -63,8 +90,12 @@ impl Server {
                 metrics.clone(),
             ))
             // The backend: vLLM over HTTP (with its own timeouts) or the simulator.
-            .service(backend);
-        let inference = InferenceServer::new(InferenceService::new(stack, metrics));
+            .service(backend.clone());
+        let inference = InferenceServer::new(InferenceService::new(
+            stack,
+            metrics,
+            config.max_tokens_limit,
+        ));
 
         let (health, health_service) = tonic_health::server::health_reporter();
         let reflection = tonic_reflection::server::Builder::configure()
@@ -87,7 +118,12 @@ impl Server {
                 "inference backend: simulator (no model)"
             ),
         }
-        Ok(Self { routes, health })
+        Ok(Self {
+            routes,
+            health,
+            backend,
+            model_health_interval: config.model_health_interval,
+        })
     }
 
     /// Serves gRPC on `listener` until `shutdown` is cancelled; then reports
@@ -97,10 +133,31 @@ impl Server {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> Result<(), tonic::transport::Error> {
-        let Self { routes, health } = self;
+        self.serve_secured(listener, Security::default(), shutdown)
+            .await
+    }
+
+    /// As [`serve`](Self::serve), with TLS and bearer tokens.
+    pub async fn serve_secured(
+        self,
+        listener: TcpListener,
+        security: Security,
+        shutdown: CancellationToken,
+    ) -> Result<(), tonic::transport::Error> {
+        let Self {
+            routes,
+            health,
+            backend,
+            model_health_interval,
+        } = self;
         health
             .set_serving::<InferenceServer<InferenceService>>()
             .await;
+        let checker = tokio::spawn(watch_model_server(
+            backend,
+            health.clone(),
+            model_health_interval,
+        ));
         // Small gRPC frames (one per token) should leave at once.
         let incoming = TcpListenerStream::new(listener).map(|conn| {
             if let Ok(stream) = &conn {
@@ -113,6 +170,9 @@ impl Server {
         let signal = async move {
             shutdown.cancelled().await;
             tracing::info!("inference-svc draining");
+            // Stopped first, so that it cannot report SERVING after this.
+            checker.abort();
+            let _ = checker.await;
             health
                 .set_not_serving::<InferenceServer<InferenceService>>()
                 .await;
@@ -120,10 +180,51 @@ impl Server {
                 .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;
         };
-        tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = security.tls {
+            builder = builder.tls_config(tls)?;
+        }
+        builder
             .http2_keepalive_interval(Some(HTTP2_KEEPALIVE))
+            .layer(security.auth)
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, signal)
             .await
+    }
+}
+
+/// Reports `palaver.inference.v1.Inference` NOT_SERVING while the model
+/// server fails its health check and SERVING again once it passes, so that
+/// session-svc moves this replica's sessions elsewhere while its GPU is
+/// down. The overall status ("") is left alone: it is what the liveness
+/// probe reads, and restarting this process would not bring vLLM back.
+async fn watch_model_server(
+    backend: Backend,
+    health: tonic_health::server::HealthReporter,
+    interval: Duration,
+) {
+    let mut serving = true;
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        // A check never outlasts the interval (at least a second, for a
+        // busy server's slow answer).
+        let ok = backend.healthy(interval.max(Duration::from_secs(1))).await;
+        if ok == serving {
+            continue;
+        }
+        serving = ok;
+        if ok {
+            tracing::info!("model server healthy again: serving");
+            health
+                .set_serving::<InferenceServer<InferenceService>>()
+                .await;
+        } else {
+            tracing::warn!("model server fails its health check: not serving");
+            health
+                .set_not_serving::<InferenceServer<InferenceService>>()
+                .await;
+        }
     }
 }

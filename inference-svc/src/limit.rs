@@ -275,6 +275,7 @@ mod tests {
             top_p: 1.0,
             max_tokens: 1,
             request_id: String::new(),
+            affinity_key: String::new(),
         }
     }
 

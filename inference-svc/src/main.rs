@@ -18,13 +18,20 @@ struct Cli {
     #[command(flatten)]
     inference: InferenceArgs,
 
-    /// Address to serve gRPC on.
+    /// Address to serve gRPC on. Loopback by default: whoever reaches it can
+    /// spend the GPU, so opening it to the network is a choice.
     #[arg(
         long,
         env = "PALAVER_INFERENCE_LISTEN",
-        default_value = "0.0.0.0:50052"
+        default_value = "127.0.0.1:50052"
     )]
     listen: SocketAddr,
+
+    #[command(flatten)]
+    tls: palaver_core::tls::ServerTlsArgs,
+
+    #[command(flatten)]
+    auth: palaver_core::auth::ServerAuthArgs,
 
     /// Address to serve Prometheus metrics on (GET /metrics), e.g. 0.0.0.0:9102.
     #[arg(long, env = "PALAVER_INFERENCE_METRICS_LISTEN")]
@@ -47,7 +54,16 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     palaver_core::telemetry::init_logging();
+    palaver_core::tls::install_provider();
     let config = cli.inference.into_config()?;
+    let security = inference_svc::Security {
+        tls: cli.tls.server_config()?,
+        auth: cli.auth.layer(
+            inference_svc::CHAT_METHODS,
+            Some(cli.listen),
+            "inference-svc",
+        )?,
+    };
     let mut registry = Registry::default();
     let server = Server::new(config, &mut registry)?;
     let shutdown = palaver_core::shutdown::on_signal();
@@ -68,7 +84,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // Generations may run for minutes; the orchestrator's grace period is
     // shorter, so stop waiting for them before it kills the process.
     tokio::select! {
-        served = server.serve(listener, shutdown) => served?,
+        served = server.serve_secured(listener, security, shutdown) => served?,
         () = drain_expired => tracing::warn!(?drain, "generations still running after the drain timeout; exiting"),
     }
     tracing::info!("inference-svc stopped");

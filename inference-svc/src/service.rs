@@ -23,12 +23,18 @@ pub type Stack = Admission<Backend>;
 pub struct InferenceService {
     stack: Stack,
     metrics: Metrics,
+    max_tokens_limit: u32,
 }
 
 impl InferenceService {
-    /// Serves generations through `stack`, counting calls in `metrics`.
-    pub fn new(stack: Stack, metrics: Metrics) -> Self {
-        Self { stack, metrics }
+    /// Serves generations through `stack`, counting calls in `metrics`;
+    /// refuses a `max_tokens` above `max_tokens_limit`.
+    pub fn new(stack: Stack, metrics: Metrics, max_tokens_limit: u32) -> Self {
+        Self {
+            stack,
+            metrics,
+            max_tokens_limit,
+        }
     }
 
     /// Validates, then waits for a slot and starts the generation.
@@ -37,7 +43,7 @@ impl InferenceService {
         req: GenerateRequest,
         record: &mut CallRecord,
     ) -> Result<TokenStream, Status> {
-        let params = validate(req).map_err(|e| record.fail(e))?;
+        let params = validate(req, self.max_tokens_limit).map_err(|e| record.fail(e))?;
         tracing::debug!(
             request_id = %params.request_id,
             messages = params.messages.len(),
@@ -174,7 +180,10 @@ impl Drop for CallRecord {
 /// Turns the wire request into [`GenerateParams`], refusing what no model
 /// should get. Missing sampling falls back to palaver's defaults so a bare
 /// `grpcurl` call works; a present one is taken as is (0 means 0).
-pub fn validate(req: GenerateRequest) -> Result<GenerateParams, InferenceError> {
+pub fn validate(
+    req: GenerateRequest,
+    max_tokens_limit: u32,
+) -> Result<GenerateParams, InferenceError> {
     let bad = |m: String| Err(InferenceError::InvalidArgument(m));
     if req.messages.is_empty() {
         return bad("the request has no messages".into());
@@ -208,18 +217,35 @@ pub fn validate(req: GenerateRequest) -> Result<GenerateParams, InferenceError> 
     if max_tokens == 0 {
         return bad("max_tokens must be at least 1".into());
     }
+    if max_tokens > max_tokens_limit {
+        return bad(format!(
+            "max_tokens {max_tokens} is above this server's limit of {max_tokens_limit}"
+        ));
+    }
     Ok(GenerateParams {
         messages,
         temperature,
         top_p,
         max_tokens,
         request_id: req.request_id,
+        affinity_key: req.affinity_key,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn validate_(req: GenerateRequest) -> Result<GenerateParams, InferenceError> {
+        validate(req, 4096)
+    }
+
+    #[test]
+    fn refuses_max_tokens_above_the_limit() {
+        let err = validate(request("user", sampling(0.0, 1.0, u32::MAX)), 4096).unwrap_err();
+        assert!(matches!(err, InferenceError::InvalidArgument(_)), "{err:?}");
+        assert!(validate(request("user", sampling(0.0, 1.0, 4096)), 4096).is_ok());
+    }
     use palaver_proto::inference::v1::{ChatMessage, Sampling};
 
     fn request(role: &str, sampling: Option<Sampling>) -> GenerateRequest {
@@ -244,10 +270,10 @@ mod tests {
 
     #[test]
     fn accepts_good_requests() {
-        let p = validate(request("user", sampling(0.0, 1.0, 1))).unwrap();
+        let p = validate_(request("user", sampling(0.0, 1.0, 1))).unwrap();
         assert_eq!((p.temperature, p.top_p, p.max_tokens), (0.0, 1.0, 1));
         assert_eq!(p.messages[0].role, Role::User);
-        let p = validate(request("system", None)).unwrap();
+        let p = validate_(request("system", None)).unwrap();
         assert_eq!((p.temperature, p.top_p, p.max_tokens), (0.6, 0.9, 512));
     }
 
@@ -266,7 +292,7 @@ mod tests {
         for req in cases {
             let shown = format!("{req:?}");
             assert!(
-                matches!(validate(req), Err(InferenceError::InvalidArgument(_))),
+                matches!(validate_(req), Err(InferenceError::InvalidArgument(_))),
                 "accepted {shown}"
             );
         }

@@ -277,7 +277,8 @@ async fn vllm_errors_map_to_status_codes() {
     ));
     let err = s.client.generate(request("x", 8)).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
-    assert!(err.message().contains("engine dead"), "{}", err.message());
+    // A server error's body (stack traces, addresses) stays in the log.
+    assert_eq!(err.message(), "the model server failed (500)");
 
     // The server over its own capacity: overloaded, like a full queue here.
     for code in [429, 503] {

@@ -29,6 +29,7 @@ use gateway::errors::{
     BUSY_TEXT, INTERNAL_TEXT, OVERLOADED_TEXT, RATE_LIMITED_TEXT, TIMEOUT_TEXT, UNAVAILABLE_TEXT,
 };
 use gateway::topics;
+use palaver_core::projects::{ProjectSettings, Projects};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS, SubscribeFilter};
 use serde_json::{json, Value};
 use tokio::sync::watch;
@@ -97,6 +98,23 @@ pub struct BenchArgs {
     /// Print the result as one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+
+    /// The baseline for palaver's cost: send the same load (closed loop) to
+    /// this OpenAI-compatible server's POST /v1/chat/completions, streamed, as
+    /// inference-svc sends it, instead of through palaver over MQTT. The
+    /// system prompt and sampling are --project's in --projects.
+    #[arg(long, value_name = "URL")]
+    pub direct_url: Option<String>,
+
+    /// Projects file the direct load (--direct-url) takes --project's system
+    /// prompt and sampling from: the file palaver runs with [default: built-in].
+    #[arg(long, value_name = "FILE")]
+    pub projects: Option<std::path::PathBuf>,
+
+    /// Ask for streamed replies (`"stream": true`) and also report the time
+    /// to the first piece on `<replyTopic>/stream` and the pieces per turn.
+    #[arg(long, env = "PALAVER_BENCH_STREAM")]
+    pub stream: bool,
 }
 
 /// Runs the benchmark and prints the result; exit 2 when it could not run.
@@ -142,6 +160,8 @@ pub struct Plan {
     pub qos: QoS,
     /// Run label.
     pub label: Option<String>,
+    /// Streamed replies.
+    pub stream: bool,
 }
 
 fn seconds(what: &str, s: f64) -> Result<Duration, ClientError> {
@@ -198,6 +218,7 @@ impl Plan {
             timeout,
             qos: gateway::link::qos(args.qos),
             label: args.label.clone(),
+            stream: args.stream,
         })
     }
 }
@@ -231,6 +252,10 @@ struct Tally {
     unfinished: u64,
     /// Times the connection to the broker was lost.
     disconnects: u64,
+    /// With `--stream`: time to the first piece of every answer, in ns.
+    first_piece: Vec<u64>,
+    /// With `--stream`: delta pieces of every answer.
+    pieces: Vec<u64>,
 }
 
 impl Tally {
@@ -243,6 +268,8 @@ impl Tally {
         self.late += other.late;
         self.unfinished += other.unfinished;
         self.disconnects += other.disconnects;
+        self.first_piece.extend(other.first_piece);
+        self.pieces.extend(other.pieces);
     }
 }
 
@@ -282,6 +309,10 @@ struct Pending {
     session: usize,
     /// When it was sent (closed loop) or scheduled (open loop).
     since: Instant,
+    /// When its first streamed piece came.
+    first_piece: Option<Instant>,
+    /// Delta pieces so far.
+    pieces: u64,
 }
 
 /// One session of a connection.
@@ -376,13 +407,16 @@ impl Conn {
         self.next_request += 1;
         let sid = &self.sessions[session].id;
         let request_id = format!("{id:x}");
-        let payload = json!({
+        let mut payload = json!({
             "message": self.message,
             "sessionId": sid,
             "replyTopic": format!("{}{sid}/{}/{request_id}", self.reply_prefix, self.client_id),
             "clientId": self.client_id,
             "requestId": request_id,
         });
+        if self.plan.stream {
+            payload["stream"] = Value::Bool(true);
+        }
         let body = serde_json::to_vec(&payload).expect("a JSON value serializes");
         let measured = clock.measured(since);
         match self
@@ -390,7 +424,15 @@ impl Conn {
             .try_publish(self.input_topic.clone(), self.plan.qos, false, body)
         {
             Ok(()) => {
-                self.pending.insert(id, Pending { session, since });
+                self.pending.insert(
+                    id,
+                    Pending {
+                        session,
+                        since,
+                        first_piece: None,
+                        pieces: 0,
+                    },
+                );
                 if measured {
                     self.tally.sent += 1;
                 }
@@ -418,10 +460,11 @@ impl Conn {
         now: Instant,
         clock: &Clock,
     ) -> Option<usize> {
-        let id = topic
-            .rsplit('/')
-            .next()
-            .and_then(|level| u64::from_str_radix(level, 16).ok())?;
+        if let Some(reply_topic) = topic.strip_suffix("/stream") {
+            self.on_piece(reply_topic, payload, now);
+            return None;
+        }
+        let id = request_of(topic)?;
         let Some(pending) = self.pending.remove(&id) else {
             if clock.measured(now) {
                 self.tally.late += 1;
@@ -436,11 +479,30 @@ impl Conn {
                     self.tally
                         .latencies
                         .push(u64::try_from(nanos).unwrap_or(u64::MAX));
+                    if let Some(first) = pending.first_piece {
+                        let nanos = first.saturating_duration_since(pending.since).as_nanos();
+                        self.tally
+                            .first_piece
+                            .push(u64::try_from(nanos).unwrap_or(u64::MAX));
+                        self.tally.pieces.push(pending.pieces);
+                    }
                 }
                 Some(kind) => *self.tally.errors.entry(kind).or_default() += 1,
             }
         }
         Some(pending.session)
+    }
+
+    /// Notes a piece of a streamed reply: when the first came, how many.
+    fn on_piece(&mut self, reply_topic: &str, payload: &[u8], now: Instant) {
+        let Some(pending) = request_of(reply_topic).and_then(|id| self.pending.get_mut(&id)) else {
+            return;
+        };
+        pending.first_piece.get_or_insert(now);
+        let piece: Value = serde_json::from_slice(payload).unwrap_or_default();
+        if piece.get("delta").is_some() {
+            pending.pieces += 1;
+        }
     }
 
     /// Gives up on requests older than the timeout; returns their sessions.
@@ -553,6 +615,14 @@ impl Conn {
     }
 }
 
+/// The request id a reply topic ends in.
+fn request_of(topic: &str) -> Option<u64> {
+    topic
+        .rsplit('/')
+        .next()
+        .and_then(|level| u64::from_str_radix(level, 16).ok())
+}
+
 /// The result of a run.
 #[derive(Debug)]
 pub struct Report {
@@ -578,7 +648,7 @@ fn latency_figures(sorted: &[u64]) -> Vec<(&'static str, Option<f64>)> {
 
 /// The latency figures of sorted nanosecond samples (ms; null without
 /// samples) as a JSON object.
-pub(crate) fn latency_json(sorted: &[u64]) -> serde_json::Map<String, Value> {
+pub fn latency_json(sorted: &[u64]) -> serde_json::Map<String, Value> {
     latency_figures(sorted)
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.map_or(Value::Null, Value::from)))
@@ -587,7 +657,7 @@ pub(crate) fn latency_json(sorted: &[u64]) -> serde_json::Map<String, Value> {
 
 /// The latency figures of sorted nanosecond samples as the rows of a human
 /// table, appended to `out`.
-pub(crate) fn latency_rows(sorted: &[u64], out: &mut String) {
+pub fn latency_rows(sorted: &[u64], out: &mut String) {
     for (name, v) in latency_figures(sorted) {
         let shown = v.map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"));
         out.push_str(&format!("  {name:<16}{shown:>10}\n"));
@@ -634,6 +704,7 @@ impl Report {
                 "message_bytes": p.message_bytes,
                 "timeout_s": p.timeout.as_secs_f64(),
                 "qos": p.qos as u8,
+                "stream": p.stream,
             },
             "sent": self.tally.sent,
             "replies": self.replies(),
@@ -644,6 +715,20 @@ impl Report {
             "unfinished": self.tally.unfinished,
             "disconnects": self.tally.disconnects,
             "latency_ms": latency,
+            "first_piece_ms": p.stream.then(|| latency_json(&self.tally.first_piece)),
+            "pieces_per_turn": p.stream.then(|| self.pieces_per_turn()),
+        })
+    }
+
+    /// Mean, least and most delta pieces of an answered streamed turn.
+    fn pieces_per_turn(&self) -> Value {
+        let pieces = &self.tally.pieces;
+        let mean =
+            (!pieces.is_empty()).then(|| pieces.iter().sum::<u64>() as f64 / pieces.len() as f64);
+        json!({
+            "mean": mean,
+            "min": pieces.iter().min(),
+            "max": pieces.iter().max(),
         })
     }
 
@@ -692,6 +777,17 @@ impl Report {
         }
         out.push_str("\n  latency (ms, end to end)\n");
         latency_rows(&self.tally.latencies, &mut out);
+        if p.stream {
+            out.push_str("\n  time to first piece (ms)\n");
+            latency_rows(&self.tally.first_piece, &mut out);
+            let per_turn = self.pieces_per_turn();
+            out.push_str(&format!(
+                "\n  pieces per turn: mean {:.1}, min {}, max {}\n",
+                per_turn["mean"].as_f64().unwrap_or(0.0),
+                per_turn["min"],
+                per_turn["max"],
+            ));
+        }
         out
     }
 }
@@ -699,6 +795,9 @@ impl Report {
 /// Connects everything, runs warm-up and window, collects the tallies.
 pub async fn bench(args: &BenchArgs) -> Result<Report, ClientError> {
     let plan = Arc::new(Plan::from_args(args)?);
+    if let Some(url) = &args.direct_url {
+        return bench_direct(args, plan, url).await;
+    }
     let run_id = format!("{:08x}", rand::random::<u32>());
     let mut groups: Vec<Vec<Session>> = (0..plan.connections).map(|_| Vec::new()).collect();
     for i in 0..plan.sessions {
@@ -759,15 +858,159 @@ pub async fn bench(args: &BenchArgs) -> Result<Report, ClientError> {
         }
     }
     tally.latencies.sort_unstable();
+    tally.first_piece.sort_unstable();
     Ok(Report {
         plan: Arc::try_unwrap(plan).unwrap_or_else(|p| (*p).clone()),
         tally,
     })
 }
 
+/// The request inference-svc makes for one turn of `project` with no
+/// history: what palaver's load costs the model server, sent straight to it.
+fn direct_body(settings: &ProjectSettings, message: &str) -> Value {
+    json!({
+        "messages": [
+            {"role": "system", "content": settings.system_prompt},
+            {"role": "user", "content": message},
+        ],
+        "temperature": settings.temperature,
+        "top_p": settings.top_p,
+        "max_tokens": settings.max_tokens,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    })
+}
+
+/// `--direct-url`: every session sends its next request when the previous
+/// reply's stream ended; counted like the MQTT load (what ends inside the
+/// measured window), so the two reports compare line for line.
+async fn bench_direct(args: &BenchArgs, plan: Arc<Plan>, url: &str) -> Result<Report, ClientError> {
+    let bad = |m: String| ClientError::Connect(m);
+    if plan.rate.is_some() {
+        return Err(bad(
+            "--direct-url runs a closed loop only (no --rate)".into()
+        ));
+    }
+    let projects = Projects::load(args.projects.as_deref()).map_err(|e| bad(e.to_string()))?;
+    let settings = projects.get(&plan.project).ok_or_else(|| {
+        bad(format!(
+            "no project {:?} in the projects file",
+            plan.project
+        ))
+    })?;
+    let body = Arc::new(direct_body(settings, &message_text(plan.message_bytes)));
+    let base = url.trim().trim_end_matches('/');
+    let endpoint = format!(
+        "{}/v1/chat/completions",
+        base.strip_suffix("/v1").unwrap_or(base)
+    );
+    // Like inference-svc's client: HTTP/1.1, one connection per request in
+    // flight, no Nagle delay.
+    let client = reqwest::Client::builder()
+        .http1_only()
+        .tcp_nodelay(true)
+        .pool_idle_timeout(Duration::from_secs(4))
+        .build()
+        .map_err(|e| bad(format!("cannot build the http client: {e}")))?;
+
+    let start = Instant::now() + Duration::from_millis(50);
+    let measure_from = start + plan.warmup;
+    let clock = Clock {
+        start,
+        measure_from,
+        measure_until: measure_from + plan.duration,
+    };
+    let mut sessions = tokio::task::JoinSet::new();
+    for _ in 0..plan.sessions {
+        let (client, endpoint, body, timeout) =
+            (client.clone(), endpoint.clone(), body.clone(), plan.timeout);
+        sessions.spawn(async move {
+            let mut tally = Tally::default();
+            tokio::time::sleep_until(clock.start).await;
+            while Instant::now() < clock.measure_until {
+                let since = Instant::now();
+                if clock.measured(since) {
+                    tally.sent += 1;
+                }
+                let outcome = tokio::time::timeout(timeout, direct_turn(&client, &endpoint, &body))
+                    .await
+                    .unwrap_or_else(|_| Err(NO_REPLY.to_owned()));
+                let now = Instant::now();
+                if !clock.measured(now) {
+                    continue;
+                }
+                match outcome {
+                    Ok(()) => {
+                        let nanos = now.saturating_duration_since(since).as_nanos();
+                        tally
+                            .latencies
+                            .push(u64::try_from(nanos).unwrap_or(u64::MAX));
+                    }
+                    Err(kind) => *tally.errors.entry(kind).or_default() += 1,
+                }
+            }
+            tally
+        });
+    }
+    let mut tally = Tally::default();
+    while let Some(joined) = sessions.join_next().await {
+        tally.merge(joined.map_err(|e| bad(format!("load task failed: {e}")))?);
+    }
+    tally.latencies.sort_unstable();
+    Ok(Report {
+        plan: Arc::try_unwrap(plan).unwrap_or_else(|p| (*p).clone()),
+        tally,
+    })
+}
+
+/// One streamed completion, read to its end; `Err` names what went wrong.
+/// Like inference-svc, it sends once more when no response came back at all:
+/// llama-server closes a kept-alive connection after a few requests, and a
+/// pooled connection can be closed under a new request.
+async fn direct_turn(client: &reqwest::Client, endpoint: &str, body: &Value) -> Result<(), String> {
+    let send = || client.post(endpoint).json(body).send();
+    let response = match send().await {
+        Err(e) if (e.is_connect() || e.is_request()) && !e.is_timeout() => send().await,
+        other => other,
+    }
+    .map_err(|_| "unavailable".to_owned())?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(format!("http_{}", status.as_u16()));
+    }
+    let text = response
+        .text()
+        .await
+        .map_err(|_| "broken_stream".to_owned())?;
+    if text.contains("\"error\"") {
+        return Err("error_in_stream".into());
+    }
+    if !text.contains("[DONE]") {
+        return Err("unfinished_stream".into());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_direct_load_is_inference_svc_s_request_without_history() {
+        let settings = ProjectSettings {
+            system_prompt: "Be brief.".into(),
+            max_tokens: 16,
+            ..ProjectSettings::default()
+        };
+        let body = direct_body(&settings, "hello");
+        assert_eq!(body["messages"][0]["content"], "Be brief.");
+        assert_eq!(
+            body["messages"][1],
+            json!({"role": "user", "content": "hello"})
+        );
+        assert_eq!(body["max_tokens"], 16);
+        assert_eq!(body["stream"], true);
+    }
 
     #[test]
     fn percentiles_are_nearest_rank() {
@@ -827,6 +1070,9 @@ mod tests {
             qos: 1,
             label: None,
             json: false,
+            direct_url: None,
+            projects: None,
+            stream: false,
         };
         assert_eq!(Plan::from_args(&args(8, None)).unwrap().connections, 8);
         assert_eq!(Plan::from_args(&args(8, Some(2))).unwrap().connections, 2);

@@ -12,6 +12,10 @@
 //! - `/quit` (or end of input): leave.
 //!
 //! A line starting with `//` is sent as a message without its first `/`.
+//!
+//! Replies are streamed (`"stream": true`) and printed as they are written;
+//! Ctrl-C while a reply is being written cancels that turn (Ctrl-C at the
+//! prompt leaves).
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -47,6 +51,9 @@ pub struct ChatArgs {
     #[arg(long, default_value_t = 120)]
     pub timeout_secs: u64,
 
+    /// Wait for each whole reply instead of printing it as it is written.
+    #[arg(long, env = "PALAVER_CHAT_NO_STREAM")]
+    pub no_stream: bool,
     /// session-svc's gRPC address, for /history.
     #[arg(
         long,
@@ -146,13 +153,20 @@ pub async fn run(args: ChatArgs) -> ExitCode {
     let mut extras = Extras {
         system_prompt: args.system_prompt.clone(),
         max_tokens: None,
+        stream: !args.no_stream,
     };
     loop {
         if interactive {
             print!("> ");
             let _ = std::io::stdout().flush();
         }
-        let line = match lines.next_line().await {
+        // Listening for Ctrl-C replaces its default (ending the process),
+        // so at the prompt it has to end the chat here.
+        let next = tokio::select! {
+            next = lines.next_line() => next,
+            _ = tokio::signal::ctrl_c() => Ok(None),
+        };
+        let line = match next {
             Ok(Some(line)) => line,
             Ok(None) => break,
             Err(e) => {
@@ -166,10 +180,28 @@ pub async fn run(args: ChatArgs) -> ExitCode {
         match line {
             Line::Quit => break,
             Line::Message(text) => {
-                match conversation.ask(text, &extras, reply_timeout).await {
+                let mut printed = String::new();
+                let on_delta = |delta: &str| {
+                    printed.push_str(delta);
+                    print!("{delta}");
+                    let _ = std::io::stdout().flush();
+                };
+                let cancel = async {
+                    let _ = tokio::signal::ctrl_c().await;
+                };
+                let outcome = conversation
+                    .ask_streaming(text, &extras, reply_timeout, on_delta, cancel)
+                    .await;
+                if !printed.is_empty() {
+                    println!();
+                }
+                match outcome {
                     Ok(Reply::Answer(answer)) => {
                         extras.system_prompt = None;
-                        println!("{answer}");
+                        // Printed already, unless the stream was cut short.
+                        if answer != printed {
+                            println!("{answer}");
+                        }
                     }
                     Ok(Reply::Error(error)) => eprintln!("{error}"),
                     Err(e) => eprintln!("error: {e}"),

@@ -150,6 +150,8 @@ pub struct Extras {
     pub system_prompt: Option<String>,
     /// `maxTokens`: the longest reply, in tokens.
     pub max_tokens: Option<u32>,
+    /// `stream`: also get the reply in pieces as it is written.
+    pub stream: bool,
 }
 
 /// State of the connection as the poll task sees it.
@@ -255,6 +257,21 @@ impl Conversation {
         extras: &Extras,
         timeout: Duration,
     ) -> Result<Reply, ClientError> {
+        self.ask_streaming(message, extras, timeout, |_| {}, std::future::pending())
+            .await
+    }
+
+    /// [`Self::ask`], handing each streamed piece's text to `on_delta` as it
+    /// arrives (with `extras.stream`), and cancelling the turn when `cancel`
+    /// completes: the gateway then answers `Error: Cancelled.`.
+    pub async fn ask_streaming(
+        &mut self,
+        message: &str,
+        extras: &Extras,
+        timeout: Duration,
+        mut on_delta: impl FnMut(&str),
+        cancel: impl std::future::Future<Output = ()>,
+    ) -> Result<Reply, ClientError> {
         let deadline = Instant::now() + timeout;
         self.drain_inbox();
         let request_id = format!("{:016x}", rand::random::<u64>());
@@ -272,12 +289,40 @@ impl Conversation {
         if let Some(max_tokens) = extras.max_tokens {
             payload["maxTokens"] = Value::from(max_tokens);
         }
+        if extras.stream {
+            payload["stream"] = Value::Bool(true);
+        }
         let input = format!("{}/{}", self.project, topics::USER_INPUT);
         self.publish(input, &payload, deadline).await?;
-        let found = self
-            .wait_for(deadline, |m| m.topic == reply_topic)
-            .await
-            .ok_or_else(|| {
+        let stream_topic = format!("{reply_topic}/stream");
+        let mut cancel = std::pin::pin!(cancel);
+        let mut cancelled = false;
+        let found = loop {
+            let next = tokio::select! {
+                m = tokio::time::timeout_at(deadline, self.inbox.recv()) => m.ok().flatten(),
+                () = &mut cancel, if !cancelled => {
+                    cancelled = true;
+                    let topic = format!("{}/cancel/{}", self.project, self.sid_level);
+                    let body = json!({ "requestId": request_id, "clientId": self.client_id });
+                    self.publish(topic, &body, deadline).await?;
+                    continue;
+                }
+            };
+            match next {
+                Some(m) if m.topic == reply_topic => break Some(m),
+                Some(m) if m.topic == stream_topic => {
+                    let piece: Value = serde_json::from_str(&m.payload).unwrap_or_default();
+                    if let Some(delta) = piece.get("delta").and_then(Value::as_str) {
+                        on_delta(delta);
+                    }
+                }
+                Some(m) => {
+                    tracing::debug!(topic = %m.topic, "skipped a message for another request")
+                }
+                None => break None,
+            }
+        };
+        let found = found.ok_or_else(|| {
                 ClientError::Timeout(format!(
                     "no reply within {:.0} s: is `palaver up` (or a gateway) running on {} and serving project {:?}?",
                     timeout.as_secs_f64(),

@@ -38,12 +38,18 @@ pub struct FakeVllmArgs {
     #[arg(long, default_value_t = 16)]
     pub tokens: usize,
 
+    /// Prefill time per prompt token (word) this server has not seen
+    /// before, in microseconds: a prefix cache, so that time to first token
+    /// grows with the part of a conversation new to this server. 0 = off.
+    #[arg(long, env = "PALAVER_FAKE_PREFILL_US_PER_TOKEN", default_value_t = 0)]
+    pub prefill_us_per_token: u64,
+
     /// The served model name; requests naming another get vLLM's 404.
     #[arg(long, default_value = "fake-model")]
     pub model: String,
 }
 
-pub(crate) fn parse_millis(s: &str) -> Result<f64, String> {
+pub fn parse_millis(s: &str) -> Result<f64, String> {
     let ms: f64 = s
         .trim()
         .parse()
@@ -64,6 +70,7 @@ impl FakeVllmArgs {
             tokens: self.tokens,
             reply: Reply::Echo,
             strict_roles: true,
+            prefill_per_token: Duration::from_micros(self.prefill_us_per_token),
         }
     }
 }
@@ -140,9 +147,11 @@ mod tests {
             ttft: 100.0,
             tpot: 0.25,
             tokens: 8,
+            prefill_us_per_token: 150,
             model: "m".into(),
         };
         let c = args.config();
+        assert_eq!(c.prefill_per_token, Duration::from_micros(150));
         assert_eq!(c.ttft, Duration::from_millis(100));
         assert_eq!(c.tpot, Duration::from_micros(250));
         assert_eq!((c.tokens, c.model.as_str()), (8, "m"));

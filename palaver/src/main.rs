@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, Subcommand};
-use palaver::{bench, chat, fake_vllm, floor, health, idle_memory, logging, send, up};
+use palaver::{bench, chat, fake_vllm, health, logging, send, up};
 
 /// palaver: MQTT clients chat with an LLM.
 #[derive(Debug, clap::Parser)]
@@ -32,15 +32,6 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Serve a fake OpenAI-compatible vLLM with a fixed latency, for benchmarks.
     FakeVllm(fake_vllm::FakeVllmArgs),
-    /// Time a turn's fourteen process hops with no work at any of them, on
-    /// relay processes over loopback: the floor for one-session latency here.
-    Floor(floor::FloorArgs),
-    /// Time reading memory right after sleeping: what a cache line costs
-    /// here once the process sat idle, as a service does during inference.
-    IdleMemory(idle_memory::IdleMemoryArgs),
-    /// One relay of `palaver floor` (started by it).
-    #[command(hide = true)]
-    FloorRelay,
 }
 
 fn main() -> ExitCode {
@@ -92,8 +83,5 @@ async fn run(command: Command) -> ExitCode {
             logging::init(logging::CLIENT_FILTER);
             fake_vllm::run(args).await
         }
-        Command::Floor(args) => floor::run(args).await,
-        Command::FloorRelay => floor::relay().await,
-        Command::IdleMemory(args) => idle_memory::run(args).await,
     }
 }

@@ -81,6 +81,7 @@ async fn send(args: SendArgs) -> Result<Reply, ClientError> {
     let timeout = Duration::from_secs(args.timeout_secs.max(1));
     let deadline = Instant::now() + timeout;
     let extras = Extras {
+        stream: false,
         system_prompt: args.system_prompt,
         max_tokens: args.max_tokens,
     };

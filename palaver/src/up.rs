@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! MQTT clients ──► embedded rumqttd (or --mqtt-broker) ──► gateway ──gRPC──► session-svc ──gRPC──► inference-svc
-//!                                                                              └─ memory (or --redis-url)   └─ simulator (or --vllm-url)
+//!                                                                              └─ memory (or --redis-url)   └─ simulator (or --vllm-url,
+//!                                                                                                              or llama-server with --model-file)
 //! ```
 //!
 //! The services are the real libraries, talking real gRPC over loopback, so
@@ -22,6 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
+use inference_svc::config::BackendChoice;
 use inference_svc::{BackendKind, InferenceArgs};
 use palaver_core::projects::Projects;
 use palaver_core::{shutdown, telemetry};
@@ -33,6 +35,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{self, BrokerError, BrokerSettings, EmbeddedBroker};
+use crate::model_server::{ModelServer, ModelServerArgs};
 
 /// How long the gateway may take to connect and subscribe at start.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -118,7 +121,52 @@ pub struct UpArgs {
     #[arg(long, env = "PALAVER_METRICS_PORT")]
     pub metrics_port: Option<u16>,
 
-    /// The model: the simulator unless --vllm-url is given.
+    /// Answer with this GGUF model, run by llama.cpp's llama-server as a child
+    /// of palaver (started and health-checked before MQTT is served, stopped
+    /// with palaver): a real model on the CPU, no GPU needed. scripts/real-model
+    /// fetches Gemma 3 270M and builds llama-server. Not with --vllm-url.
+    #[arg(
+        long,
+        env = "PALAVER_MODEL_FILE",
+        value_name = "FILE.gguf",
+        conflicts_with = "vllm_url",
+        help_heading = "Model (inference-svc)"
+    )]
+    pub model_file: Option<PathBuf>,
+
+    /// The llama-server binary that runs --model-file (a name is looked up on PATH).
+    #[arg(
+        long,
+        env = "PALAVER_LLAMA_SERVER",
+        default_value = "llama-server",
+        value_name = "PATH",
+        help_heading = "Model (inference-svc)"
+    )]
+    pub llama_server: PathBuf,
+
+    /// Jinja chat template for --model-file, for a GGUF that carries none
+    /// (Gemma 3 270M: deploy/gemma3-chat-template.jinja); without it
+    /// llama-server uses the model's own template, or ChatML [default: the model's].
+    #[arg(
+        long,
+        env = "PALAVER_CHAT_TEMPLATE_FILE",
+        value_name = "FILE",
+        help_heading = "Model (inference-svc)"
+    )]
+    pub chat_template_file: Option<PathBuf>,
+
+    /// llama-server's whole context in tokens (its -c), split evenly among
+    /// its --max-concurrent slots: the longest conversation is this / slots.
+    #[arg(
+        long,
+        env = "PALAVER_MODEL_CONTEXT",
+        default_value_t = 8192,
+        value_name = "TOKENS",
+        help_heading = "Model (inference-svc)"
+    )]
+    pub model_context: u32,
+
+    /// The model: the simulator unless --vllm-url or --model-file is given.
     #[command(flatten, next_help_heading = "Model (inference-svc)")]
     pub inference: InferenceArgs,
 }
@@ -206,12 +254,16 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     exit_on_second_signal(stop.clone());
     let projects = Projects::load(args.projects.as_deref()).context("projects file")?;
     let credentials = credentials(&args)?;
-    let inference_config = args
-        .inference
-        .clone()
-        .into_config()
-        .context("model settings")?;
-    let model = match &inference_config.backend {
+    let mut inference = args.inference.clone();
+    if args.model_file.is_some() {
+        if inference.backend == Some(BackendChoice::Sim) {
+            bail!("--model-file runs a real model: it cannot go with --backend sim");
+        }
+        // The backend is the model server's address, known once it runs.
+        inference.backend = None;
+    }
+    let mut inference_config = inference.into_config().context("model settings")?;
+    let mut model = match &inference_config.backend {
         BackendKind::Sim => format!(
             "simulator ({} ms to first token, {} words/s): replies are not from a language model",
             inference_config.sim_ttft.as_millis(),
@@ -225,9 +277,37 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let session_listener = bind(args.bind, args.session_port, "session-svc").await?;
     let inference_addr = inference_listener.local_addr()?;
     let session_addr = session_listener.local_addr()?;
+    if !args.bind.is_loopback() {
+        // `palaver up` runs the services without tokens: on the network,
+        // anyone who reaches these ports can read or delete any dialog.
+        tracing::warn!(
+            %session_addr,
+            %inference_addr,
+            "gRPC is UNAUTHENTICATED and reachable from other hosts; run the \
+             services with --auth-tokens-file for that"
+        );
+    }
 
     let services_stop = CancellationToken::new();
     let mut services = Services::new();
+
+    if let Some(model_file) = &args.model_file {
+        let server = start_model_server(&args, model_file, inference_config.max_concurrent).await?;
+        inference_config.backend = BackendKind::OpenAi {
+            url: server.url().to_owned(),
+        };
+        model = format!(
+            "{} on llama-server at {} (pid {}, {} slots, {} tokens each; log {})",
+            model_file.display(),
+            server.url(),
+            server.pid(),
+            inference_config.max_concurrent,
+            args.model_context / inference_config.max_concurrent.max(1) as u32,
+            server.log().display()
+        );
+        let sd = services_stop.clone();
+        services.spawn(async move { ("llama-server", server.watch(sd).await) });
+    }
     let mut registry = Registry::default();
 
     let inference = inference_svc::Server::new(inference_config, &mut registry)
@@ -389,6 +469,29 @@ async fn spawn_session_svc(
             Ok("in memory (lost when palaver stops; --redis-url keeps them)".to_owned())
         }
     }
+}
+
+/// Starts llama-server for `--model-file`, with one slot per generation
+/// inference-svc lets through.
+async fn start_model_server(
+    args: &UpArgs,
+    model_file: &std::path::Path,
+    slots: usize,
+) -> anyhow::Result<ModelServer> {
+    let slots = u32::try_from(slots).context("--max-concurrent is too large for llama-server")?;
+    eprintln!(
+        "palaver: starting llama-server with {} (the model loads in a few seconds)",
+        model_file.display()
+    );
+    ModelServer::start(&ModelServerArgs {
+        model_file: model_file.to_path_buf(),
+        llama_server: args.llama_server.clone(),
+        chat_template_file: args.chat_template_file.clone(),
+        slots,
+        context: args.model_context,
+    })
+    .await
+    .context("cannot start the model server (--model-file)")
 }
 
 /// The embedded broker (started here) or the external one (`--mqtt-broker`),

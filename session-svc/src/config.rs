@@ -4,8 +4,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use palaver_core::auth::{Bearer, ClientAuthArgs, ServerAuthArgs};
 use palaver_core::projects::Projects;
+use palaver_core::tls::{ClientTlsArgs, ServerTlsArgs};
 
+use crate::balance::{BalanceArgs, BalanceConfig};
 use crate::turn::LockConfig;
 
 /// Flags of session-svc (each also read from the environment variable shown
@@ -14,10 +17,21 @@ use crate::turn::LockConfig;
 pub struct SessionArgs {
     /// Where dialogs live, e.g. redis://127.0.0.1:6379/0. Without it dialogs
     /// are kept in this process's memory (one replica only, lost on restart).
-    #[arg(long, env = "PALAVER_REDIS_URL")]
+    /// rediss:// connects over TLS. A password belongs in the URL, so pass it
+    /// in the environment rather than as a flag (`ps` shows flags).
+    #[arg(long, env = "PALAVER_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
 
-    /// inference-svc's gRPC address.
+    /// CA certificate(s) (PEM) that a rediss:// server must chain to
+    /// [default: the system's roots].
+    #[arg(long, env = "PALAVER_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+
+    /// inference-svc's gRPC address: one URL, a comma-separated list of
+    /// URLs (one replica per GPU), or dns://host:port for every address of a
+    /// name, resolved again while running (a Kubernetes headless Service).
+    /// Each session's turns go to one replica while it is healthy. https://
+    /// connects over TLS (see --tls-ca-file).
     #[arg(
         long,
         env = "PALAVER_INFERENCE_URL",
@@ -41,6 +55,17 @@ pub struct SessionArgs {
     /// Prefix of every Redis key, to share one Redis between deployments.
     #[arg(long, env = "PALAVER_KEY_PREFIX", default_value = "palaver")]
     pub key_prefix: String,
+
+    #[command(flatten)]
+    pub balance: BalanceArgs,
+
+    /// TLS towards inference-svc (an https:// --inference-url).
+    #[command(flatten)]
+    pub inference_tls: ClientTlsArgs,
+
+    /// The bearer token sent to inference-svc.
+    #[command(flatten)]
+    pub inference_auth: ClientAuthArgs,
 }
 
 impl SessionArgs {
@@ -49,10 +74,13 @@ impl SessionArgs {
         Ok(Config {
             projects: Projects::load(self.projects_file.as_deref())?,
             inference_url: self.inference_url.clone(),
+            inference_tls: self.inference_tls.clone(),
+            inference_token: Bearer::none(),
             lock: LockConfig {
                 ttl: Duration::from_millis(self.lock_ttl_ms.max(1)),
                 wait: Duration::from_millis(self.lock_wait_ms),
             },
+            balance: self.balance.config(),
         })
     }
 }
@@ -62,10 +90,17 @@ impl SessionArgs {
 pub struct Config {
     /// Prompts, limits and sampling defaults per project.
     pub projects: Projects,
-    /// inference-svc's gRPC address, e.g. `http://127.0.0.1:50052`.
+    /// inference-svc's gRPC address, e.g. `http://127.0.0.1:50052`, a
+    /// comma-separated list, or `dns://host:port`.
     pub inference_url: String,
+    /// CA and client certificate for an https:// `inference_url`.
+    pub inference_tls: ClientTlsArgs,
+    /// The token sent to inference-svc.
+    pub inference_token: Bearer,
     /// Lock TTL and wait.
     pub lock: LockConfig,
+    /// How the inference replicas are watched.
+    pub balance: BalanceConfig,
 }
 
 impl Config {
@@ -74,7 +109,10 @@ impl Config {
         Self {
             projects: Projects::builtin(),
             inference_url: inference_url.into(),
+            inference_tls: ClientTlsArgs::default(),
+            inference_token: Bearer::none(),
             lock: LockConfig::default(),
+            balance: BalanceConfig::default(),
         }
     }
 }
@@ -82,11 +120,24 @@ impl Config {
 /// Where the binary listens.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ListenArgs {
-    /// gRPC listen address.
-    #[arg(long, env = "PALAVER_SESSION_LISTEN", default_value = "0.0.0.0:50051")]
+    /// gRPC listen address. Loopback by default: reaching session-svc means
+    /// reading and rewriting every conversation, so opening it is a choice.
+    #[arg(
+        long,
+        env = "PALAVER_SESSION_LISTEN",
+        default_value = "127.0.0.1:50051"
+    )]
     pub listen: SocketAddr,
 
     /// Prometheus /metrics listen address (off when not given).
     #[arg(long, env = "PALAVER_SESSION_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+
+    /// gRPC server TLS.
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
+
+    /// gRPC bearer tokens.
+    #[command(flatten)]
+    pub auth: ServerAuthArgs,
 }

@@ -32,6 +32,11 @@ pub struct Dialog {
 /// Failed turns a dialog remembers: enough for the retries of one burst.
 pub const MAX_FAILURES: usize = 8;
 
+/// How long past its deadline an unanswered turn may still be ended by its
+/// owner (which keeps trying to take it back for a while, on clocks that
+/// differ between replicas); after that it is an orphan.
+pub const ORPHAN_AFTER_MS: u64 = 60_000;
+
 /// A turn taken back because its generation failed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Failure {
@@ -61,6 +66,10 @@ pub struct Turn {
     /// may store the reply or take the turn back. `None` once answered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt: Option<String>,
+    /// When the owner's deadline passes (Unix ms): an unanswered turn well
+    /// past it was left by an owner that could not end it, and goes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ends_by: Option<u64>,
     pub user: String,
     /// `None` while the reply is being generated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -93,6 +102,10 @@ pub struct Opening<'a> {
     pub request_id: Option<&'a str>,
     /// The attempt opening it (see [`Turn::attempt`]).
     pub attempt: &'a str,
+    /// The attempt's deadline and the time now, in Unix ms (see
+    /// [`Turn::ends_by`]).
+    pub ends_by: u64,
+    pub now_ms: u64,
     /// A new system prompt for the session from this turn on.
     pub system_prompt: Option<&'a str>,
     pub limits: Limits,
@@ -216,6 +229,7 @@ impl Dialog {
                     // Stored before turns had owners: this attempt takes it.
                     (None, None) => {
                         t.attempt = Some(o.attempt.to_owned());
+                        t.ends_by = Some(o.ends_by);
                         Ok(t.seq)
                     }
                 };
@@ -230,6 +244,7 @@ impl Dialog {
             seq,
             request_id: o.request_id.map(str::to_owned),
             attempt: Some(o.attempt.to_owned()),
+            ends_by: Some(o.ends_by),
             user: o.message.to_owned(),
             reply: None,
         });
@@ -292,16 +307,34 @@ impl Dialog {
             .find(|f| f.request_id == request_id && f.attempt == attempt)
     }
 
+    /// Removes unanswered turns whose owner's deadline passed more than
+    /// [`ORPHAN_AFTER_MS`] ago: their owner could not end them (its store
+    /// was unreachable until it gave up), and nobody else will.
+    pub fn drop_orphans(&mut self, now_ms: u64) {
+        self.turns.retain(|t| {
+            t.reply.is_some()
+                || t.ends_by
+                    .is_none_or(|end| end.saturating_add(ORPHAN_AFTER_MS) >= now_ms)
+        });
+    }
+
     /// Moves the unanswered turn of `request_id` from attempt `from` (whose
     /// process died) to attempt `to`, and snapshots its prompt; `None` if
     /// the turn is no longer `from`'s.
-    pub fn take_over(&mut self, request_id: &str, from: &str, to: &str) -> Option<Opened> {
+    pub fn take_over(
+        &mut self,
+        request_id: &str,
+        from: &str,
+        to: &str,
+        ends_by: u64,
+    ) -> Option<Opened> {
         let t = self.turns.iter_mut().find(|t| {
             t.request_id.as_deref() == Some(request_id)
                 && t.reply.is_none()
                 && t.attempt.as_deref() == Some(from)
         })?;
         t.attempt = Some(to.to_owned());
+        t.ends_by = Some(ends_by);
         let seq = t.seq;
         Some(Opened::Generate {
             seq,
@@ -359,6 +392,7 @@ impl Dialog {
     /// this inside their atomic step (Redis: computed here, swapped in by a
     /// compare-and-set).
     pub fn open(&mut self, o: &Opening<'_>) -> Opened {
+        self.drop_orphans(o.now_ms);
         match self.begin(o) {
             Err(known) => known,
             Ok(seq) => {
@@ -431,6 +465,8 @@ mod tests {
             message,
             request_id,
             attempt,
+            ends_by: 1_000,
+            now_ms: 0,
             system_prompt,
             limits: WIDE,
             first_seq: 0,
@@ -523,12 +559,41 @@ mod tests {
     fn a_dead_attempts_turn_can_be_taken_over_once() {
         let mut d = Dialog::starting_at(0);
         let s1 = begin(&mut d, "u1", Some("r1"), None);
-        let taken = d.take_over("r1", "u1", "new");
+        let taken = d.take_over("r1", "u1", "new", 1_000);
         assert!(matches!(taken, Some(Opened::Generate { seq, .. }) if seq == s1));
-        assert_eq!(d.take_over("r1", "u1", "third"), None, "no longer u1's");
+        assert_eq!(
+            d.take_over("r1", "u1", "third", 1_000),
+            None,
+            "no longer u1's"
+        );
         assert!(!d.complete("u1", "late"), "the dead attempt stores nothing");
         assert!(d.complete("new", "a1"));
         assert_eq!(texts(d.history()), ["u1", "a1"]);
+    }
+
+    #[test]
+    fn an_unanswered_turn_long_past_its_deadline_is_an_orphan_and_goes() {
+        let mut d = Dialog::starting_at(0);
+        begin(&mut d, "u1", Some("r1"), None); // ends by 1 000
+        d.complete("u1", "a1");
+        begin(&mut d, "u2", Some("r2"), None);
+        let later = |now_ms| Opening {
+            now_ms,
+            ends_by: now_ms + 1_000,
+            ..opening("u3", None, None, "u3")
+        };
+        d.open(&later(1_000 + ORPHAN_AFTER_MS));
+        assert_eq!(texts(d.history()), ["u1", "a1", "u2", "u3"], "not yet");
+        d.open(&Opening {
+            message: "u4",
+            attempt: "u4",
+            ..later(1_001 + ORPHAN_AFTER_MS)
+        });
+        assert_eq!(
+            texts(d.history()),
+            ["u1", "a1", "u3", "u4"],
+            "u2's owner never ended it; answered turns stay"
+        );
     }
 
     #[test]

@@ -10,11 +10,13 @@
 //!                                 └──────gRPC──► inference-svc
 //! ```
 
+pub mod balance;
 pub mod config;
 pub mod dialog;
 pub mod error;
 pub mod keys;
 pub mod metrics;
+pub mod running;
 pub mod service;
 pub mod store;
 pub mod turn;
@@ -22,13 +24,11 @@ pub mod turn;
 use std::sync::Arc;
 
 use futures::StreamExt;
-use palaver_proto::inference::v1::inference_client::InferenceClient;
 use palaver_proto::session::v1::sessions_server::SessionsServer;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
 
 pub use config::{Config, ListenArgs, SessionArgs};
 pub use error::SessionError;
@@ -46,11 +46,37 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
+/// The methods a `chat` token may call; `admin` may call all.
+pub const CHAT_METHODS: &[&str] = &[
+    "/palaver.session.v1.Sessions/Chat",
+    "/palaver.session.v1.Sessions/ChatStream",
+    "/palaver.session.v1.Sessions/GetHistory",
+];
+
+/// How the gRPC server is protected: TLS (with client certificates when it
+/// has a client CA) and bearer tokens. The default is neither.
+#[derive(Debug, Clone)]
+pub struct Security {
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
+    pub auth: palaver_core::auth::AuthLayer,
+}
+
+impl Default for Security {
+    fn default() -> Self {
+        Self {
+            tls: None,
+            auth: palaver_core::auth::AuthLayer::new(None),
+        }
+    }
+}
+
 /// A session-svc instance, ready to serve.
 pub struct Server<S: Store> {
     service: SessionService<S>,
     /// For the heartbeat that tells other replicas this one's turns live.
     turns: Arc<turn::Turns<S>>,
+    /// The inference replicas' balancer (shared with the service).
+    inference: balance::Balancer,
 }
 
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
@@ -61,21 +87,32 @@ impl<S: Store> Server<S> {
     /// Builds the service over `store`; the connection to inference-svc is
     /// made lazily, so start order does not matter.
     pub fn new(config: Config, store: S, registry: &mut Registry) -> Result<Self, ServeError> {
-        let bad_url = |reason: String| ServeError::InferenceUrl {
-            url: config.inference_url.clone(),
-            reason,
-        };
-        // Bounded connects and HTTP/2 keep-alive, as the gateway's channel
-        // has: a dead inference-svc is noticed in seconds, not at the OS's
-        // TCP timeout.
-        let channel = Endpoint::from_shared(config.inference_url.clone())
-            .map_err(|e| bad_url(e.to_string()))?
-            .tcp_nodelay(true)
-            .connect_timeout(CONNECT_TIMEOUT)
-            .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
-            .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+        // One channel per inference replica, made lazily, over TLS for an
+        // https:// URL and carrying the token. Bounded connects and HTTP/2
+        // keep-alive, as the gateway's channel has: a dead inference-svc is
+        // noticed in seconds, not at the OS's TCP timeout.
+        let (tls, token) = (config.inference_tls.clone(), config.inference_token.clone());
+        let make_channel: balance::MakeChannel = Arc::new(move |url: &str| {
+            let channel = tls
+                .endpoint(url)
+                .map_err(|e| e.to_string())?
+                .tcp_nodelay(true)
+                .connect_timeout(CONNECT_TIMEOUT)
+                .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+                .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+                .keep_alive_while_idle(true)
+                .connect_lazy();
+            Ok(tonic::service::interceptor::InterceptedService::new(
+                channel,
+                token.clone(),
+            ))
+        });
+        let inference = balance::Target::parse(&config.inference_url)
+            .and_then(|t| balance::Balancer::new(t, config.balance.clone(), make_channel, registry))
+            .map_err(|e| ServeError::InferenceUrl {
+                url: config.inference_url.clone(),
+                reason: e.to_string(),
+            })?;
         let metrics = Arc::new(metrics::Metrics::new(registry));
         let turns = Arc::new(turn::Turns::new(
             store,
@@ -84,9 +121,16 @@ impl<S: Store> Server<S> {
             metrics,
         ));
         Ok(Self {
-            service: SessionService::new(turns.clone(), InferenceClient::new(channel)),
+            service: SessionService::new(turns.clone(), inference.clone()),
             turns,
+            inference,
         })
+    }
+
+    /// The balancer over inference-svc replicas: what tests use to change
+    /// the replica set or see which are ejected.
+    pub fn balancer(&self) -> balance::Balancer {
+        self.inference.clone()
     }
 
     /// Serves gRPC on `listener` until `shutdown`, then reports NOT_SERVING,
@@ -94,6 +138,17 @@ impl<S: Store> Server<S> {
     pub async fn serve(
         self,
         listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), ServeError> {
+        self.serve_secured(listener, Security::default(), shutdown)
+            .await
+    }
+
+    /// As [`serve`](Self::serve), with TLS and bearer tokens.
+    pub async fn serve_secured(
+        self,
+        listener: TcpListener,
+        security: Security,
         shutdown: CancellationToken,
     ) -> Result<(), ServeError> {
         let beating = CancellationToken::new();
@@ -116,7 +171,12 @@ impl<S: Store> Server<S> {
             conn.set_nodelay(true)?;
             Ok::<_, std::io::Error>(conn)
         });
-        tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = security.tls {
+            builder = builder.tls_config(tls)?;
+        }
+        builder
+            .layer(security.auth)
             .add_service(health)
             .add_service(reflection)
             .add_service(SessionsServer::new(self.service))

@@ -32,7 +32,17 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     telemetry::init_logging();
-    let config = cli.session.config()?;
+    palaver_core::tls::install_provider();
+    let mut config = cli.session.config()?;
+    config.inference_token = cli.session.inference_auth.bearer()?;
+    let security = session_svc::Security {
+        tls: cli.listen.tls.server_config()?,
+        auth: cli.listen.auth.layer(
+            session_svc::CHAT_METHODS,
+            Some(cli.listen.listen),
+            "session-svc",
+        )?,
+    };
     let stop = shutdown::on_signal();
     let listener = TcpListener::bind(cli.listen.listen)
         .await
@@ -41,16 +51,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     match &cli.session.redis_url {
         Some(url) => {
-            let store = RedisStore::connect(url, KeySpace::new(&cli.session.key_prefix))
-                .await
-                .with_context(|| format!("cannot reach Redis at {url}"))?;
-            serve(config, store, cli.listen.metrics_listen, listener, stop).await?;
+            let store = RedisStore::connect_tls(
+                url,
+                KeySpace::new(&cli.session.key_prefix),
+                cli.session.redis_ca_file.as_deref(),
+            )
+            .await
+            // The url may carry a password: name only its host.
+            .with_context(|| format!("cannot reach Redis at {}", redact_url(url)))?;
+            serve(
+                config,
+                store,
+                security,
+                cli.listen.metrics_listen,
+                listener,
+                stop,
+            )
+            .await?;
         }
         None => {
             tracing::warn!("no --redis-url: dialogs are kept in memory and lost on restart");
             serve(
                 config,
                 MemoryStore::new(),
+                security,
                 cli.listen.metrics_listen,
                 listener,
                 stop,
@@ -66,6 +90,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 async fn serve<S: Store>(
     config: Config,
     store: S,
+    security: session_svc::Security,
     metrics_listen: Option<SocketAddr>,
     listener: TcpListener,
     stop: CancellationToken,
@@ -73,6 +98,16 @@ async fn serve<S: Store>(
     let mut registry = Registry::default();
     let server = Server::new(config, store, &mut registry)?;
     telemetry::serve_metrics_flag(metrics_listen, registry, stop.clone()).await?;
-    server.serve(listener, stop).await?;
+    server.serve_secured(listener, security, stop).await?;
     Ok(())
+}
+
+/// `url` without its user info, for messages.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
 }

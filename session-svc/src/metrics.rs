@@ -39,7 +39,7 @@ pub struct Metrics {
     pub swap_retries: Counter,
     /// Turn latency by phase.
     pub phase: Family<PhaseLabel, Histogram>,
-    /// Turns by outcome (ok, replay, error).
+    /// Turns by outcome (ok, replay, error, cancelled).
     pub turns: Family<OutcomeLabel, Counter>,
     /// Errors by kind.
     pub errors: Family<KindLabel, Counter>,

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt as _};
 use palaver_proto::inference::v1 as inf;
-use palaver_proto::inference::v1::inference_client::InferenceClient;
 use palaver_proto::session::v1 as pb;
 use palaver_proto::session::v1::sessions_server::Sessions;
 use rand::Rng;
@@ -15,14 +14,15 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use palaver_core::projects::ProjectSettings;
 
+use crate::balance::Balancer;
 use crate::dialog::{random_first_seq, Dialog, Role};
 use crate::error::SessionError;
 use crate::metrics::{KindLabel, OutcomeLabel};
+use crate::running::{self, Running};
 use crate::store::{SessionId, Store};
 use crate::turn::{Awaited, LogSafe, NewTurn, Prepared, TurnOwner, Turns};
 
@@ -41,7 +41,9 @@ const PROJECT_ACTION_CONCURRENCY: usize = 16;
 /// The `Sessions` gRPC service over a store.
 pub struct SessionService<S: Store> {
     turns: Arc<Turns<S>>,
-    inference: InferenceClient<Channel>,
+    inference: Balancer,
+    /// The turns `CancelTurn` can stop.
+    running: Arc<Running>,
 }
 
 impl<S: Store> Clone for SessionService<S> {
@@ -49,13 +51,18 @@ impl<S: Store> Clone for SessionService<S> {
         Self {
             turns: self.turns.clone(),
             inference: self.inference.clone(),
+            running: self.running.clone(),
         }
     }
 }
 
 impl<S: Store> SessionService<S> {
-    pub fn new(turns: Arc<Turns<S>>, inference: InferenceClient<Channel>) -> Self {
-        Self { turns, inference }
+    pub fn new(turns: Arc<Turns<S>>, inference: Balancer) -> Self {
+        Self {
+            turns,
+            inference,
+            running: Arc::default(),
+        }
     }
 
     fn count_error(&self, e: &SessionError) {
@@ -81,8 +88,9 @@ impl<S: Store> SessionService<S> {
         &self,
         req: &pb::ChatRequest,
         owner: TurnOwner<S>,
+        deadline: Instant,
     ) -> Result<(Prepared, TurnOwner<S>), SessionError> {
-        match self.turns.prepare(&new_turn(req), &owner).await {
+        match self.turns.prepare(&new_turn(req, deadline), &owner).await {
             Ok(prepared) => Ok((prepared, owner)),
             Err(e) => {
                 if !matches!(e, SessionError::Store(_)) {
@@ -102,10 +110,11 @@ impl<S: Store> SessionService<S> {
         settings: &ProjectSettings,
         theirs: String,
         owner: TurnOwner<S>,
+        deadline: Instant,
     ) -> Result<Option<Resumed<S>>, SessionError> {
         let awaited = self
             .turns
-            .await_turn(&new_turn(req), &req.request_id, theirs, &owner)
+            .await_turn(&new_turn(req, deadline), &req.request_id, theirs, &owner)
             .await?;
         Ok(match awaited {
             Awaited::Generate { messages } => Some(Resumed::Generate(
@@ -132,6 +141,7 @@ impl<S: Store> SessionService<S> {
     async fn begin(
         &self,
         req: &pb::ChatRequest,
+        deadline: Instant,
         mut accepted: impl FnMut(),
     ) -> Result<Resumed<S>, SessionError> {
         let settings = self.turns.project(&req.project)?;
@@ -140,7 +150,7 @@ impl<S: Store> SessionService<S> {
         // bound keeps a pathological clear-retry race from looping.
         for _ in 0..MAX_BEGINS {
             let owner = self.turns.owner(&req.project, &req.session_id);
-            let (prepared, owner) = self.prepare(req, owner).await?;
+            let (prepared, owner) = self.prepare(req, owner, deadline).await?;
             accepted();
             match prepared {
                 Prepared::Replay(text) => {
@@ -153,7 +163,10 @@ impl<S: Store> SessionService<S> {
                     ))
                 }
                 Prepared::InFlight { attempt } => {
-                    if let Some(resumed) = self.await_turn(req, settings, attempt, owner).await? {
+                    if let Some(resumed) = self
+                        .await_turn(req, settings, attempt, owner, deadline)
+                        .await?
+                    {
                         return Ok(resumed);
                     }
                 }
@@ -185,7 +198,9 @@ impl<S: Store> SessionService<S> {
             }),
             // Unique per attempt: vLLM refuses duplicate ids in flight.
             request_id: format!("palaver-{:016x}", rand::rng().random::<u64>()),
-            affinity_key: req.session_id.clone(),
+            // Unique across projects: routers in front of several model
+            // servers see it as the session (x-session-id, OpenAI `user`).
+            affinity_key: format!("{}/{}", req.project, req.session_id),
         };
         Generation { request, owner }
     }
@@ -255,7 +270,7 @@ impl<S: Store> SessionService<S> {
         req: pb::ChatRequest,
         deadline: Instant,
     ) -> Result<pb::ChatReply, SessionError> {
-        match self.begin(&req, || {}).await? {
+        match self.begin(&req, deadline, || {}).await? {
             Resumed::Replay(text) => {
                 self.count_turn("replay");
                 Ok(reply(&req, text, "stop", None))
@@ -323,7 +338,7 @@ impl<S: Store> SessionService<S> {
                 let _ = tx.send(Ok(ev)).await;
             }
         };
-        let begun = self.begin(&req, move || {
+        let begun = self.begin(&req, deadline, move || {
             if let Some(t) = accepted_tx.take() {
                 let _ = t.send(());
             }
@@ -348,6 +363,7 @@ impl<S: Store> SessionService<S> {
         let mut text = String::new();
         let mut finish = String::new();
         let mut usage = None;
+        let mut caller_left = false;
         let outcome: Result<(), Status> = async {
             let mut stream = self
                 .inference
@@ -364,6 +380,7 @@ impl<S: Store> SessionService<S> {
                     if tx.send(Ok(ev)).await.is_err() {
                         // The caller left: dropping `stream` cancels the
                         // generation, and the owner takes the turn back.
+                        caller_left = true;
                         return Err(Status::cancelled("caller went away"));
                     }
                 }
@@ -378,7 +395,7 @@ impl<S: Store> SessionService<S> {
         }
         .await;
         self.turns.observe_phase("generate", generated);
-        if matches!(&outcome, Err(s) if s.code() == tonic::Code::Cancelled) {
+        if caller_left {
             return Ok(()); // dropping the owner takes the turn back
         }
         let text = self
@@ -444,13 +461,14 @@ struct Generation<S: Store> {
     owner: TurnOwner<S>,
 }
 
-fn new_turn(req: &pb::ChatRequest) -> NewTurn<'_> {
+fn new_turn(req: &pb::ChatRequest, deadline: Instant) -> NewTurn<'_> {
     NewTurn {
         project: &req.project,
         session_id: &req.session_id,
         message: &req.message,
         request_id: non_empty(&req.request_id),
         system_prompt: req.system_prompt.as_deref(),
+        deadline,
     }
 }
 
@@ -592,10 +610,22 @@ impl<S: Store> Sessions for SessionService<S> {
     ) -> Result<Response<pb::ChatReply>, Status> {
         let _in_flight = self.turns.metrics().turn_started();
         let deadline = deadline_of(request.metadata());
-        self.chat_inner(request.into_inner(), deadline)
-            .await
-            .map(Response::new)
-            .map_err(|e| self.fail(e))
+        let req = request.into_inner();
+        let entry = self
+            .running
+            .register(&req.project, &req.session_id, &req.request_id);
+        let cancel = entry
+            .as_ref()
+            .map(|e| e.token().clone())
+            .unwrap_or_default();
+        tokio::select! {
+            r = self.chat_inner(req, deadline) => r.map(Response::new).map_err(|e| self.fail(e)),
+            // Dropping the turn takes it back, as a caller leaving does.
+            _ = cancel.cancelled() => {
+                self.count_turn("cancelled");
+                Err(running::cancelled())
+            }
+        }
     }
 
     type ChatStreamStream = EventStream;
@@ -612,9 +642,21 @@ impl<S: Store> Sessions for SessionService<S> {
         let (tx, mut rx) = mpsc::channel(64);
         let this = self.clone();
         let in_flight = self.turns.metrics().turn_started();
+        let entry = self
+            .running
+            .register(&req.project, &req.session_id, &req.request_id);
         tokio::spawn(async move {
             let _in_flight = in_flight;
+            let cancel = entry
+                .as_ref()
+                .map(|e| e.token().clone())
+                .unwrap_or_default();
             tokio::select! {
+                // Dropping the turn takes it back, as a caller leaving does.
+                _ = cancel.cancelled() => {
+                    this.count_turn("cancelled");
+                    let _ = tx.send(Err(running::cancelled())).await;
+                }
                 outcome = this.stream_inner(req, deadline, &tx) => {
                     if let Err(e) = outcome {
                         let _ = tx.send(Err(this.fail(e))).await;
@@ -676,6 +718,14 @@ impl<S: Store> Sessions for SessionService<S> {
     ) -> Result<Response<pb::ResetSessionReply>, Status> {
         let r = request.into_inner();
         let (settings, id) = self.address(&r.project, &r.session_id)?;
+        // The limit a chat's system prompt has: a reset is no way around it.
+        if let Some(p) = &r.system_prompt {
+            if p.chars().count() > MAX_SYSTEM_PROMPT_CHARS {
+                return Err(self.fail(invalid(format!(
+                    "system prompt is too long (at most {MAX_SYSTEM_PROMPT_CHARS} characters)"
+                ))));
+            }
+        }
         let (prompt, keep_history) = (r.system_prompt, r.keep_history);
         self.turns
             .locked(id, settings.session_ttl, move |d| {
@@ -775,6 +825,18 @@ impl<S: Store> Sessions for SessionService<S> {
             touched += changed.map_err(|e| self.fail(e))?;
         }
         Ok(Response::new(pb::UpdateProjectReply { sessions: touched }))
+    }
+
+    async fn cancel_turn(
+        &self,
+        request: Request<pb::CancelTurnRequest>,
+    ) -> Result<Response<pb::CancelTurnReply>, Status> {
+        let r = request.into_inner();
+        let cancelled = self
+            .running
+            .cancel(&r.project, &r.session_id, &r.request_id);
+        tracing::info!(session = %LogSafe(&r.project, &r.session_id), cancelled, "cancel turn");
+        Ok(Response::new(pb::CancelTurnReply { cancelled }))
     }
 
     async fn hold_lease(

@@ -33,7 +33,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-use crate::dialog::{random_first_seq, Dialog, Ending, Failure, Limits, Opened, Opening, Role};
+use crate::dialog::{
+    random_first_seq, Dialog, Ending, Failure, Limits, Opened, Opening, Role, ORPHAN_AFTER_MS,
+};
 use crate::error::SessionError;
 use crate::metrics::{Metrics, PhaseLabel};
 use crate::store::{Admit, RateLimit, SessionId, Step, Store, StoreError};
@@ -74,6 +76,8 @@ pub struct NewTurn<'a> {
     pub message: &'a str,
     pub request_id: Option<&'a str>,
     pub system_prompt: Option<&'a str>,
+    /// The caller's deadline: by then the turn is answered or taken back.
+    pub deadline: Instant,
 }
 
 /// What phase 1 produced.
@@ -188,10 +192,13 @@ impl<S: Store> Turns<S> {
             max_messages: settings.max_history_messages,
             max_tokens: settings.max_history_tokens,
         };
+        let now_ms = unix_ms();
         let opening = Opening {
             message: t.message,
             request_id: t.request_id,
             attempt: &owner.attempt,
+            ends_by: ends_by(now_ms, t.deadline),
+            now_ms,
             system_prompt: t.system_prompt,
             limits,
             first_seq: random_first_seq(),
@@ -251,7 +258,9 @@ impl<S: Store> Turns<S> {
                     .iter()
                     .find(|turn| turn.request_id.as_deref() == Some(request_id))
             });
-            match turn {
+            let now_ms = unix_ms();
+            // Past its deadline and the owner's grace, alive or not.
+            let orphaned = match turn {
                 Some(turn) => {
                     if let Some(reply) = &turn.reply {
                         return Ok(Awaited::Reply(reply.clone()));
@@ -260,6 +269,8 @@ impl<S: Store> Turns<S> {
                         Some(a) if *a != theirs => theirs = a.clone(),
                         _ => {}
                     }
+                    turn.ends_by
+                        .is_some_and(|end| end.saturating_add(ORPHAN_AFTER_MS) < now_ms)
                 }
                 None => {
                     let failure = dialog
@@ -270,14 +281,14 @@ impl<S: Store> Turns<S> {
                         None => Awaited::Gone,
                     });
                 }
-            }
+            };
             let owner_process = theirs.split_once('.').map_or("", |(r, _)| r);
-            if self.store.alive(owner_process).await? {
+            if !orphaned && self.store.alive(owner_process).await? {
                 continue;
             }
             tracing::warn!(
                 turn = %LogSafe(t.project, t.session_id),
-                "the process generating this turn stopped; a retry takes it over"
+                "the attempt generating this turn stopped; a retry takes it over"
             );
             let taken = self
                 .one_step(|| {
@@ -286,6 +297,7 @@ impl<S: Store> Turns<S> {
                         request_id,
                         &theirs,
                         &mine.attempt,
+                        ends_by(now_ms, t.deadline),
                         settings.session_ttl,
                     )
                 })
@@ -619,6 +631,21 @@ impl<S: Store> Drop for TurnOwner<S> {
             }
         });
     }
+}
+
+/// This process's clock in Unix milliseconds, for turns' deadlines (which
+/// other replicas read: their clocks differ by far less than
+/// [`ORPHAN_AFTER_MS`]).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// `deadline` as Unix ms, `now_ms` being now.
+fn ends_by(now_ms: u64, deadline: Instant) -> u64 {
+    let left = deadline.saturating_duration_since(Instant::now());
+    now_ms.saturating_add(u64::try_from(left.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// The error a failed attempt ended with, for a retry that waited on it.

@@ -100,6 +100,8 @@ fn opening(message: &str) -> Opening<'_> {
         message,
         request_id: None,
         attempt: message,
+        ends_by: u64::MAX,
+        now_ms: 0,
         system_prompt: None,
         limits: WIDE,
         first_seq: 0,
@@ -254,6 +256,8 @@ async fn one_step_changes_follow_the_dialog_rules<S: Store>(s: &S) {
         message,
         request_id,
         attempt: message,
+        ends_by: u64::MAX,
+        now_ms: 0,
         system_prompt,
         limits,
         first_seq: 0,
@@ -394,6 +398,7 @@ async fn turns_keep_order_and_do_not_repeat_retries<S: Store>(s: &S) {
         message,
         request_id: Some(request_id),
         system_prompt: None,
+        deadline: tokio::time::Instant::now() + Duration::from_secs(60),
     };
     let generates = |p: Prepared| match p {
         Prepared::Generate { messages } => {

@@ -90,6 +90,12 @@ pub struct FakeVllmConfig {
     /// user and assistant take turns, starting and ending with user. vLLM
     /// answers such a prompt with a 400.
     pub strict_roles: bool,
+    /// Prefill time per prompt token this server has not seen before: a
+    /// model server's prefix cache. Each message-prefix of a prompt is
+    /// remembered once served, so a session's next turn pays only for what
+    /// was added since (its last reply and new message); the same session
+    /// on another server pays for its whole history. Zero: no prefill time.
+    pub prefill_per_token: Duration,
 }
 
 impl Default for FakeVllmConfig {
@@ -101,7 +107,42 @@ impl Default for FakeVllmConfig {
             tokens: 16,
             reply: Reply::Echo,
             strict_roles: true,
+            prefill_per_token: Duration::ZERO,
         }
+    }
+}
+
+/// Prefixes a fake remembers before it forgets them all, so a long
+/// benchmark's cache stays bounded (vLLM evicts too).
+const PREFIX_CACHE_CAP: usize = 1 << 20;
+
+/// A model server's prefix cache, at message granularity: one hash per
+/// message-prefix of every prompt served.
+#[derive(Default)]
+struct PrefixCache(std::collections::HashSet<u64>);
+
+impl PrefixCache {
+    /// Counts the prompt tokens (words) past the longest remembered prefix
+    /// of `messages`, and remembers every prefix.
+    fn uncached_tokens(&mut self, messages: &[Value]) -> usize {
+        use std::hash::{Hash, Hasher};
+        if self.0.len() > PREFIX_CACHE_CAP {
+            self.0.clear();
+        }
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        let mut uncached = 0;
+        let mut hit = true;
+        for m in messages {
+            let role = m.get("role").and_then(Value::as_str).unwrap_or("");
+            let content = m.get("content").and_then(Value::as_str).unwrap_or("");
+            (role, content).hash(&mut hasher);
+            let new = self.0.insert(hasher.finish());
+            hit = hit && !new;
+            if !hit {
+                uncached += content.split_whitespace().count();
+            }
+        }
+        uncached
     }
 }
 
@@ -136,6 +177,9 @@ struct Shared {
     /// fake does not copy every request.
     last_request: Mutex<Option<Bytes>>,
     last_request_id: Mutex<Option<String>>,
+    /// Requests per `x-session-id` header value since start or `reset_stats`.
+    sessions: Mutex<std::collections::HashMap<String, usize>>,
+    prefixes: Mutex<PrefixCache>,
     shutdown: CancellationToken,
 }
 
@@ -150,6 +194,8 @@ impl Shared {
             alternate: AtomicUsize::new(0),
             last_request: Mutex::new(None),
             last_request_id: Mutex::new(None),
+            sessions: Mutex::default(),
+            prefixes: Mutex::default(),
             shutdown,
         }
     }
@@ -231,6 +277,13 @@ impl FakeVllm {
             .store(self.in_flight(), Ordering::SeqCst);
         *lock(&self.shared.last_request) = None;
         *lock(&self.shared.last_request_id) = None;
+        lock(&self.shared.sessions).clear();
+    }
+
+    /// Requests per `x-session-id` header since start or `reset_stats`:
+    /// which sessions this server saw.
+    pub fn sessions(&self) -> std::collections::HashMap<String, usize> {
+        lock(&self.shared.sessions).clone()
     }
 
     /// JSON body of the last chat completion request.
@@ -383,6 +436,11 @@ async fn chat_completions(
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    if let Some(session) = headers.get("x-session-id").and_then(|v| v.to_str().ok()) {
+        *lock(&shared.sessions)
+            .entry(session.to_owned())
+            .or_default() += 1;
+    }
 
     let config = &shared.config;
     if let Some(model) = request.get("model").and_then(Value::as_str) {
@@ -460,6 +518,14 @@ async fn chat_completions(
         }
     }
 
+    // Prefill: the first token waits for the tokens not cached here, so
+    // time to first token counts from when prefill would have ended.
+    let arrived = if config.prefill_per_token.is_zero() {
+        arrived
+    } else {
+        let uncached = lock(&shared.prefixes).uncached_tokens(messages);
+        arrived + config.prefill_per_token * u32::try_from(uncached).unwrap_or(u32::MAX)
+    };
     let prompt_tokens: usize = messages
         .iter()
         .filter_map(|m| m.get("content").and_then(Value::as_str))
@@ -805,6 +871,25 @@ fn unix_now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_prefix_cache_charges_only_what_a_prompt_adds() {
+        let msg = |role: &str, text: &str| json!({"role": role, "content": text});
+        let mut cache = PrefixCache::default();
+        let first = [msg("system", "be brief"), msg("user", "one two three")];
+        assert_eq!(cache.uncached_tokens(&first), 5);
+        assert_eq!(cache.uncached_tokens(&first), 0);
+        let second = [
+            msg("system", "be brief"),
+            msg("user", "one two three"),
+            msg("assistant", "four"),
+            msg("user", "five six"),
+        ];
+        assert_eq!(cache.uncached_tokens(&second), 3);
+        // A changed early message invalidates everything after it.
+        let edited = [msg("system", "be long"), msg("user", "one two three")];
+        assert_eq!(cache.uncached_tokens(&edited), 5);
+    }
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
 

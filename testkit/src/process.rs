@@ -50,10 +50,10 @@ fn wait_for_port(addr: SocketAddr, child: &mut Child, timeout: Duration) -> anyh
 
 /// A temporary directory removed on drop.
 #[derive(Debug)]
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(PathBuf);
 
 impl TempDir {
-    fn new(tag: &str) -> anyhow::Result<Self> {
+    pub(crate) fn new(tag: &str) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!(
             "palaver-{tag}-{}-{:x}",
             std::process::id(),
@@ -62,7 +62,7 @@ impl TempDir {
         std::fs::create_dir_all(&dir)?;
         Ok(Self(dir))
     }
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.0
     }
 }

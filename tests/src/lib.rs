@@ -4,6 +4,7 @@
 //! over HTTP, inference-svc, session-svc and the gateway — and [`TestClient`]
 //! talks to it the way the old server's clients do.
 
+pub mod cluster;
 pub mod stack;
 
 pub use palaver_testkit::mqtt::{Received, TestClient};

@@ -30,6 +30,9 @@ pub struct StackOptions {
     pub session_replicas: usize,
     /// Whether to start the gateway (a test may run its own gateways).
     pub gateway_started: bool,
+    /// A real OpenAI-compatible server (llama-server) for inference-svc,
+    /// in place of the fake (which still runs, unused).
+    pub model_url: Option<String>,
 }
 
 impl Default for StackOptions {
@@ -41,6 +44,7 @@ impl Default for StackOptions {
             projects: Projects::builtin(),
             session_replicas: 1,
             gateway_started: true,
+            model_url: None,
         }
     }
 }
@@ -100,7 +104,8 @@ impl Stack {
         let mut tasks = Vec::new();
 
         // inference-svc
-        let mut inference_cfg = inference_svc::Config::openai(vllm.url());
+        let model_url = opts.model_url.clone().unwrap_or_else(|| vllm.url());
+        let mut inference_cfg = inference_svc::Config::openai(model_url);
         (opts.inference)(&mut inference_cfg);
         let (listener, inference_url) = bind().await;
         let server = inference_svc::Server::new(inference_cfg, &mut Registry::default())

@@ -335,9 +335,12 @@ impl Store for Flaky {
         request_id: &str,
         from: &str,
         to: &str,
+        ends_by: u64,
         ttl: Duration,
     ) -> Result<Step<Option<Opened>>, StoreError> {
-        self.inner.take_over(id, request_id, from, to, ttl).await
+        self.inner
+            .take_over(id, request_id, from, to, ends_by, ttl)
+            .await
     }
     async fn heartbeat(&self, replica: &str, ttl: Duration) -> Result<(), StoreError> {
         self.inner.heartbeat(replica, ttl).await

@@ -93,6 +93,10 @@ pub struct GenerateParams {
     pub max_tokens: u32,
     /// Caller's id for tracing; sent to vLLM as `X-Request-Id` when usable.
     pub request_id: String,
+    /// The conversation (session) this turn belongs to; sent to the model
+    /// server as `x-session-id` and OpenAI `user`, so a router in front of
+    /// several vLLMs can keep a session on the server that caches it.
+    pub affinity_key: String,
 }
 
 impl GenerateParams {
@@ -123,6 +127,15 @@ impl Backend {
             BackendKind::OpenAi { url } => Self::OpenAi(OpenAiBackend::new(config, url)?),
             BackendKind::Sim => Self::Sim(SimBackend::new(config)),
         })
+    }
+
+    /// Whether the model server answers its health check (`GET /health`
+    /// 200 within `timeout`); the simulator always does.
+    pub async fn healthy(&self, timeout: std::time::Duration) -> bool {
+        match self {
+            Self::OpenAi(b) => b.healthy(timeout).await,
+            Self::Sim(_) => true,
+        }
     }
 
     /// Starts a generation. Errors the server reports before streaming come

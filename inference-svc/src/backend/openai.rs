@@ -93,7 +93,17 @@ impl OpenAiBackend {
                 InferenceError::Config(format!("invalid model server url {url:?}: {e}"))
             })
         };
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if base.starts_with("https://") {
+            let tls = palaver_core::tls::client_config(config.vllm_ca_file.as_deref(), None)
+                .map_err(|e| InferenceError::Config(format!("model server TLS: {e}")))?;
+            builder = builder.use_preconfigured_tls(tls).https_only(true);
+        } else if config.vllm_ca_file.is_some() {
+            return Err(InferenceError::Config(
+                "--vllm-ca-file is given but the model server url is not https://".into(),
+            ));
+        }
+        let client = builder
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             // vLLM speaks HTTP/1.1 only; concurrency is one connection each.
             .http1_only()
@@ -120,6 +130,14 @@ impl OpenAiBackend {
         })
     }
 
+    /// `GET /health` answered 200 within `timeout` (vLLM: 503 once its
+    /// engine died, connection refused while it loads or after it exited).
+    pub async fn healthy(&self, timeout: Duration) -> bool {
+        let url = format!("{}/health", self.inner.base);
+        let probe = self.inner.client.get(url).timeout(timeout).send();
+        matches!(probe.await, Ok(r) if r.status().is_success())
+    }
+
     /// Sends the request and returns once the server answered with a status;
     /// the reply then streams.
     pub async fn generate(&self, req: GenerateParams) -> Result<TokenStream, InferenceError> {
@@ -139,15 +157,20 @@ impl OpenAiBackend {
             .map_err(|_| first_token_error())??;
         let body = ChatCompletionRequest::new(&model, &req);
         let request_id = request_id_header(&req.request_id);
+        let session = session_header(&req.affinity_key);
         tracing::debug!(request_id = ?request_id, %model, "sending chat completion");
 
         let response = timeout_at(
             deadlines.first_token,
             inner.send_with_retry(|| {
-                inner
+                let post = inner
                     .authorized(inner.client.post(inner.chat_url.clone()))
-                    .header("X-Request-Id", request_id.clone())
-                    .json(&body)
+                    .header("X-Request-Id", request_id.clone());
+                match &session {
+                    Some(s) => post.header("x-session-id", s.clone()),
+                    None => post,
+                }
+                .json(&body)
             }),
         )
         .await
@@ -367,7 +390,7 @@ impl Inner {
             .await
             .unwrap_or_default();
         let message = error_message(&body);
-        tracing::warn!(%status, message = %message, "model server refused a request");
+        tracing::warn!(%status, message = ?quote(&message), "model server refused a request");
         self.api_error(status.as_u16(), &message)
     }
 
@@ -394,10 +417,12 @@ impl Inner {
             StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
                 InferenceError::BackendBusy(format!("the model server is busy ({code}): {quoted}"))
             }
+            // A server error's body may be a stack trace or internal
+            // addresses: callers get the status, the log gets the body.
             s if s.is_server_error() => {
-                InferenceError::Unavailable(format!("the model server failed ({code}): {quoted}"))
+                InferenceError::Unavailable(format!("the model server failed ({code})"))
             }
-            _ => InferenceError::Backend(format!("the model server answered {code}: {quoted}")),
+            _ => InferenceError::Backend(format!("the model server answered {code}")),
         }
     }
 
@@ -443,12 +468,21 @@ fn normalize_base(url: &str) -> Result<String, InferenceError> {
     let base = trimmed.strip_suffix("/v1").unwrap_or(trimmed);
     let parsed = Url::parse(base)
         .map_err(|e| InferenceError::Config(format!("invalid model server url {url:?}: {e}")))?;
-    if parsed.scheme() != "http" {
+    if !matches!(parsed.scheme(), "http" | "https") {
         return Err(InferenceError::Config(format!(
-            "model server url {url:?} must use http:// (palaver is built without TLS)"
+            "model server url {url:?} must use http:// or https://"
         )));
     }
     Ok(base.to_string())
+}
+
+/// The session key as a header value, when it is one (else only `user`
+/// carries it: the JSON body takes any string).
+fn session_header(key: &str) -> Option<HeaderValue> {
+    if key.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(key).ok()
 }
 
 /// The caller's request id when it is a usable header value, else a fresh
@@ -540,6 +574,9 @@ struct ChatCompletionRequest<'a> {
     temperature: f32,
     top_p: f32,
     max_tokens: u32,
+    /// The session: OpenAI's end-user field, which routers may hash on.
+    #[serde(skip_serializing_if = "str::is_empty")]
+    user: &'a str,
 }
 
 #[derive(Serialize)]
@@ -575,6 +612,7 @@ impl<'a> ChatCompletionRequest<'a> {
             temperature: req.temperature,
             top_p: req.top_p,
             max_tokens: req.max_tokens,
+            user: &req.affinity_key,
         }
     }
 }
@@ -692,7 +730,7 @@ fn parse_event_general(data: &str) -> Result<Event, InferenceError> {
         InferenceError::Backend(format!("the model server sent an unreadable chunk: {e}"))
     })?;
     if let Some((message, code)) = error_in(&value) {
-        tracing::warn!(message = %message, ?code, "model server failed in the middle of a reply");
+        tracing::warn!(message = ?message, ?code, "model server failed in the middle of a reply");
         let err = mid_stream_error(code.unwrap_or(500), &message);
         return Err(err);
     }
@@ -718,21 +756,32 @@ fn mid_stream_error(code: u16, message: &str) -> InferenceError {
     }
 }
 
-/// vLLM's "prompt + max_tokens > max_model_len" refusal, wherever it comes:
-/// the client's fault (a conversation too long), not the server's.
+/// The model server's refusal of a prompt over its context, wherever it
+/// comes: the client's fault (a conversation too long), not the server's.
+/// vLLM says "maximum context length"; llama.cpp's server "exceeds the
+/// available context size" (or, for a prompt it cannot split, "larger than
+/// the max context size").
 fn context_too_long(message: &str) -> Option<InferenceError> {
-    message
-        .to_ascii_lowercase()
-        .contains("maximum context length")
-        .then(|| {
-            InferenceError::InvalidArgument("the conversation is too long for the model".into())
-        })
+    let message = message.to_ascii_lowercase();
+    [
+        "maximum context length",
+        "exceeds the available context size",
+        "larger than the max context size",
+    ]
+    .iter()
+    .any(|phrase| message.contains(phrase))
+    .then(|| InferenceError::InvalidArgument("the conversation is too long for the model".into()))
 }
 
 /// A peer's message made fit for one line of ours: whitespace collapsed,
 /// length bounded.
 fn quote(message: &str) -> String {
-    let one_line = message.split_whitespace().collect::<Vec<_>>().join(" ");
+    // No control characters (terminal escapes) reach a caller.
+    let printable: String = message
+        .chars()
+        .filter(|c| !c.is_control() || c.is_whitespace())
+        .collect();
+    let one_line = printable.split_whitespace().collect::<Vec<_>>().join(" ");
     if one_line.chars().count() <= MAX_QUOTED {
         return one_line;
     }
@@ -763,6 +812,7 @@ mod tests {
             top_p: 0.95,
             max_tokens: 64,
             request_id: "r".into(),
+            affinity_key: String::new(),
         };
         let body = serde_json::to_string(&ChatCompletionRequest::new("m", &req)).unwrap();
         // 0.7 as the caller gave it, not 0.699999988079071 (f32 widened to f64).
@@ -770,6 +820,26 @@ mod tests {
             body,
             r#"{"model":"m","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"say \"hi\"\n"}],"stream":true,"stream_options":{"include_usage":true},"temperature":0.7,"top_p":0.95,"max_tokens":64}"#
         );
+    }
+
+    #[test]
+    fn the_session_key_goes_in_user_and_in_a_header_when_it_can() {
+        let req = GenerateParams {
+            messages: Vec::new(),
+            temperature: 1.0,
+            top_p: 1.0,
+            max_tokens: 1,
+            request_id: String::new(),
+            affinity_key: "general/s-1".into(),
+        };
+        let body = serde_json::to_string(&ChatCompletionRequest::new("m", &req)).unwrap();
+        assert!(
+            body.ends_with(r#""max_tokens":1,"user":"general/s-1"}"#),
+            "{body}"
+        );
+        assert_eq!(session_header("general/s-1").unwrap(), "general/s-1");
+        assert!(session_header("").is_none());
+        assert!(session_header("bad\nkey").is_none());
     }
 
     #[test]
@@ -782,7 +852,11 @@ mod tests {
         ] {
             assert_eq!(normalize_base(u).unwrap(), "http://h:8000", "{u}");
         }
-        assert!(normalize_base("https://h:8000").is_err());
+        assert_eq!(
+            normalize_base("https://h:8000/v1").unwrap(),
+            "https://h:8000"
+        );
+        assert!(normalize_base("ftp://h:8000").is_err());
         assert!(normalize_base("not a url").is_err());
     }
 
@@ -855,6 +929,18 @@ mod tests {
             parse_event("{not json"),
             Err(InferenceError::Backend(_))
         ));
+    }
+
+    #[test]
+    fn llama_cpp_s_context_refusal_is_a_conversation_too_long() {
+        let too_long =
+            || InferenceError::InvalidArgument("the conversation is too long for the model".into());
+        // llama-server's answer to a prompt over a slot's context, verbatim.
+        let body = br#"{"error":{"code":400,"message":"request (1959 tokens) exceeds the available context size (1024 tokens), try increasing it","type":"exceed_context_size_error","n_prompt_tokens":1959,"n_ctx":1024}}"#;
+        assert_eq!(context_too_long(&error_message(body)), Some(too_long()));
+        let unsplittable = r#"{"error":{"code":400,"message":"input (2000 tokens) is larger than the max context size (1024 tokens). skipping","type":"exceed_context_size_error"}}"#;
+        assert_eq!(parse_event(unsplittable), Err(too_long()));
+        assert_eq!(context_too_long("the request is bad"), None);
     }
 
     #[test]

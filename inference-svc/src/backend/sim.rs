@@ -113,6 +113,7 @@ mod tests {
             top_p: 0.9,
             max_tokens,
             request_id: "r".into(),
+            affinity_key: String::new(),
         }
     }
 

@@ -216,10 +216,11 @@ impl Store for MemoryStore {
         request_id: &str,
         from: &str,
         to: &str,
+        ends_by: u64,
         ttl: Duration,
     ) -> Result<Step<Option<Opened>>, StoreError> {
         Ok(self
-            .change_existing(id, ttl, |d| d.take_over(request_id, from, to))
+            .change_existing(id, ttl, |d| d.take_over(request_id, from, to, ends_by))
             .map(Option::flatten))
     }
 

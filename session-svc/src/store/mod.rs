@@ -138,6 +138,7 @@ pub trait Store: Clone + Send + Sync + 'static {
         request_id: &str,
         from: &str,
         to: &str,
+        ends_by: u64,
         ttl: Duration,
     ) -> impl Future<Output = Result<Step<Option<Opened>>, StoreError>> + Send;
 

@@ -122,7 +122,34 @@ pub struct RedisStore {
 impl RedisStore {
     /// Connects to `url` (`redis://host:port/db`) and checks the server answers.
     pub async fn connect(url: &str, keys: KeySpace) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(unavailable)?;
+        Self::connect_tls(url, keys, None).await
+    }
+
+    /// As [`connect`](Self::connect); a `rediss://` url trusts the CA
+    /// certificates (PEM) in `ca_file`, else the system's roots.
+    pub async fn connect_tls(
+        url: &str,
+        keys: KeySpace,
+        ca_file: Option<&std::path::Path>,
+    ) -> Result<Self, StoreError> {
+        palaver_core::tls::install_provider();
+        let client = match ca_file {
+            Some(path) if url.starts_with("rediss://") => {
+                let root_cert = palaver_core::tls::read_certs_pem(path)
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                let certs = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                };
+                redis::Client::build_with_tls(url, certs).map_err(unavailable)?
+            }
+            Some(_) => {
+                return Err(StoreError::Unavailable(
+                    "--redis-ca-file is given but the url is not rediss://".into(),
+                ))
+            }
+            None => redis::Client::open(url).map_err(unavailable)?,
+        };
         let conn = ConnectionManager::new(client).await.map_err(unavailable)?;
         Ok(Self {
             conn,
@@ -408,13 +435,17 @@ impl Store for RedisStore {
         request_id: &str,
         from: &str,
         to: &str,
+        ends_by: u64,
         ttl: Duration,
     ) -> Result<Step<Option<Opened>>, StoreError> {
         self.change(
             id,
             |_| None,
             ttl,
-            |d| d.as_mut().and_then(|d| d.take_over(request_id, from, to)),
+            |d| {
+                d.as_mut()
+                    .and_then(|d| d.take_over(request_id, from, to, ends_by))
+            },
         )
         .await
     }
@@ -633,6 +664,7 @@ mod tests {
             seq,
             request_id: request_id.map(str::to_owned),
             attempt: reply.is_none().then(|| "replica.1".to_owned()),
+            ends_by: reply.is_none().then_some(1_000),
             user: user.to_owned(),
             reply: reply.map(str::to_owned),
         };

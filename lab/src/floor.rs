@@ -1,4 +1,4 @@
-//! `palaver floor`: what a turn's process hops cost on this machine when
+//! `palaver-lab floor`: what a turn's process hops cost on this machine when
 //! nothing is done at any of them — the least any stack of palaver's shape
 //! can take here, to hold palaver's own one-session latency against.
 //!
@@ -6,8 +6,8 @@
 //! publishes to the broker, the broker delivers to the gateway, the gateway
 //! calls session-svc, session-svc opens the turn in Redis and calls
 //! inference-svc, inference-svc calls the backend, and the answer goes back
-//! the same way with a second Redis call on it ([`ROUTE`]). `palaver floor`
-//! starts six relay processes (this same binary, `palaver floor-relay`),
+//! the same way with a second Redis call on it ([`ROUTE`]). `palaver-lab floor`
+//! starts six relay processes (this same binary, `palaver-lab floor-relay`),
 //! each a tokio program on the same runtime as palaver's services, and sends
 //! a small frame along that route over loopback TCP: every relay forwards it
 //! the moment it arrives, and the one standing for the backend first pauses
@@ -88,12 +88,12 @@ const PORTS: usize = 6;
 /// The start of the line a relay prints once it listens: `floor-relay ready port=N`.
 const RELAY_READY: &str = "floor-relay ready";
 
-/// Flags of `palaver floor`.
+/// Flags of `palaver-lab floor`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct FloorArgs {
     /// Pause at the backend's place in the route, in milliseconds, as the
     /// fake vLLM's --ttft (0: an instant backend, P1'; 100: P1).
-    #[arg(long, default_value_t = 0.0, value_parser = crate::fake_vllm::parse_millis)]
+    #[arg(long, default_value_t = 0.0, value_parser = palaver::fake_vllm::parse_millis)]
     pub backend_ms: f64,
 
     /// Length of the measured window, in seconds.
@@ -231,13 +231,13 @@ async fn connect(port: u16) -> io::Result<TcpStream> {
     Ok(stream)
 }
 
-/// `palaver floor-relay`: forwards every frame to the next port of its
+/// `palaver-lab floor-relay`: forwards every frame to the next port of its
 /// route, pausing first where the frame says so. Runs until stdin closes.
 pub async fn relay() -> ExitCode {
     match serve_relay().await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("palaver floor-relay: {e}");
+            eprintln!("palaver-lab floor-relay: {e}");
             ExitCode::FAILURE
         }
     }
@@ -324,7 +324,7 @@ struct FloorReport {
 
 impl FloorReport {
     fn to_json(&self) -> Value {
-        let latency = crate::bench::latency_json(&self.samples);
+        let latency = palaver::bench::latency_json(&self.samples);
         json!({
             "label": self.label,
             "hops": ROUTE.len() - 1,
@@ -350,7 +350,7 @@ impl FloorReport {
             self.samples.len(),
             self.duration,
         );
-        crate::bench::latency_rows(&self.samples, &mut out);
+        palaver::bench::latency_rows(&self.samples, &mut out);
         out
     }
 }

@@ -1,6 +1,6 @@
-//! `palaver idle-memory`: what reading memory costs on this machine right
+//! `palaver-lab idle-memory`: what reading memory costs on this machine right
 //! after the process sat idle, the other half of what a turn pays after the
-//! backend's pause (`palaver floor` is the first: the hops).
+//! backend's pause (`palaver-lab floor` is the first: the hops).
 //!
 //! It walks a chain of cache lines in random order, each load waiting for
 //! the one before (the next line's index is in the line), so the hardware
@@ -26,7 +26,7 @@ const LINE: usize = 64;
 /// `u32` slots per line: the chain's index sits in a line's first slot.
 const SLOTS: usize = LINE / std::mem::size_of::<u32>();
 
-/// Flags of `palaver idle-memory`.
+/// Flags of `palaver-lab idle-memory`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct IdleMemoryArgs {
     /// Cache lines in the walk (64 bytes each). The default, 4096 lines

@@ -1,4 +1,4 @@
-//! `palaver floor` as a benchmark script runs it: a subprocess that starts
+//! `palaver-lab floor` as a benchmark script runs it: a subprocess that starts
 //! its own relay processes and prints one JSON object.
 
 use std::time::Duration;
@@ -6,18 +6,18 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::process::Command;
 
-const PALAVER: &str = env!("CARGO_BIN_EXE_palaver");
+const LAB: &str = env!("CARGO_BIN_EXE_palaver-lab");
 
 async fn floor(args: &[&str]) -> std::process::Output {
-    let run = Command::new(PALAVER)
+    let run = Command::new(LAB)
         .arg("floor")
         .args(args)
         .kill_on_drop(true)
         .output();
     tokio::time::timeout(Duration::from_secs(60), run)
         .await
-        .expect("palaver floor did not finish within 60 s")
-        .expect("palaver floor did not start")
+        .expect("palaver-lab floor did not finish within 60 s")
+        .expect("palaver-lab floor did not start")
 }
 
 #[tokio::test]
