@@ -931,7 +931,8 @@ mod tests {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
             .unwrap()
             .connect_lazy();
-        let mut client = InferenceClient::new(channel);
+        let mut client =
+            palaver_proto::inference::v1::inference_client::InferenceClient::new(channel);
         let refused = client
             .generate(inf::GenerateRequest::default())
             .await
