@@ -287,7 +287,24 @@ impl<S: Store> SessionService<S> {
         deadline: Instant,
     ) -> Result<pb::ChatReply, SessionError> {
         let generated = Instant::now();
-        let result = self.inference.clone().generate(g.request).await;
+        let mut backoff = InferenceBackoff::new(deadline);
+        let result = loop {
+            match self.inference.clone().generate(g.request.clone()).await {
+                Err(s) if inference_unreachable(&s) && backoff.wait().await => {
+                    tracing::warn!(
+                        error = %s,
+                        turn = %LogSafe(&req.project, &req.session_id),
+                        "inference-svc unreachable; asking again"
+                    );
+                }
+                Err(s) if inference_unreachable(&s) => {
+                    break Err(Status::unavailable(format!(
+                        "inference-svc unreachable: {s}"
+                    )))
+                }
+                r => break r,
+            }
+        };
         self.turns.observe_phase("generate", generated);
         let (result, meta) = match result {
             Ok(r) => {
@@ -388,6 +405,47 @@ impl<S: Store> SessionService<S> {
             .send(Ok(event_done(reply(&req, text, &finish, usage))))
             .await;
         Ok(())
+    }
+}
+
+/// A failure of the connection to inference-svc itself (the process died,
+/// restarts or is not up yet), as opposed to an answer from it: tonic keeps
+/// the transport error as the status's source. No generation of the turn
+/// runs there any more, so asking again starts no second one.
+fn inference_unreachable(status: &Status) -> bool {
+    std::error::Error::source(status).is_some()
+}
+
+/// Waits between attempts to reach inference-svc, doubling from
+/// [`InferenceBackoff::FIRST`] up to [`InferenceBackoff::MAX`], while a
+/// retry can still finish before the turn's deadline.
+struct InferenceBackoff {
+    next: Duration,
+    deadline: Instant,
+}
+
+impl InferenceBackoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(1);
+    /// Left for the generation itself and storing its reply.
+    const MARGIN: Duration = Duration::from_secs(2);
+
+    fn new(deadline: Instant) -> Self {
+        Self {
+            next: Self::FIRST,
+            deadline,
+        }
+    }
+
+    /// Sleeps before the next attempt; false (at once) when that attempt
+    /// would start too close to the deadline.
+    async fn wait(&mut self) -> bool {
+        if Instant::now() + self.next + Self::MARGIN > self.deadline {
+            return false;
+        }
+        tokio::time::sleep(self.next).await;
+        self.next = (self.next * 2).min(Self::MAX);
+        true
     }
 }
 
@@ -744,5 +802,50 @@ impl<S: Store> Sessions for SessionService<S> {
             epoch: lease.epoch,
             holder: lease.holder.unwrap_or_default(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_dead_inference_svc_reads_as_unreachable_an_answer_from_it_does_not() {
+        // Nothing listens on a port just freed: the connection is refused.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect_lazy();
+        let mut client =
+            palaver_proto::inference::v1::inference_client::InferenceClient::new(channel);
+        let refused = client
+            .generate(inf::GenerateRequest::default())
+            .await
+            .unwrap_err();
+        assert!(inference_unreachable(&refused), "{refused:?}");
+        assert!(!inference_unreachable(&Status::unavailable(
+            "the model is down"
+        )));
+        assert!(!inference_unreachable(&Status::internal("backend")));
+    }
+
+    #[tokio::test]
+    async fn inference_retries_back_off_and_stop_before_the_deadline() {
+        let start = Instant::now();
+        let mut b = InferenceBackoff::new(start + Duration::from_millis(2500));
+        let mut waits = 0;
+        while b.wait().await {
+            waits += 1;
+        }
+        // 0.1 s, 0.2 s; then 0.4 s more would start past the deadline less the margin.
+        assert_eq!(waits, 2);
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(300), "{took:?}");
+        assert!(took < Duration::from_millis(2500), "{took:?}");
+        let mut late = InferenceBackoff::new(Instant::now() + Duration::from_secs(1));
+        assert!(!late.wait().await, "no retry within the margin");
     }
 }

@@ -63,6 +63,9 @@ pub enum Fault {
     Hang,
     /// Close the connection without sending a byte of a response.
     Drop,
+    /// The inner fault on every other request (the 1st, 3rd, …), a normal
+    /// answer on the rest: a flaky backend rather than a dead one.
+    EveryOther(Box<Fault>),
 }
 
 /// Tokens a reply gets before [`Fault::ErrorMidStream`] or
@@ -168,6 +171,8 @@ struct Shared {
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
     requests: AtomicUsize,
+    /// Counts requests under [`Fault::EveryOther`].
+    alternate: AtomicUsize,
     /// The raw body: parsed only when a test asks, so that a benchmark's
     /// fake does not copy every request.
     last_request: Mutex<Option<Bytes>>,
@@ -186,6 +191,7 @@ impl Shared {
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
             requests: AtomicUsize::new(0),
+            alternate: AtomicUsize::new(0),
             last_request: Mutex::new(None),
             last_request_id: Mutex::new(None),
             sessions: Mutex::default(),
@@ -480,10 +486,23 @@ async fn chat_completions(
         .and_then(Value::as_u64)
         .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
 
-    let fault = lock(&shared.fault).clone();
-    match fault {
-        Fault::None | Fault::ErrorMidStream | Fault::AbortMidStream | Fault::Hang | Fault::Drop => {
+    let fault = match lock(&shared.fault).clone() {
+        Fault::EveryOther(inner) => {
+            if shared.alternate.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+                *inner
+            } else {
+                Fault::None
+            }
         }
+        f => f,
+    };
+    match fault {
+        Fault::None
+        | Fault::ErrorMidStream
+        | Fault::AbortMidStream
+        | Fault::Hang
+        | Fault::Drop
+        | Fault::EveryOther(_) => {}
         Fault::Status(code, body) => {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             return (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();

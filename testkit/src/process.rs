@@ -93,48 +93,100 @@ fn kill(child: &mut Option<Child>) {
     }
 }
 
-/// A `redis-server` of our own, no persistence.
+/// Stops a server as an orchestrator's restart does: SIGTERM, so that it
+/// writes what it persists, then SIGKILL if it is still there after 10 s.
+fn terminate(child: &mut Option<Child>) {
+    let Some(mut c) = child.take() else { return };
+    let sent = Command::new("kill")
+        .args(["-TERM", &c.id().to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sent && Instant::now() < deadline {
+        if let Ok(Some(_)) = c.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+/// A `redis-server` of our own: no persistence, or AOF as the compose and
+/// Kubernetes setups run it (then it can be stopped and started again).
 #[derive(Debug)]
 pub struct RedisServer {
     child: Option<Child>,
     port: u16,
-    _dir: TempDir,
+    aof: bool,
+    dir: TempDir,
 }
 
 impl RedisServer {
     /// Starts a fresh, empty Redis on a free port.
     pub fn start() -> anyhow::Result<Self> {
-        let program = find_program("redis-server")?;
+        Self::start_with(false)
+    }
+
+    /// Starts a fresh Redis with AOF (`appendfsync everysec`, as
+    /// docker-compose.yml runs it), so that [`RedisServer::stop`] and
+    /// [`RedisServer::start_again`] keep the data.
+    pub fn start_with_aof() -> anyhow::Result<Self> {
+        Self::start_with(true)
+    }
+
+    fn start_with(aof: bool) -> anyhow::Result<Self> {
         let dir = TempDir::new("redis")?;
+        let mut server = Self {
+            child: None,
+            port: 0,
+            aof,
+            dir,
+        };
         let mut last_err = None;
         for _ in 0..5 {
-            let port = free_port();
-            let mut child = Command::new(&program)
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .arg("--dir")
-                .arg(dir.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("cannot start redis-server")?;
-            let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            match wait_for_port(addr, &mut child, Duration::from_secs(10)) {
-                Ok(()) => {
-                    return Ok(Self {
-                        child: Some(child),
-                        port,
-                        _dir: dir,
-                    })
-                }
-                Err(e) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    last_err = Some(e);
-                }
+            server.port = free_port();
+            match server.start_again() {
+                Ok(()) => return Ok(server),
+                Err(e) => last_err = Some(e),
             }
         }
         Err(last_err.unwrap_or_else(|| anyhow::anyhow!("redis-server did not start")))
+    }
+
+    /// (Re)starts Redis on its port and directory, e.g. after
+    /// [`RedisServer::stop`]; with AOF it reloads what it had.
+    pub fn start_again(&mut self) -> anyhow::Result<()> {
+        kill(&mut self.child);
+        let program = find_program("redis-server")?;
+        let persistence: &[&str] = if self.aof {
+            &["--appendonly", "yes", "--appendfsync", "everysec"]
+        } else {
+            &["--appendonly", "no"]
+        };
+        let mut child = Command::new(&program)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", ""])
+            .args(persistence)
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start redis-server")?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        if let Err(e) = wait_for_port(addr, &mut child, Duration::from_secs(10)) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Stops Redis as a restart does (SIGTERM: it flushes its AOF first).
+    pub fn stop(&mut self) {
+        terminate(&mut self.child);
     }
 
     pub fn port(&self) -> u16 {
@@ -159,17 +211,30 @@ impl Drop for RedisServer {
 pub struct Mosquitto {
     child: Option<Child>,
     port: u16,
+    persistent: bool,
     dir: TempDir,
 }
 
 impl Mosquitto {
     /// Starts a broker on a free port.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(false)
+    }
+
+    /// Starts a broker that persists its sessions and queued messages to
+    /// disk, so that persistent-session clients keep them across
+    /// [`Mosquitto::stop`] (a graceful stop then) and `start_again`.
+    pub fn start_persistent() -> anyhow::Result<Self> {
+        Self::start_with(true)
+    }
+
+    fn start_with(persistent: bool) -> anyhow::Result<Self> {
         let mut last_err = None;
         for _ in 0..5 {
             let mut m = Self {
                 child: None,
                 port: free_port(),
+                persistent,
                 dir: TempDir::new("mosquitto")?,
             };
             match m.start_again() {
@@ -185,10 +250,22 @@ impl Mosquitto {
         kill(&mut self.child);
         let program = find_program("mosquitto")?;
         let conf = self.dir.path().join("mosquitto.conf");
+        let persistence = if self.persistent {
+            // Started as root, mosquitto drops to its own user, which must
+            // be able to write its database here (else it silently keeps none).
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o777))?;
+            format!(
+                "persistence true\npersistence_location {}/\n",
+                self.dir.path().display()
+            )
+        } else {
+            "persistence false\n".to_owned()
+        };
         std::fs::write(
             &conf,
             format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                "listener {} 127.0.0.1\nallow_anonymous true\n{persistence}\
                  max_queued_messages 100000\nmax_inflight_messages 0\n",
                 self.port
             ),
@@ -206,9 +283,14 @@ impl Mosquitto {
         Ok(())
     }
 
-    /// Kills the broker (clients see the connection drop).
+    /// Kills the broker (clients see the connection drop); a persistent
+    /// one is stopped gracefully, so that it saves its sessions.
     pub fn stop(&mut self) {
-        kill(&mut self.child);
+        if self.persistent {
+            terminate(&mut self.child);
+        } else {
+            kill(&mut self.child);
+        }
     }
 
     pub fn port(&self) -> u16 {
