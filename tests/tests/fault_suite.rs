@@ -591,6 +591,17 @@ async fn every_request_gets_one_reply_and_every_dialog_stays_whole_under_each_fa
             false,
         ),
         (
+            "Redis down 10 s (AOF)",
+            fault(|rig| {
+                Box::pin(async move {
+                    rig.redis.stop();
+                    sleep(Duration::from_secs(10)).await;
+                    rig.redis.start_again().unwrap();
+                })
+            }),
+            false,
+        ),
+        (
             "gateway killed, restarted",
             fault(|rig| {
                 Box::pin(async move {
