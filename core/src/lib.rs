@@ -9,6 +9,7 @@
 //! - [`auth`]: gRPC bearer tokens, checked by servers and sent by clients.
 
 pub mod auth;
+pub mod cancel;
 pub mod projects;
 pub mod runtime;
 pub mod shutdown;

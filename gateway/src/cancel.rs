@@ -11,12 +11,7 @@
 //! a cancel naming another client finds nothing, and a request without a
 //! `requestId` cannot be cancelled (nothing names it).
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
 
 use crate::request::{scalar_text, ChatTurn};
 
@@ -78,89 +73,15 @@ impl TurnKey {
 }
 
 /// The turns that can be cancelled now; shared by every project's link.
-#[derive(Default)]
-pub struct InFlight {
-    /// Several entries per key when a client re-sends a request whose
-    /// first delivery is still running: a cancel stops both.
-    turns: Mutex<HashMap<TurnKey, Vec<(u64, CancellationToken)>>>,
-    next: AtomicU64,
-}
+pub type InFlight = palaver_core::cancel::Registry<TurnKey>;
 
 /// A turn's registration: its token, removed from the registry on drop.
-pub struct Registration {
-    registry: Arc<InFlight>,
-    key: TurnKey,
-    id: u64,
-    token: CancellationToken,
-}
-
-impl Registration {
-    /// Fires when a cancel names this turn.
-    pub fn token(&self) -> &CancellationToken {
-        &self.token
-    }
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        let mut turns = lock(&self.registry.turns);
-        if let Some(entries) = turns.get_mut(&self.key) {
-            entries.retain(|(id, _)| *id != self.id);
-            if entries.is_empty() {
-                turns.remove(&self.key);
-            }
-        }
-    }
-}
-
-impl InFlight {
-    /// Registers a turn under `key` until the returned guard is dropped.
-    pub fn register(self: &Arc<Self>, key: TurnKey) -> Registration {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let token = CancellationToken::new();
-        lock(&self.turns)
-            .entry(key.clone())
-            .or_default()
-            .push((id, token.clone()));
-        Registration {
-            registry: self.clone(),
-            key,
-            id,
-            token,
-        }
-    }
-
-    /// Cancels every running turn under `key`; how many there were (0: a
-    /// finished or unknown request, or another client's).
-    pub fn cancel(&self, key: &TurnKey) -> usize {
-        let turns = lock(&self.turns);
-        let Some(entries) = turns.get(key) else {
-            return 0;
-        };
-        for (_, token) in entries {
-            token.cancel();
-        }
-        entries.len()
-    }
-
-    /// Turns registered now.
-    pub fn len(&self) -> usize {
-        lock(&self.turns).values().map(Vec::len).sum()
-    }
-
-    /// Whether no turn is registered.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// The map holds plain data; a panic elsewhere cannot leave it half-changed.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+pub type Registration = palaver_core::cancel::Registration<TurnKey>;
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     fn turn(client: Option<&str>, request: Option<&str>) -> ChatTurn {

@@ -6,97 +6,39 @@
 //! owner takes the turn back. The registry is in-process: a cancel reaches
 //! only the turns of the replica that serves it.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
+use palaver_core::cancel::{Registration, Registry};
 use palaver_core::{ERROR_KIND_CANCELLED, ERROR_KIND_HEADER};
-use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 type Key = (String, String, String);
 
-/// Running turns that carry a request id.
+/// Running turns that carry a request id, by (project, session, request id).
 #[derive(Default)]
-pub struct Running {
-    /// Several entries per key while a retry waits for the first attempt.
-    turns: Mutex<HashMap<Key, Vec<(u64, CancellationToken)>>>,
-    next: AtomicU64,
-}
+pub struct Running(Arc<Registry<Key>>);
 
 /// One turn's entry; removed when dropped.
-pub struct Entry {
-    running: Arc<Running>,
-    key: Key,
-    id: u64,
-    token: CancellationToken,
-}
-
-impl Entry {
-    /// Fires when `CancelTurn` names this turn.
-    pub fn token(&self) -> &CancellationToken {
-        &self.token
-    }
-}
-
-impl Drop for Entry {
-    fn drop(&mut self) {
-        let mut turns = lock(&self.running.turns);
-        if let Some(entries) = turns.get_mut(&self.key) {
-            entries.retain(|(id, _)| *id != self.id);
-            if entries.is_empty() {
-                turns.remove(&self.key);
-            }
-        }
-    }
-}
+pub type Entry = Registration<Key>;
 
 impl Running {
     /// Registers a turn; `None` without a request id (nothing can name it).
-    pub fn register(
-        self: &Arc<Self>,
-        project: &str,
-        session_id: &str,
-        request_id: &str,
-    ) -> Option<Entry> {
-        if request_id.is_empty() {
-            return None;
-        }
-        let key = (
-            project.to_owned(),
-            session_id.to_owned(),
-            request_id.to_owned(),
-        );
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let token = CancellationToken::new();
-        lock(&self.turns)
-            .entry(key.clone())
-            .or_default()
-            .push((id, token.clone()));
-        Some(Entry {
-            running: self.clone(),
-            key,
-            id,
-            token,
-        })
+    pub fn register(&self, project: &str, session_id: &str, request_id: &str) -> Option<Entry> {
+        (!request_id.is_empty()).then(|| self.0.register(key(project, session_id, request_id)))
     }
 
     /// Cancels the turns under this name; whether there was one.
     pub fn cancel(&self, project: &str, session_id: &str, request_id: &str) -> bool {
-        let key = (
-            project.to_owned(),
-            session_id.to_owned(),
-            request_id.to_owned(),
-        );
-        let turns = lock(&self.turns);
-        let Some(entries) = turns.get(&key) else {
-            return false;
-        };
-        for (_, token) in entries {
-            token.cancel();
-        }
-        true
+        self.0.cancel(&key(project, session_id, request_id)) > 0
     }
+}
+
+fn key(project: &str, session_id: &str, request_id: &str) -> Key {
+    (
+        project.to_owned(),
+        session_id.to_owned(),
+        request_id.to_owned(),
+    )
 }
 
 /// What the caller of a cancelled turn receives.
@@ -109,18 +51,13 @@ pub fn cancelled() -> Status {
     s
 }
 
-/// Plain data behind the lock: a panic elsewhere cannot leave it half-changed.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn a_turn_is_cancelled_by_its_full_name_only_while_it_runs() {
-        let running = Arc::new(Running::default());
+        let running = Running::default();
         assert!(running.register("p", "s", "").is_none());
         let entry = running.register("p", "s", "r1").unwrap();
         assert!(!running.cancel("p", "s", "r2"));
