@@ -195,6 +195,23 @@ impl ServerAuthArgs {
     }
 }
 
+/// How a gRPC server is protected: TLS (with client certificates when it
+/// has a client CA) and bearer tokens. The default is neither.
+#[derive(Debug, Clone)]
+pub struct Security {
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
+    pub auth: AuthLayer,
+}
+
+impl Default for Security {
+    fn default() -> Self {
+        Self {
+            tls: None,
+            auth: AuthLayer::new(None),
+        }
+    }
+}
+
 /// A tower layer checking bearer tokens before any gRPC method runs.
 #[derive(Debug, Clone)]
 pub struct AuthLayer {

@@ -47,22 +47,8 @@ pub const CHAT_METHODS: &[&str] = &[
     "/palaver.inference.v1.Inference/GenerateStream",
 ];
 
-/// How the gRPC server is protected: TLS (with client certificates when it
-/// has a client CA) and bearer tokens. The default is neither.
-#[derive(Debug, Clone)]
-pub struct Security {
-    pub tls: Option<tonic::transport::ServerTlsConfig>,
-    pub auth: palaver_core::auth::AuthLayer,
-}
-
-impl Default for Security {
-    fn default() -> Self {
-        Self {
-            tls: None,
-            auth: palaver_core::auth::AuthLayer::new(None),
-        }
-    }
-}
+/// How the gRPC server is protected (one definition for both services).
+pub use palaver_core::auth::Security;
 
 /// A configured inference-svc, ready to serve.
 pub struct Server {

@@ -54,22 +54,8 @@ pub const CHAT_METHODS: &[&str] = &[
     "/palaver.session.v1.Sessions/GetHistory",
 ];
 
-/// How the gRPC server is protected: TLS (with client certificates when it
-/// has a client CA) and bearer tokens. The default is neither.
-#[derive(Debug, Clone)]
-pub struct Security {
-    pub tls: Option<tonic::transport::ServerTlsConfig>,
-    pub auth: palaver_core::auth::AuthLayer,
-}
-
-impl Default for Security {
-    fn default() -> Self {
-        Self {
-            tls: None,
-            auth: palaver_core::auth::AuthLayer::new(None),
-        }
-    }
-}
+/// How the gRPC server is protected (one definition for both services).
+pub use palaver_core::auth::Security;
 
 /// A session-svc instance, ready to serve.
 pub struct Server<S: Store> {
