@@ -257,6 +257,7 @@ mod tests {
             sampling,
             request_id: "r1".into(),
             affinity_key: "s1".into(),
+            client: String::new(),
         }
     }
 

@@ -60,6 +60,7 @@ fn request(text: &str, max_tokens: u32) -> GenerateRequest {
         }),
         request_id: "req-42".into(),
         affinity_key: "session-1".into(),
+        client: String::new(),
     }
 }
 

@@ -201,6 +201,7 @@ impl<S: Store> SessionService<S> {
             // Unique across projects: routers in front of several model
             // servers see it as the session (x-session-id, OpenAI `user`).
             affinity_key: format!("{}/{}", req.project, req.session_id),
+            client: req.client.clone(),
         };
         Generation { request, owner }
     }
