@@ -34,6 +34,7 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod ack;
 pub mod backlog;
 pub mod cancel;
 pub mod config;

@@ -6,9 +6,8 @@
 //! non-blocking publish, and turns run in their own tasks. rumqttc only makes
 //! progress (including sending our replies) while the loop polls.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::{
@@ -18,6 +17,7 @@ use rumqttc::{
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::ack::{Ack, Acks};
 use crate::backlog::Backlog;
 use crate::cancel::{self, TurnKey};
 use crate::config::Config;
@@ -82,70 +82,8 @@ pub struct Link {
     eventloop: EventLoop,
     publisher: Publisher,
     connected: Arc<AtomicBool>,
-    /// Counts connections, so that an acknowledgement is sent only on the
-    /// connection its request came on (a packet id means nothing on another).
-    connection: Arc<AtomicU64>,
-    /// Requests not acknowledged yet (see [`Unfinished`]).
-    unfinished: Unfinished,
-}
-
-/// A request's acknowledgement to the broker, sent when this is dropped:
-/// once the request is answered or refused, never before. With the
-/// consumer lease (a persistent session) a request that a gateway received
-/// but did not finish — it died, or lost the lease — is delivered again,
-/// in order, to whichever gateway consumes the project next.
-pub struct Ack {
-    client: AsyncClient,
-    /// Only the packet id and QoS of the request; `None`: nothing to send.
-    packet: Option<Publish>,
-    /// The connection to acknowledge on: the one the request came on, or
-    /// the one that delivered it again while it was still being answered.
-    on: Arc<AtomicU64>,
-    current: Arc<AtomicU64>,
-    unfinished: Unfinished,
-}
-
-/// Requests received and not yet acknowledged, by packet id, with the
-/// connection each is to be acknowledged on. A broker re-delivers them
-/// (same packet id, DUP set) when the connection comes back: such a request
-/// is not run again, its running turn acknowledges it on the new connection.
-type Unfinished = Arc<Mutex<HashMap<u16, Arc<AtomicU64>>>>;
-
-impl Ack {
-    /// Whether the broker delivers the request again if it is not
-    /// acknowledged (a QoS 1 or 2 request on a persistent session).
-    pub fn redeliverable(&self) -> bool {
-        self.packet.is_some()
-    }
-
-    /// Leaves the request unacknowledged, for the broker to deliver again
-    /// (to the next consumer) after this connection ends.
-    pub fn withhold(mut self) {
-        self.forget();
-    }
-
-    fn forget(&mut self) {
-        if let Some(packet) = self.packet.take() {
-            let mut unfinished = self.unfinished.lock().unwrap_or_else(|p| p.into_inner());
-            if unfinished
-                .get(&packet.pkid)
-                .is_some_and(|on| Arc::ptr_eq(on, &self.on))
-            {
-                unfinished.remove(&packet.pkid);
-            }
-        }
-    }
-}
-
-impl Drop for Ack {
-    fn drop(&mut self) {
-        if let Some(packet) = &self.packet {
-            if self.current.load(Ordering::SeqCst) == self.on.load(Ordering::SeqCst) {
-                let _ = self.client.try_ack(packet);
-            }
-        }
-        self.forget();
-    }
+    /// What is owed to the broker: PUBACKs, in order, once answered.
+    acks: Acks,
 }
 
 /// rumqttc's QoS from the config's number (validated to 0..=2).
@@ -210,7 +148,7 @@ impl Link {
             qos(shared.config.reply_qos),
         );
         let connected = Arc::new(AtomicBool::new(false));
-        let connection = Arc::new(AtomicU64::new(0));
+        let acks = Acks::new(client.clone(), shared.config.consumer_lease.is_some());
         let handle = LinkHandle {
             client: client.clone(),
             publisher: publisher.clone(),
@@ -226,8 +164,7 @@ impl Link {
             eventloop,
             publisher,
             connected,
-            connection,
-            unfinished: Unfinished::default(),
+            acks,
         };
         (link, handle)
     }
@@ -270,7 +207,7 @@ impl Link {
                     tracing::info!(project = %self.project, "connected to the MQTT broker");
                     backoff = MIN_BACKOFF;
                     failures = 0;
-                    self.connection.fetch_add(1, Ordering::SeqCst);
+                    self.acks.reset();
                     self.connected.store(true, Ordering::Relaxed);
                     self.on_connected();
                 }
@@ -293,7 +230,7 @@ impl Link {
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                     self.linger().await;
                     self.connected.store(false, Ordering::Relaxed);
-                    self.connection.fetch_add(1, Ordering::SeqCst);
+                    self.acks.reset();
                     tracing::info!(project = %self.project, "disconnected from the MQTT broker");
                     if self.shared.closing.is_cancelled() {
                         break;
@@ -303,7 +240,7 @@ impl Link {
                 Ok(_) => {}
                 Err(e) => {
                     self.connected.store(false, Ordering::Relaxed);
-                    self.connection.fetch_add(1, Ordering::SeqCst);
+                    self.acks.reset();
                     self.shared.readiness.set(self.index, false);
                     if self.shared.closing.is_cancelled() {
                         tracing::warn!(project = %self.project, error = %e, "broker unreachable while closing; giving up");
@@ -384,7 +321,7 @@ impl Link {
     fn on_publish(&self, publish: Publish) {
         let metrics = &self.shared.metrics;
         metrics.message_in(&self.project);
-        let Some(ack) = self.ack_for(&publish) else {
+        let Some(ack) = self.acks.receive(&publish) else {
             return;
         };
         // The broker sets `retain` only when replaying a stored message to a
@@ -407,42 +344,6 @@ impl Link {
             tracing::debug!(project = %self.project, topic = %publish.topic, "message on an unexpected topic");
             metrics.dropped("unknown_topic");
         }
-    }
-
-    /// The acknowledgement of `publish`, or `None` when it is a broker's
-    /// re-delivery of a request this gateway is still answering (which then
-    /// acknowledges it on the current connection).
-    fn ack_for(&self, publish: &Publish) -> Option<Ack> {
-        let manual = self.shared.config.consumer_lease.is_some();
-        let current = self.connection.load(Ordering::SeqCst);
-        let packet = if manual && publish.qos != QoS::AtMostOnce {
-            let mut unfinished = self.unfinished.lock().unwrap_or_else(|p| p.into_inner());
-            if publish.dup {
-                if let Some(on) = unfinished.get(&publish.pkid) {
-                    on.store(current, Ordering::SeqCst);
-                    tracing::debug!(project = %self.project, pkid = publish.pkid, "re-delivery of a request still being answered");
-                    return None;
-                }
-            }
-            let on = Arc::new(AtomicU64::new(current));
-            unfinished.insert(publish.pkid, on.clone());
-            let mut p = Publish::new("", publish.qos, Vec::new());
-            p.pkid = publish.pkid;
-            Some((p, on))
-        } else {
-            None
-        };
-        let (packet, on) = match packet {
-            Some((p, on)) => (Some(p), on),
-            None => (None, Arc::new(AtomicU64::new(current))),
-        };
-        Some(Ack {
-            client: self.client.clone(),
-            packet,
-            on,
-            current: self.connection.clone(),
-            unfinished: self.unfinished.clone(),
-        })
     }
 
     fn on_user_input(&self, payload: &[u8], ack: Ack) {

@@ -17,11 +17,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 use tracing::Instrument;
 
+use crate::ack::Ack;
 use crate::backlog::Permit;
 use crate::cancel::{InFlight, Registration, TurnKey};
 use crate::control::{ControlOp, ControlRequest};
 use crate::errors;
-use crate::link::Ack;
 use crate::metrics::{Metrics, OutKind};
 use crate::order::{SessionOrder, Ticket};
 use crate::publish::Publisher;

@@ -297,6 +297,51 @@ async fn send_gets_a_reply_and_the_session_remembers() {
     up.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_turn_overtaking_a_long_one_keeps_the_gateways_broker_connection() {
+    // A turn answered before an earlier one is acknowledged after it: MQTT
+    // wants PUBACKs in the order the requests came, and the embedded broker
+    // drops a connection that acknowledges out of order.
+    let up = Up::start(&["--sim-ttft-ms", "50", "--sim-tokens-per-sec", "20"]).await;
+    let long = {
+        let port = up.mqtt_port.to_string();
+        tokio::spawn(async move {
+            palaver("send")
+                .args(["--port", &port, "--timeout-secs", "20"])
+                .args(["--session", "slow", "--max-tokens", "40", "a long answer"])
+                .output()
+                .await
+                .expect("palaver send runs")
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 0..3 {
+        let (code, out, err) = up
+            .send(&[
+                "--session",
+                &format!("quick-{i}"),
+                "--max-tokens",
+                "2",
+                "short",
+            ])
+            .await;
+        assert_eq!(code, 0, "stderr: {err}");
+        assert_eq!(out.trim_end(), "[simulated reply]");
+    }
+    let long = long.await.expect("send task");
+    assert!(long.status.success(), "{long:?}");
+    simulated(
+        String::from_utf8_lossy(&long.stdout).trim_end(),
+        "a long answer",
+    );
+    let log = up.log.lock().unwrap().clone();
+    assert!(
+        !log.contains("MQTT connection problem"),
+        "the gateway lost its broker connection:\n{log}"
+    );
+    up.stop().await;
+}
+
 /// Logs in to the broker on `port` with plain rumqttc: Ok on ConnAck.
 async fn mqtt_login(port: u16, credentials: Option<(&str, &str)>) -> Result<(), String> {
     let mut opts = MqttOptions::new(
