@@ -1,14 +1,16 @@
 //! The fault suite (issue 19, DESIGN.md turn integrity: delivery): the real
 //! pieces — redis-server with AOF, a persistent mosquitto, the three services
-//! each in a runtime of its own that a test can drop as `kill -9` would, the
-//! fake model server — under a steady load of 16 sessions, one fault at a
-//! time. Every request is accounted for (answered, error text, no reply) and
+//! (each in a runtime of its own, or, for the rows that kill one, as the real
+//! binaries killed with SIGKILL), the fake model server — under a steady load
+//! of 16 sessions, one fault at a time. Every request is accounted for (answered, error text, no reply) and
 //! every stored dialog checked (doubled, orphaned, misplaced messages).
 //! The table goes to stderr and to target/fault-suite.md.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,14 +35,19 @@ const SESSIONS: usize = 16;
 const TURN_DEADLINE: Duration = Duration::from_secs(15);
 /// How long a client waits for a reply before re-sending the same request id.
 const CLIENT_PATIENCE: Duration = Duration::from_secs(18);
+/// The projects file the separate binaries read (the same as [`projects`]).
+const PROJECTS_TOML: &str =
+    "[projects.general]\nrate_limit = 0\nmax_history_messages = 10000\nmax_history_tokens = 10000000\n";
 const LEASE: Duration = Duration::from_secs(2);
+/// The long broker outage: longer than a client's patience and than a turn's
+/// deadline, so only persistent sessions on both sides carry it.
+const MOSQUITTO_DOWN: Duration = Duration::from_secs(30);
+/// What the gateway logs once it consumes a project (as scripts/soak waits for).
+const SUBSCRIBED: &str = "subscribed project=";
 const OVERLOADED: &str = "Server is overloaded. Please try again in a moment.";
 
 fn projects() -> Projects {
-    Projects::from_toml(
-        "[projects.general]\nrate_limit = 0\nmax_history_messages = 10000\nmax_history_tokens = 10000000\n",
-    )
-    .unwrap()
+    Projects::from_toml(PROJECTS_TOML).unwrap()
 }
 
 fn free_addr() -> SocketAddr {
@@ -56,14 +63,26 @@ fn runtime() -> Runtime {
         .unwrap()
 }
 
-/// A service in a runtime of its own: dropping the runtime ends its every
-/// task and socket at once, as SIGKILL ends a process.
-struct Proc(Option<Runtime>);
+/// A running service: in a runtime of its own, whose drop ends its every
+/// task and socket at once; or the real binary, killed with SIGKILL.
+enum Running {
+    Runtime(Runtime),
+    Process(Child),
+}
+
+/// A service that may be running; dropping it kills it.
+struct Proc(Option<Running>);
 
 impl Proc {
     fn kill(&mut self) {
-        if let Some(rt) = self.0.take() {
-            rt.shutdown_background();
+        match self.0.take() {
+            None => {}
+            Some(Running::Runtime(rt)) => rt.shutdown_background(),
+            Some(Running::Process(mut child)) => {
+                // Child::kill sends SIGKILL: no drain, no destructor runs.
+                let _ = child.kill();
+                let _ = child.wait();
+            }
         }
     }
 }
@@ -72,6 +91,58 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// How a rig runs the three services.
+#[derive(Clone, Copy, PartialEq)]
+enum Services {
+    /// In this test process, each in a runtime of its own.
+    InProcess,
+    /// As the `gateway`, `session-svc` and `inference-svc` binaries.
+    Binaries,
+}
+
+/// The path of one of the workspace's binaries, built if this test run did
+/// not build it (`cargo test --workspace` does; a single `--test` may not).
+fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/fault_suite-<hash> → target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let path = dir.join(name);
+    if !path.is_file() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args(["build", "-p", name, "--bin", name]);
+        if dir.ends_with("release") {
+            build.arg("--release");
+        }
+        assert!(build.status().unwrap().success(), "cannot build {name}");
+    }
+    path
+}
+
+fn log_path(tag: &str, name: &str) -> PathBuf {
+    let logs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/fault-suite-logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    logs.join(format!("{tag}-{name}.log"))
+}
+
+/// Starts a service binary, its log in target/fault-suite-logs.
+fn spawn(name: &str, tag: &str, args: &[String]) -> Child {
+    // Appended to: a restarted service's log follows its killed predecessor's.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path(tag, name))
+        .unwrap();
+    Command::new(binary(name))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {name}: {e}"))
 }
 
 /// Everything a fault is injected into. Services reach Redis, the broker
@@ -88,10 +159,15 @@ struct Rig {
     inference: Proc,
     session: Proc,
     gateway: Proc,
+    services: Services,
+    /// Names the binaries' log files.
+    tag: String,
+    /// The projects file the binaries read.
+    projects_file: PathBuf,
 }
 
 impl Rig {
-    async fn start() -> Rig {
+    async fn start(services: Services, tag: &str) -> Rig {
         palaver_tests::init_logging();
         let redis = RedisServer::start_with_aof().unwrap();
         let broker = Mosquitto::start_persistent().unwrap();
@@ -122,7 +198,11 @@ impl Rig {
             inference: Proc(None),
             session: Proc(None),
             gateway: Proc(None),
+            services,
+            tag: tag.to_owned(),
+            projects_file: std::env::temp_dir().join(format!("palaver-fault-suite-{tag}.toml")),
         };
+        std::fs::write(&rig.projects_file, PROJECTS_TOML).unwrap();
         rig.inference = rig.start_inference().await;
         rig.session = rig.start_session().await;
         rig.gateway = rig.start_gateway().await;
@@ -130,6 +210,24 @@ impl Rig {
     }
 
     async fn start_inference(&self) -> Proc {
+        if self.services == Services::Binaries {
+            let child = spawn(
+                "inference-svc",
+                &self.tag,
+                &[
+                    "--listen".into(),
+                    self.inference_addr.to_string(),
+                    "--vllm-url".into(),
+                    format!("http://{}", self.vllm_link.addr()),
+                    "--first-token-timeout-ms".into(),
+                    "3000".into(),
+                    "--idle-timeout-ms".into(),
+                    "3000".into(),
+                ],
+            );
+            wait_listening(self.inference_addr).await;
+            return Proc(Some(Running::Process(child)));
+        }
         let rt = runtime();
         let mut cfg = inference_svc::Config::openai(format!("http://{}", self.vllm_link.addr()));
         // A hung model fails its turns well within the turn's deadline.
@@ -142,10 +240,28 @@ impl Rig {
             server.serve(listener, CancellationToken::new()).await
         });
         wait_listening(addr).await;
-        Proc(Some(rt))
+        Proc(Some(Running::Runtime(rt)))
     }
 
     async fn start_session(&self) -> Proc {
+        if self.services == Services::Binaries {
+            let child = spawn(
+                "session-svc",
+                &self.tag,
+                &[
+                    "--listen".into(),
+                    self.session_addr.to_string(),
+                    "--redis-url".into(),
+                    format!("redis://{}/", self.redis_link.addr()),
+                    "--inference-url".into(),
+                    format!("http://{}", self.inference_addr),
+                    "--projects-file".into(),
+                    self.projects_file.display().to_string(),
+                ],
+            );
+            wait_listening(self.session_addr).await;
+            return Proc(Some(Running::Process(child)));
+        }
         let rt = runtime();
         let redis = format!("redis://{}/", self.redis_link.addr());
         let inference = format!("http://{}", self.inference_addr);
@@ -161,10 +277,42 @@ impl Rig {
             server.serve(listener, CancellationToken::new()).await
         });
         wait_listening(addr).await;
-        Proc(Some(rt))
+        Proc(Some(Running::Runtime(rt)))
     }
 
     async fn start_gateway(&self) -> Proc {
+        if self.services == Services::Binaries {
+            let log = log_path(&self.tag, "gateway");
+            let subscribed = || {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                text.matches(SUBSCRIBED).count()
+            };
+            let before = subscribed();
+            let child = spawn(
+                "gateway",
+                &self.tag,
+                &[
+                    "--mqtt-url".into(),
+                    format!("mqtt://{}", self.broker_link.addr()),
+                    "--session-url".into(),
+                    format!("http://{}", self.session_addr),
+                    "--projects-file".into(),
+                    self.projects_file.display().to_string(),
+                    "--client-id".into(),
+                    "fault-suite-gateway".into(),
+                    "--consumer-lease-ms".into(),
+                    LEASE.as_millis().to_string(),
+                    "--request-timeout-ms".into(),
+                    TURN_DEADLINE.as_millis().to_string(),
+                ],
+            );
+            // A restarted gateway may stand by until the dead one's lease expires.
+            let until = Instant::now() + Duration::from_secs(10);
+            while subscribed() == before && Instant::now() < until {
+                sleep(Duration::from_millis(50)).await;
+            }
+            return Proc(Some(Running::Process(child)));
+        }
         let rt = runtime();
         let mut cfg = gateway::Config::new(
             "127.0.0.1",
@@ -181,7 +329,7 @@ impl Rig {
         rt.spawn(gw.run(CancellationToken::new()));
         // A restarted gateway may stand by until the dead one's lease expires.
         let _ = tokio::time::timeout(Duration::from_secs(10), ready).await;
-        Proc(Some(rt))
+        Proc(Some(Running::Runtime(rt)))
     }
 
     async fn sessions(&self) -> SessionsClient<tonic::transport::Channel> {
@@ -244,6 +392,7 @@ async fn run_session(
     run: String,
     s: usize,
     stop_sending: Arc<Mutex<Instant>>,
+    patience: Duration,
 ) -> SessionLog {
     let stop = || *stop_sending.lock().unwrap();
     let session = format!("{run}-s{s:02}");
@@ -289,8 +438,8 @@ async fn run_session(
     let mut log = SessionLog::default();
     let mut t = 0;
     while Instant::now() < stop() {
-        // Well after every turn's deadline.
-        let give_up = stop() + Duration::from_secs(45);
+        // Well after every turn's deadline and a client's re-send.
+        let give_up = stop() + patience + Duration::from_secs(27);
         let rid = format!("{session}-t{t:03}");
         t += 1;
         let payload = json!({"message": rid, "sessionId": session, "clientId": "c",
@@ -306,7 +455,7 @@ async fn run_session(
                     payload.clone(),
                 )
                 .await;
-            let wait_until = (Instant::now() + CLIENT_PATIENCE).min(give_up);
+            let wait_until = (Instant::now() + patience).min(give_up);
             loop {
                 let left = wait_until.saturating_duration_since(Instant::now());
                 let got = tokio::select! {
@@ -318,7 +467,7 @@ async fn run_session(
                 };
                 let Ok(Some((got, text))) = got else {
                     log.resent += 1;
-                    eprintln!("fault suite: no reply to {rid} within {CLIENT_PATIENCE:?}; re-sent");
+                    eprintln!("fault suite: no reply to {rid} within {patience:?}; re-sent");
                     continue 'attempts; // no reply: re-send
                 };
                 if got != rid {
@@ -371,10 +520,51 @@ struct Row {
 type Inject =
     for<'a> fn(&'a mut Rig) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
 
+/// One row of the suite.
+struct Spec {
+    fault: &'static str,
+    inject: Inject,
+    /// The model's own faults may end a turn with an error text.
+    expect_errors: bool,
+    services: Services,
+    /// How long the clients wait for a reply before re-sending; longer than
+    /// the outage for the one fault that outlasts [`CLIENT_PATIENCE`].
+    patience: Duration,
+}
+
+impl Spec {
+    fn new(fault: &'static str, inject: Inject) -> Spec {
+        Spec {
+            fault,
+            inject,
+            expect_errors: false,
+            services: Services::InProcess,
+            patience: CLIENT_PATIENCE,
+        }
+    }
+
+    fn model_fault(mut self) -> Spec {
+        self.expect_errors = true;
+        self
+    }
+
+    fn binaries(mut self) -> Spec {
+        self.services = Services::Binaries;
+        self
+    }
+}
+
 /// Load, inject, heal, settle, check.
-async fn run_fault(fault: &'static str, inject: Inject, expect_errors: bool) -> Row {
-    let mut rig = Rig::start().await;
+async fn run_fault(spec: Spec) -> Row {
+    let Spec {
+        fault,
+        inject,
+        expect_errors,
+        services,
+        patience,
+    } = spec;
     let run = format!("f{:04x}", rand_tag());
+    let mut rig = Rig::start(services, &run).await;
     let start = Instant::now();
     // Sending stops a few seconds after the fault is healed; give up only
     // well after every turn's deadline.
@@ -384,7 +574,7 @@ async fn run_fault(fault: &'static str, inject: Inject, expect_errors: bool) -> 
         .map(|s| {
             let run = run.clone();
             let stop = stop_sending.clone();
-            tokio::spawn(run_session(port, run, s, stop))
+            tokio::spawn(run_session(port, run, s, stop, patience))
         })
         .collect();
     sleep(Duration::from_millis(1500)).await;
@@ -474,7 +664,7 @@ async fn run_fault(fault: &'static str, inject: Inject, expect_errors: bool) -> 
         && row.misplaced == 0
         && row.ghosts == 0
         // Back within a client's re-send and its turn, whatever the fault.
-        && row.recovery.is_some_and(|d| d < CLIENT_PATIENCE + Duration::from_secs(5))
+        && row.recovery.is_some_and(|d| d < patience + Duration::from_secs(5))
         && row.slots_after == 8
         && (expect_errors || row.errors == 0);
     row
@@ -556,9 +746,9 @@ fn table(rows: &[Row]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_gets_one_reply_and_every_dialog_stays_whole_under_each_fault() {
-    let faults: Vec<(&'static str, Inject, bool)> = vec![
-        ("none (baseline)", fault(|_| Box::pin(async {})), false),
-        (
+    let faults: Vec<Spec> = vec![
+        Spec::new("none (baseline)", fault(|_| Box::pin(async {}))),
+        Spec::new(
             "mosquitto restarted (stop, 3 s, start)",
             fault(|rig| {
                 Box::pin(async move {
@@ -567,9 +757,23 @@ async fn every_request_gets_one_reply_and_every_dialog_stays_whole_under_each_fa
                     rig.broker.start_again().unwrap();
                 })
             }),
-            false,
         ),
-        (
+        Spec {
+            // Clients cannot even publish while the broker is gone, so
+            // their patience must outlast the outage: 30 s + the usual 18 s.
+            patience: CLIENT_PATIENCE + MOSQUITTO_DOWN,
+            ..Spec::new(
+                "mosquitto down 30 s",
+                fault(|rig| {
+                    Box::pin(async move {
+                        rig.broker.stop();
+                        sleep(MOSQUITTO_DOWN).await;
+                        rig.broker.start_again().unwrap();
+                    })
+                }),
+            )
+        },
+        Spec::new(
             "Redis restarted (AOF)",
             fault(|rig| {
                 Box::pin(async move {
@@ -577,9 +781,8 @@ async fn every_request_gets_one_reply_and_every_dialog_stays_whole_under_each_fa
                     rig.redis.start_again().unwrap();
                 })
             }),
-            false,
         ),
-        (
+        Spec::new(
             "Redis down 4 s (AOF)",
             fault(|rig| {
                 Box::pin(async move {
@@ -588,9 +791,8 @@ async fn every_request_gets_one_reply_and_every_dialog_stays_whole_under_each_fa
                     rig.redis.start_again().unwrap();
                 })
             }),
-            false,
         ),
-        (
+        Spec::new(
             "Redis down 10 s (AOF)",
             fault(|rig| {
                 Box::pin(async move {
@@ -599,10 +801,9 @@ async fn every_request_gets_one_reply_and_every_dialog_stays_whole_under_each_fa
                     rig.redis.start_again().unwrap();
                 })
             }),
-            false,
         ),
-        (
-            "gateway killed, restarted",
+        Spec::new(
+            "gateway process SIGKILL, restarted",
             fault(|rig| {
                 Box::pin(async move {
                     rig.gateway.kill();
@@ -610,10 +811,10 @@ async fn every_request_gets_one_reply_and_every_dialog_stays_whole_under_each_fa
                     rig.gateway = rig.start_gateway().await;
                 })
             }),
-            false,
-        ),
-        (
-            "session-svc killed mid-turn, restarted",
+        )
+        .binaries(),
+        Spec::new(
+            "session-svc process SIGKILL mid-turn, restarted",
             fault(|rig| {
                 Box::pin(async move {
                     rig.session.kill();
@@ -621,10 +822,10 @@ async fn every_request_gets_one_reply_and_every_dialog_stays_whole_under_each_fa
                     rig.session = rig.start_session().await;
                 })
             }),
-            false,
-        ),
-        (
-            "inference-svc killed with 8 generating, restarted",
+        )
+        .binaries(),
+        Spec::new(
+            "inference-svc process SIGKILL with 8 generating, restarted",
             fault(|rig| {
                 Box::pin(async move {
                     let until = Instant::now() + Duration::from_secs(5);
@@ -636,9 +837,9 @@ async fn every_request_gets_one_reply_and_every_dialog_stays_whole_under_each_fa
                     rig.inference = rig.start_inference().await;
                 })
             }),
-            false,
-        ),
-        (
+        )
+        .binaries(),
+        Spec::new(
             "model: 500 on every other request",
             fault(|rig| {
                 Box::pin(async move {
@@ -650,9 +851,9 @@ async fn every_request_gets_one_reply_and_every_dialog_stays_whole_under_each_fa
                     rig.vllm.set_fault(Fault::None);
                 })
             }),
-            true,
-        ),
-        (
+        )
+        .model_fault(),
+        Spec::new(
             "model: hang",
             fault(|rig| {
                 Box::pin(async move {
@@ -661,9 +862,9 @@ async fn every_request_gets_one_reply_and_every_dialog_stays_whole_under_each_fa
                     rig.vllm.set_fault(Fault::None);
                 })
             }),
-            true,
-        ),
-        (
+        )
+        .model_fault(),
+        Spec::new(
             "model: connections refused",
             fault(|rig| {
                 Box::pin(async move {
@@ -672,9 +873,9 @@ async fn every_request_gets_one_reply_and_every_dialog_stays_whole_under_each_fa
                     rig.vllm.listen_again().await;
                 })
             }),
-            true,
-        ),
-        (
+        )
+        .model_fault(),
+        Spec::new(
             "model: stream cut mid-reply",
             fault(|rig| {
                 Box::pin(async move {
@@ -683,9 +884,9 @@ async fn every_request_gets_one_reply_and_every_dialog_stays_whole_under_each_fa
                     rig.vllm.set_fault(Fault::None);
                 })
             }),
-            true,
-        ),
-        (
+        )
+        .model_fault(),
+        Spec::new(
             "link cut 3 s: gateway-broker",
             fault(|rig| {
                 Box::pin(async move {
@@ -694,9 +895,8 @@ async fn every_request_gets_one_reply_and_every_dialog_stays_whole_under_each_fa
                     rig.broker_link.restore();
                 })
             }),
-            false,
         ),
-        (
+        Spec::new(
             "link cut 3 s: session-svc-Redis",
             fault(|rig| {
                 Box::pin(async move {
@@ -705,9 +905,8 @@ async fn every_request_gets_one_reply_and_every_dialog_stays_whole_under_each_fa
                     rig.redis_link.restore();
                 })
             }),
-            false,
         ),
-        (
+        Spec::new(
             "link cut 3 s: inference-svc-model",
             fault(|rig| {
                 Box::pin(async move {
@@ -716,17 +915,17 @@ async fn every_request_gets_one_reply_and_every_dialog_stays_whole_under_each_fa
                     rig.vllm_link.restore();
                 })
             }),
-            true,
-        ),
+        )
+        .model_fault(),
     ];
     let only = std::env::var("FAULT_SUITE_ONLY").ok();
     let suite_started = Instant::now();
     let mut rows = Vec::new();
-    for (name, inject, expect_errors) in faults {
-        if only.as_deref().is_some_and(|o| !name.contains(o)) {
+    for spec in faults {
+        if only.as_deref().is_some_and(|o| !spec.fault.contains(o)) {
             continue;
         }
-        let row = run_fault(name, inject, expect_errors).await;
+        let row = run_fault(spec).await;
         eprintln!("fault suite: {row:?}");
         rows.push(row);
     }
