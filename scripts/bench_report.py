@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Turns the raw results of scripts/bench.sh into BENCHMARKS.md and an SVG chart.
 
+The machine's diagnostics (lab/bench-vm.sh) are optional: without their
+files, what needs them is left out and the report says how to add them.
 Standard library only. Every number written comes from the files in the
 results directory; the only constants are the targets and the old server's
 figures, both quoted from the issue that set them.
@@ -130,21 +132,30 @@ def idle_pauses(runs):
 
 
 def idle_curve(runs, floors):
-    """One session's cost above the backend's pause, palaver and the floor, as the pause grows."""
+    """One session's cost above the backend's pause as the pause grows; beside it the floor's,
+    when lab/bench-vm.sh measured it at every pause."""
     points = [(0, runs.get("p1i"), floors.get("instant"))]
     points += [(p, runs.get(f"idle-{p}"), floors.get(f"idle-{p}")) for p in idle_pauses(runs)]
     points.append((int(BACKEND_S * 1000), runs.get("p1"), floors.get("100ms")))
-    points = [(p, r, f) for p, r, f in points if r and f]
+    points = [(p, r, f) for p, r, f in points if r]
     if len(points) < 3:
         return []
+    with_floor = all(f for _, _, f in points)
     out = ["The pause at the backend is the time every process on the reply path sits idle. Over a "
            "range of pauses, what one session pays above the pause (median; the end points are P1' and "
-           "P1, the middle ones shorter runs):", "",
-           "| backend pause | palaver: e2e − pause | floor: e2e − pause | palaver above the floor |",
-           "|---:|---:|---:|---:|"]
+           "P1, the middle ones shorter runs):", ""]
+    if with_floor:
+        out += ["| backend pause | palaver: e2e − pause | floor: e2e − pause | palaver above the floor |",
+                "|---:|---:|---:|---:|"]
+    else:
+        out += ["| backend pause | palaver: e2e − pause |", "|---:|---:|"]
     for p, r, f in points:
-        a, b = lat(r, "p50") - p, f["latency_ms"]["p50"] - p
-        out.append(f"| {p} ms | {ms(a)} | {ms(b)} | {ms(a - b)} |")
+        a = lat(r, "p50") - p
+        if with_floor:
+            b = f["latency_ms"]["p50"] - p
+            out.append(f"| {p} ms | {ms(a)} | {ms(b)} | {ms(a - b)} |")
+        else:
+            out.append(f"| {p} ms | {ms(a)} |")
     return out
 
 
@@ -331,17 +342,19 @@ def cold_budget(out_dir, runs, floors):
 def misses_notes(out_dir, runs, loop, floors):
     """Why the one-session points cost what they cost on this machine, from the data."""
     r1, ri = runs.get("p1"), runs.get("p1i")
-    if not (r1 and ri and loop):
+    if not (r1 and ri):
         return []
-    rt = loop["redis_ping_median_us_after_idle_ms"]
     gap = lat(r1, "p50") - BACKEND_S * 1000 - lat(ri, "p50")
     out = ["### Where one session's time goes", ""]
+    hop = ""
+    if loop:
+        rt = loop["redis_ping_median_us_after_idle_ms"]
+        hop = (f" On this machine one hop between processes (a Redis PING, median) costs {rt['0']:.0f} µs "
+               f"back to back and {rt['100']:.0f} µs after 100 ms idle.")
     out.append(f"A turn crosses fourteen process hops (the broker twice each way, gateway, session-svc, "
-               f"Redis once per held phase, inference-svc, the backend). On this machine one hop between "
-               f"processes (a Redis PING, median) costs {rt['0']:.0f} µs back to back and {rt['100']:.0f} µs "
-               f"after 100 ms idle. P1' pays the warm price on every hop; P1's reply path starts after "
-               f"100 ms of idleness, so every process on it wakes cold: P1 minus P1' is {gap:.2f} ms at the "
-               f"median.")
+               f"Redis once per held phase, inference-svc, the backend).{hop} P1' pays the warm price on "
+               f"every hop; P1's reply path starts after 100 ms of idleness, so every process on it wakes "
+               f"cold: P1 minus P1' is {gap:.2f} ms at the median.")
     fi, f1 = floors.get("instant"), floors.get("100ms")
     if fi and f1:
         out.append("")
@@ -383,6 +396,15 @@ def misses_notes(out_dir, runs, loop, floors):
     if budget:
         out.append("")
         out.extend(budget)
+    missing = [what for what, there in (
+        ("the floor of a turn's hops with no work at them (`palaver-lab floor`)", fi and f1),
+        ("a loopback hop after idleness", loop),
+        ("a cache line after idleness (`palaver-lab idle-memory`)", load(out_dir, "idle-memory.json")),
+    ) if not there]
+    if missing:
+        out.append("")
+        out.append("Not measured in these runs, the machine's side of it: " + "; ".join(missing)
+                   + ". Run `lab/bench-vm.sh` after `scripts/bench.sh` to add it.")
     out.append("")
     return out
 
@@ -636,10 +658,13 @@ def main():
     L = []
     L.append("# palaver benchmarks")
     L.append("")
-    L.append("Written by `scripts/bench.sh` (through `scripts/bench_report.py`) from the runs of "
+    vm = os.path.exists(os.path.join(out, "commands-vm.txt"))
+    L.append("Written by `scripts/bench.sh`" + (" and `lab/bench-vm.sh` (the machine's diagnostics)" if vm else "")
+             + " (through `scripts/bench_report.py`) from the runs of "
              f"{machine.get('date', '?')} on commit `{machine.get('commit', '?')}`"
              + (" with uncommitted changes" if machine.get("dirty") else "")
-             + ". Run the script again to reproduce every number here" + took(load(out, "elapsed.json")) + ".")
+             + ". Run " + ("them" if vm else "the script") + " again to reproduce every number here"
+             + took(load(out, "elapsed.json")) + ".")
     L.append("")
     L.append("## Standard points")
     L.append("")
@@ -667,7 +692,8 @@ def main():
         pi, pp = runs.get("poll-p1i"), runs.get("poll-p1")
         L.append("### Diagnostic: the same code with idle vCPUs polling")
         L.append("")
-        L.append(f"This VM halts an idle vCPU at once (`guest_halt_poll_ns` = {poll['was']}). Rerun with "
+        L.append(f"This VM halts an idle vCPU at once (`guest_halt_poll_ns` = {poll['was']}). Rerun by "
+                 "`lab/bench-vm.sh` with "
                  f"`BENCH_GUEST_HALT_POLL_NS={poll['guest_halt_poll_ns']}` (idle vCPUs poll "
                  f"{poll['guest_halt_poll_ns'] / 1000:.0f} µs before halting), services + mosquitto, "
                  "nothing else changed. Not a verdict: a check of how much of the one-session latency is the "
@@ -760,14 +786,15 @@ def main():
              "exact (nearest rank). Replies/s counts the replies that arrive inside the measured window, after "
              "a warm-up. Sessions keep their history, trimmed to the project's 20 messages.")
     f_i, f_s = fake.get("instant"), fake.get("100ms")
+    floor_too = " (the floor's backend pauses the same way)" if floors.get("100ms") else ""
     fake_line = ("- **Backend**: `palaver fake-vllm` (the test suite's fake vLLM as a process), streamed SSE replies "
                  "of 16 words in vLLM's exact chunk shapes, `--tpot 0`; \"instant\" is `--ttft 0`, "
                  "\"backend 100 ms\" is `--ttft 100`.")
     if f_i and f_s:
         fake_line += (f" Measured alone over HTTP (a Python client, no palaver): median "
                       f"{f_i['median_ms']:.2f} ms instant, {f_s['median_ms']:.2f} ms for 100 ms. "
-                      "P1 subtracts the nominal 100 ms, so the fake's own overshoot counts against palaver "
-                      "(the floor's backend pauses the same way).")
+                      "P1 subtracts the nominal 100 ms, so the fake's own overshoot counts against palaver"
+                      f"{floor_too}.")
     L.append(fake_line)
     L.append("- **Project**: `scripts/bench-projects.toml` defines project `bench` with `rate_limit = 0`. "
              "The shipped default (20 messages per 60 s per session) would answer almost every benchmark "
@@ -777,6 +804,12 @@ def main():
              "on by default, and a reply written right after a PUBACK then waits for the peer's delayed ACK "
              "(about 40 ms). `palaver up` runs rumqttd inside the process, with Nagle turned off by "
              "palaver on rumqttd's listener (rumqttd has no setting for it).")
+    L.append("- **The machine's diagnostics**: " + (
+        "`lab/bench-vm.sh`, run after `scripts/bench.sh`, measured " if vm else
+        "opt-in, not in these runs: `lab/bench-vm.sh`, run after `scripts/bench.sh`, measures ")
+        + "a loopback hop and a cache line after idleness, the floor of a turn's hops "
+        "(`palaver-lab floor`) and P1 with every vCPU kept busy. They explain the one-session points "
+        "on this machine; they are not verdicts.")
     L.append("- **Services**: the release binaries `gateway`, `session-svc`, `inference-svc` (the workspace's "
              "release profile: optimised for size, fat LTO, one codegen unit) with default "
              "settings (8 generations at once), Redis for dialogs, each serving `/metrics`. P4 reads "
@@ -784,13 +817,18 @@ def main():
              "histograms before and after P1' and P1; P5 reads `VmRSS` from `/proc/<pid>/status` "
              "right after P3.")
     L.append("")
-    commands = os.path.join(out, "commands.txt")
-    if os.path.exists(commands):
+    commands = [(os.path.join(out, name), head) for name, head in
+                (("commands.txt", None), ("commands-vm.txt", "# lab/bench-vm.sh"))]
+    commands = [(path, head) for path, head in commands if os.path.exists(path)]
+    if commands:
         L.append("## Commands run")
         L.append("")
         L.append("```")
-        with open(commands) as f:
-            L.extend(line.rstrip("\n").replace(os.getcwd() + "/", "") for line in f)
+        for path, head in commands:
+            if head:
+                L.append(head)
+            with open(path) as f:
+                L.extend(line.rstrip("\n").replace(os.getcwd() + "/", "") for line in f)
         L.append("```")
         L.append("")
     text = "\n".join(L)
