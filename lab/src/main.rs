@@ -1,6 +1,6 @@
 //! `palaver-lab`: measures the machine a benchmark runs on, not palaver:
 //! the floor a turn's process hops set (`floor`) and what a cache line costs
-//! after the process sat idle (`idle-memory`). `scripts/bench.sh` runs them
+//! after the process sat idle (`idle-memory`). `lab/bench-vm.sh` runs them
 //! beside palaver's own figures; they are not part of the installed CLI.
 
 use std::process::ExitCode;
