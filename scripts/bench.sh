@@ -18,7 +18,7 @@
 # lab/bench-vm.sh, run after this script, adds them to the same results and
 # rewrites the report. This script starts target/bench/ afresh.
 #
-# Takes four to six minutes on a 2-core machine (plus the build), as busy as
+# Takes a few minutes on a 2-core machine (plus the build), as busy as
 # the host is; the report says how long its own runs took.
 set -euo pipefail
 ME=scripts/bench.sh
