@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Turns the raw results of scripts/bench.sh into BENCHMARKS.md and an SVG chart.
 
-The machine's diagnostics (lab/bench-vm.sh) are optional: without their
-files, what needs them is left out and the report says how to add them.
 Standard library only. Every number written comes from the files in the
 results directory; the only constants are the targets and the old server's
-figures, both quoted from the issue that set them.
+figures, both quoted from the issue that set them. The machine's
+diagnostics (lab/bench-vm.sh) are optional: without their files, what
+needs them is left out and the report says how to add them.
 
     python3 scripts/bench_report.py target/bench --markdown BENCHMARKS.md --svg docs/bench.svg
 """
