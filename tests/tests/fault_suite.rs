@@ -166,8 +166,7 @@ impl Rig {
 
     async fn start_gateway(&self) -> Proc {
         let rt = runtime();
-        let mut cfg = gateway::Config::new(
-            "127.0.0.1",
+        let mut cfg = palaver_tests::gateway_config(
             self.broker_link.addr().port(),
             format!("http://{}", self.session_addr),
             vec!["general".into()],
