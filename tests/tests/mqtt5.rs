@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use gateway::config::Protocol;
 use palaver_tests::{Stack, StackOptions};
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
@@ -167,8 +168,20 @@ fn error_kind(p: &Publish) -> Option<String> {
     })
 }
 
+/// A stack whose gateway speaks MQTT 5 whatever `PALAVER_TEST_MQTT_PROTOCOL`
+/// says, replying after `ttft` and with `reply_expiry_secs`.
+fn v5_stack(ttft: Duration, reply_expiry_secs: Option<u32>) -> StackOptions {
+    StackOptions {
+        gateway: Box::new(move |c| {
+            c.mqtt_protocol = Protocol::V5;
+            c.reply_expiry_secs = reply_expiry_secs;
+        }),
+        ..StackOptions::replying_after(ttft)
+    }
+}
+
 fn fast() -> StackOptions {
-    StackOptions::replying_after(Duration::from_millis(20))
+    v5_stack(Duration::from_millis(20), Some(300))
 }
 
 /// (1) and (2): a v5 request without `replyTopic` is answered on its
@@ -280,7 +293,7 @@ async fn a_response_topic_outside_the_reply_space_is_refused() {
 /// refuses the request itself or session-svc does (the rate limit).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn error_replies_name_their_kind() {
-    let stack = Stack::start(StackOptions::replying_after(Duration::from_millis(5))).await;
+    let stack = Stack::start(v5_stack(Duration::from_millis(5), Some(300))).await;
     let mut v5 = V5Client::connect(stack.broker.port(), "v5-errors").await;
     v5.subscribe("general/assistant_response/#").await;
 
@@ -322,11 +335,7 @@ async fn error_replies_name_their_kind() {
 /// when it comes back after the expiry, and `0` turns expiry off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_expires_for_a_client_that_left() {
-    let stack = Stack::start(StackOptions {
-        gateway: Box::new(|c| c.reply_expiry_secs = Some(1)),
-        ..StackOptions::replying_after(Duration::from_millis(500))
-    })
-    .await;
+    let stack = Stack::start(v5_stack(Duration::from_millis(500), Some(1))).await;
     let port = stack.broker.port();
     let persistent = |o: &mut MqttOptions| {
         o.set_clean_start(false);
@@ -353,11 +362,7 @@ async fn a_reply_expires_for_a_client_that_left() {
 /// The same, with expiry off: the queued reply is still there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_expiry_a_reply_waits_for_a_client_that_left() {
-    let stack = Stack::start(StackOptions {
-        gateway: Box::new(|c| c.reply_expiry_secs = None),
-        ..StackOptions::replying_after(Duration::from_millis(500))
-    })
-    .await;
+    let stack = Stack::start(v5_stack(Duration::from_millis(500), None)).await;
     let port = stack.broker.port();
     let persistent = |o: &mut MqttOptions| {
         o.set_clean_start(false);
@@ -388,7 +393,7 @@ async fn without_expiry_a_reply_waits_for_a_client_that_left() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_speaking_3_1_1_serves_both_kinds_of_client() {
     let stack = Stack::start(StackOptions {
-        gateway: Box::new(|c| c.mqtt_protocol = gateway::config::Protocol::V311),
+        gateway: Box::new(|c| c.mqtt_protocol = Protocol::V311),
         ..fast()
     })
     .await;
