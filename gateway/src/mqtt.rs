@@ -216,6 +216,11 @@ pub fn receive_maximum(config: &Config) -> u16 {
         .max(1)
 }
 
+/// Our own QoS 1/2 publishes in flight (unacknowledged by the broker) per
+/// connection, as rumqttc's 3.1.1 client has by default. Without it the
+/// v5 client would allocate room for 65535 of them on every connection.
+const OUTGOING_INFLIGHT: u16 = 100;
+
 /// rumqttc refuses a shorter keep-alive under MQTT 5.
 pub const MIN_V5_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -273,6 +278,7 @@ pub fn v5_options(config: &Config, project: &str) -> v5::MqttOptions {
     opts.set_session_expiry_interval(persistent(config).then_some(SESSION_NEVER_EXPIRES));
     opts.set_manual_acks(persistent(config));
     opts.set_receive_maximum(Some(receive_maximum(config)));
+    opts.set_outgoing_inflight_upper_limit(OUTGOING_INFLIGHT);
     // Under 5 the broker learns our limit and drops a larger message
     // itself instead of costing the connection.
     opts.set_max_packet_size(Some(
@@ -561,6 +567,7 @@ mod tests {
         );
         assert!(opts.manual_acks(), "acknowledged once answered");
         assert_eq!(opts.receive_maximum(), Some(u16::MAX));
+        assert_eq!(opts.get_outgoing_inflight_upper_limit(), Some(100));
         assert_eq!(opts.max_packet_size(), Some(5024));
         let will = opts.last_will().expect("a last will");
         assert_eq!(&will.topic[..], b"p/status");
