@@ -21,7 +21,7 @@ use crate::control;
 use crate::errors::{ErrorKind, OVERLOADED_TEXT};
 use crate::lease::Standing;
 use crate::metrics::{Metrics, OutKind};
-use crate::mqtt::{self, Client, Event, EventLoop, Message, QoS};
+use crate::mqtt::{self, Client, Event, EventLoop, Message, Protocol, QoS};
 use crate::presence;
 use crate::publish::Publisher;
 use crate::readiness::Readiness;
@@ -132,6 +132,7 @@ impl Link {
     pub async fn run(mut self, mut standing: watch::Receiver<Standing>) {
         let mut backoff = MIN_BACKOFF;
         let mut failures: u32 = 0;
+        let mut ever_connected = false;
         // Disconnects when the lease is lost; the poll loop then stands by.
         let on_loss = {
             let (mut standing, client) = (standing.clone(), self.client.clone());
@@ -155,6 +156,7 @@ impl Link {
                     tracing::info!(project = %self.project, "connected to the MQTT broker");
                     backoff = MIN_BACKOFF;
                     failures = 0;
+                    ever_connected = true;
                     self.acks.reset();
                     self.connected.store(true, Ordering::Relaxed);
                     self.on_connected();
@@ -191,7 +193,14 @@ impl Link {
                     }
                     failures = failures.saturating_add(1);
                     // Loud on the first failure and about once a minute after.
-                    if failures == 1 || failures.is_multiple_of(12) {
+                    if !ever_connected
+                        && failures == 1
+                        && self.shared.config.mqtt_protocol == Protocol::V5
+                    {
+                        // A broker without MQTT 5 just closes the connection.
+                        tracing::warn!(project = %self.project, error = %e, failures,
+                            "cannot connect to the MQTT broker with MQTT 5; retrying (if it only speaks 3.1.1, use --mqtt-protocol 3.1.1)");
+                    } else if failures == 1 || failures.is_multiple_of(12) {
                         tracing::warn!(project = %self.project, error = %e, failures, "MQTT connection problem; retrying");
                     } else {
                         tracing::debug!(project = %self.project, error = %e, failures, "MQTT connection problem; retrying");
