@@ -635,6 +635,49 @@ async fn full_backlog_answers_overloaded_at_once() {
     gw.task.await.unwrap().unwrap();
 }
 
+/// Under MQTT 5 the gateway bounds what the broker may have in flight to
+/// it (Receive Maximum, twice max-pending): with one turn admitted and one
+/// request answered "overloaded", both unacknowledged behind the slow turn,
+/// a third request waits at the broker until the slow turn is answered,
+/// and is then served.
+#[tokio::test]
+async fn under_mqtt_5_the_broker_holds_requests_past_the_receive_maximum() {
+    let broker = Broker::start();
+    let session = start_fake(Fake::default()).await;
+    let mut cfg = config(&broker, session, &["p"]);
+    cfg.max_pending = 1;
+    assert_eq!(cfg.mqtt_protocol, Protocol::V5);
+    assert!(cfg.consumer_lease.is_some(), "acknowledged once answered");
+    let gw = start_gateway(cfg).await;
+    let mut c = Client::connect(broker.port()).await;
+
+    c.publish("p/user_input", r#"{"sessionId":"a","message":"slow:800"}"#)
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    c.publish("p/user_input", r#"{"sessionId":"b","message":"second"}"#)
+        .await;
+    let (topic, text) = c.next_on(is_reply).await;
+    assert_eq!(
+        (topic.as_str(), text.as_str()),
+        ("p/assistant_response/b", OVERLOADED_TEXT)
+    );
+    c.publish("p/user_input", r#"{"sessionId":"c","message":"third"}"#)
+        .await;
+    let (topic, text) = c.next_on(is_reply).await;
+    assert_eq!(
+        (topic.as_str(), text.as_str()),
+        ("p/assistant_response/a", "echo[a]: slow:800"),
+        "the third request was held back, not refused"
+    );
+    let (topic, text) = c.next_on(is_reply).await;
+    assert_eq!(
+        (topic.as_str(), text.as_str()),
+        ("p/assistant_response/c", "echo[c]: third")
+    );
+    gw.shutdown.cancel();
+    gw.task.await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn deadlines_and_a_missing_session_svc() {
     let broker = Broker::start();
