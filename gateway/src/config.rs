@@ -162,9 +162,10 @@ pub struct GatewayArgs {
 
     /// Largest MQTT packet taken from the broker (payload, topic and header), in
     /// bytes. Between --max-payload-bytes and this a message is read and dropped;
-    /// past it the MQTT client gives up the project's connection and reconnects,
-    /// losing the replies in flight. Keep the broker's message_size_limit (a
-    /// payload limit) 1 KiB or more below it.
+    /// past it, under MQTT 5 the broker drops it (it is told this limit), and
+    /// under 3.1.1 the MQTT client gives up the project's connection and
+    /// reconnects, losing the replies in flight. Keep the broker's
+    /// message_size_limit (a payload limit) 1 KiB or more below it.
     #[arg(long, env = "PALAVER_MAX_PACKET_BYTES", default_value_t = 16_777_216)]
     pub max_packet_bytes: usize,
 
