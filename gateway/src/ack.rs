@@ -14,12 +14,12 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use rumqttc::{AsyncClient, Publish, QoS};
+use crate::mqtt::{Client, Message, QoS};
 
 /// One link's acknowledgements.
 #[derive(Clone)]
 pub struct Acks {
-    client: AsyncClient,
+    client: Client,
     /// Whether requests are acknowledged by us (persistent session) rather
     /// than by rumqttc on arrival.
     manual: bool,
@@ -53,7 +53,7 @@ struct Delivery {
 impl Acks {
     /// `manual`: the session is persistent and rumqttc was told not to
     /// acknowledge on its own.
-    pub fn new(client: AsyncClient, manual: bool) -> Self {
+    pub fn new(client: Client, manual: bool) -> Self {
         Self {
             client,
             manual,
@@ -70,7 +70,7 @@ impl Acks {
     /// The acknowledgement of `publish`, or `None` when it is a broker's
     /// delivery again of a request this gateway is still answering (whose
     /// turn then acknowledges this delivery).
-    pub fn receive(&self, publish: &Publish) -> Option<Ack> {
+    pub fn receive(&self, publish: &Message) -> Option<Ack> {
         if !self.manual || publish.qos == QoS::AtMostOnce {
             return Some(Ack::nothing(self.clone()));
         }
@@ -125,10 +125,8 @@ impl Acks {
             let Some(d) = ledger.owed.pop_front() else {
                 break;
             };
-            let mut puback = Publish::new("", d.qos, Vec::new());
-            puback.pkid = d.pkid;
             // Queued in this order under the lock, so sent in this order.
-            let _ = self.client.try_ack(&puback);
+            let _ = self.client.try_ack(d.pkid, d.qos);
         }
     }
 }

@@ -13,6 +13,8 @@ use palaver_core::auth::{AuthError, Bearer, ClientAuthArgs};
 use palaver_core::projects::{Projects, ProjectsError};
 use palaver_core::tls::{ClientIdentity, ClientTlsArgs, TlsError};
 
+pub use crate::mqtt::Protocol;
+
 /// Why the settings cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -55,6 +57,12 @@ pub struct GatewayArgs {
         default_value = "mqtt://127.0.0.1:1883"
     )]
     pub mqtt_url: String,
+
+    /// MQTT version spoken to the broker: 5 (Response Topic, Correlation
+    /// Data, error kinds and expiry on replies) or 3.1.1 (for a broker
+    /// without 5). Clients of either version are served the same way.
+    #[arg(long, env = "PALAVER_MQTT_PROTOCOL", value_enum, default_value = "5")]
+    pub mqtt_protocol: Protocol,
 
     /// User name for the broker, if it requires one.
     #[arg(long, env = "PALAVER_MQTT_USERNAME")]
@@ -154,9 +162,10 @@ pub struct GatewayArgs {
 
     /// Largest MQTT packet taken from the broker (payload, topic and header), in
     /// bytes. Between --max-payload-bytes and this a message is read and dropped;
-    /// past it the MQTT client gives up the project's connection and reconnects,
-    /// losing the replies in flight. Keep the broker's message_size_limit (a
-    /// payload limit) 1 KiB or more below it.
+    /// past it, under MQTT 5 the broker drops it (it is told this limit), and
+    /// under 3.1.1 the MQTT client gives up the project's connection and
+    /// reconnects, losing the replies in flight. Keep the broker's
+    /// message_size_limit (a payload limit) 1 KiB or more below it.
     #[arg(long, env = "PALAVER_MAX_PACKET_BYTES", default_value_t = 16_777_216)]
     pub max_packet_bytes: usize,
 
@@ -164,6 +173,12 @@ pub struct GatewayArgs {
     #[arg(long, env = "PALAVER_REPLY_QOS", default_value_t = 1,
           value_parser = clap::value_parser!(u8).range(0..=2))]
     pub reply_qos: u8,
+
+    /// Message expiry of replies, error replies and stream pieces, in
+    /// seconds (MQTT 5): a client that left does not find stale answers
+    /// queued when it comes back. 0: replies never expire.
+    #[arg(long, env = "PALAVER_REPLY_EXPIRY_SECS", default_value_t = 300)]
+    pub reply_expiry_secs: u32,
 
     /// Seconds between presence heartbeats on <project>/status.
     #[arg(long, env = "PALAVER_HEARTBEAT_SECS", default_value_t = 30)]
@@ -247,6 +262,8 @@ impl GatewayArgs {
         config.max_payload_bytes = self.max_payload_bytes;
         config.max_packet_bytes = self.max_packet_bytes;
         config.reply_qos = self.reply_qos;
+        config.mqtt_protocol = self.mqtt_protocol;
+        config.reply_expiry_secs = (self.reply_expiry_secs > 0).then_some(self.reply_expiry_secs);
         config.heartbeat = Duration::from_secs(self.heartbeat_secs);
         config.service_name = self.service_name;
         config.shutdown_grace = Duration::from_secs(self.shutdown_grace_secs);
@@ -298,6 +315,11 @@ pub struct Config {
     pub max_packet_bytes: usize,
     /// QoS (0..=2) of replies, error replies and hints.
     pub reply_qos: u8,
+    /// The MQTT version spoken to the broker.
+    pub mqtt_protocol: Protocol,
+    /// Message expiry interval of replies (MQTT 5), so that stale answers
+    /// are not queued for a client that left; `None`: no expiry.
+    pub reply_expiry_secs: Option<u32>,
     /// Interval of the presence heartbeat.
     pub heartbeat: Duration,
     /// Name in status payloads, so monitoring can tell services apart.
@@ -337,6 +359,8 @@ impl Config {
             max_payload_bytes: 262_144,
             max_packet_bytes: 16 * 1024 * 1024,
             reply_qos: 1,
+            mqtt_protocol: Protocol::V5,
+            reply_expiry_secs: Some(300),
             heartbeat: Duration::from_secs(30),
             service_name: "palaver-gateway".into(),
             shutdown_grace: Duration::from_secs(30),
@@ -409,6 +433,9 @@ impl Config {
             || self.keep_alive.as_secs() > u64::from(u16::MAX)
         {
             return invalid("keep-alive must be within 1..=65535 seconds".into());
+        }
+        if self.mqtt_protocol == Protocol::V5 && self.keep_alive < crate::mqtt::MIN_V5_KEEP_ALIVE {
+            return invalid("under MQTT 5 the keep-alive must be at least 5 seconds".into());
         }
         if self.service_name.trim().is_empty() {
             return invalid("service name is empty".into());
@@ -577,9 +604,23 @@ mod tests {
             "shared by the gateways of a deployment"
         );
         assert_eq!(c.consumer_lease, Some(Duration::from_secs(10)));
+        assert_eq!(c.mqtt_protocol, Protocol::V5);
+        assert_eq!(c.reply_expiry_secs, Some(300));
         let builtin: Vec<String> = Projects::builtin().names().map(str::to_owned).collect();
         assert_eq!(c.projects, builtin);
         assert!(c.projects.contains(&"general".to_owned()));
+    }
+
+    #[test]
+    fn protocol_and_reply_expiry() {
+        let c = parse_args(&["--mqtt-protocol", "3.1.1", "--reply-expiry-secs", "0"]).unwrap();
+        assert_eq!(c.mqtt_protocol, Protocol::V311);
+        assert_eq!(c.reply_expiry_secs, None, "0 is no expiry");
+        let c = parse_args(&["--mqtt-protocol", "5", "--reply-expiry-secs", "60"]).unwrap();
+        assert_eq!(c.mqtt_protocol, Protocol::V5);
+        assert_eq!(c.reply_expiry_secs, Some(60));
+        let bad = Cli::try_parse_from(["gateway", "--mqtt-protocol", "4"]);
+        assert!(bad.is_err(), "only 5 and 3.1.1");
     }
 
     #[test]
@@ -624,6 +665,7 @@ mod tests {
             Box::new(|c| c.request_timeout = Duration::ZERO),
             Box::new(|c| c.heartbeat = Duration::ZERO),
             Box::new(|c| c.keep_alive = Duration::from_millis(500)),
+            Box::new(|c| c.keep_alive = Duration::from_secs(4)),
             Box::new(|c| c.mqtt_host = " ".into()),
             Box::new(|c| c.client_id = String::new()),
         ];
@@ -632,5 +674,9 @@ mod tests {
             break_it(&mut c);
             assert!(c.validate().is_err(), "case {i} accepted: {c:?}");
         }
+        let mut short = good.clone();
+        short.keep_alive = Duration::from_secs(2);
+        short.mqtt_protocol = Protocol::V311;
+        assert!(short.validate().is_ok(), "3.1.1 allows a short keep-alive");
     }
 }

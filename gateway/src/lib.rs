@@ -10,6 +10,7 @@
 //! - [`config`]: flags and the plain [`Config`];
 //! - [`topics`], [`publish`]: topic names and the single confined publish path;
 //! - [`link`]: one MQTT connection per project (one last will each);
+//! - [`mqtt`]: the MQTT client, version 5 or 3.1.1, behind one interface;
 //! - [`lease`]: which of several gateways consumes a project;
 //! - [`turn`]: one request against session-svc;
 //! - [`stream`], [`cancel`]: the opt-in streamed reply, and cancelling a turn;
@@ -43,6 +44,7 @@ pub mod errors;
 pub mod lease;
 pub mod link;
 pub mod metrics;
+pub mod mqtt;
 pub mod order;
 pub mod presence;
 pub mod publish;

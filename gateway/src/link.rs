@@ -10,10 +10,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{
-    AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS, SubscribeFilter,
-    SubscribeReasonCode,
-};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -25,8 +21,9 @@ use crate::control;
 use crate::errors::{ErrorKind, OVERLOADED_TEXT};
 use crate::lease::Standing;
 use crate::metrics::{Metrics, OutKind};
+use crate::mqtt::{self, Client, Event, EventLoop, Message, Protocol, QoS};
 use crate::presence;
-use crate::publish::{Publisher, MAX_OUTGOING_PACKET_BYTES};
+use crate::publish::Publisher;
 use crate::readiness::Readiness;
 use crate::request::{self, Parsed};
 use crate::topics;
@@ -64,7 +61,7 @@ pub struct Shared {
 /// What the gateway keeps of a link to steer its shutdown.
 pub struct LinkHandle {
     /// The project's MQTT client (shares the link's queue).
-    pub client: AsyncClient,
+    pub client: Client,
     /// The project's confined publisher.
     pub publisher: Publisher,
     /// Whether the connection is up, for heartbeats.
@@ -78,7 +75,7 @@ pub struct Link {
     index: usize,
     input_topic: String,
     subscriptions: Vec<String>,
-    client: AsyncClient,
+    client: Client,
     eventloop: EventLoop,
     publisher: Publisher,
     connected: Arc<AtomicBool>,
@@ -86,66 +83,17 @@ pub struct Link {
     acks: Acks,
 }
 
-/// rumqttc's QoS from the config's number (validated to 0..=2).
-pub fn qos(level: u8) -> QoS {
-    match level {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        _ => QoS::ExactlyOnce,
-    }
-}
-
-/// The MQTT options of `project`'s connection.
-pub fn mqtt_options(config: &Config, project: &str) -> MqttOptions {
-    let mut opts = MqttOptions::new(
-        format!("{}-{}", config.client_id, project),
-        config.mqtt_host.clone(),
-        config.mqtt_port,
-    );
-    opts.set_keep_alive(config.keep_alive);
-    // With the consumer lease the session is the project's, shared by the
-    // deployment's gateways: the broker queues requests while none is
-    // connected and re-delivers the unfinished ones, which are therefore
-    // acknowledged only once answered. Without it, clean sessions: nothing
-    // to resume. Subscriptions are renewed on every ConnAck either way.
-    let persistent = config.consumer_lease.is_some();
-    opts.set_clean_session(!persistent);
-    opts.set_manual_acks(persistent);
-    // Payloads over max-payload-bytes must reach us to be dropped and
-    // counted: rumqttc treats an oversize incoming packet as fatal to the
-    // connection, and a reconnect loses the replies in flight.
-    opts.set_max_packet_size(config.max_packet_bytes, MAX_OUTGOING_PACKET_BYTES);
-    if let Some(user) = &config.mqtt_username {
-        opts.set_credentials(
-            user.clone(),
-            config.mqtt_password.clone().unwrap_or_default(),
-        );
-    }
-    opts.set_last_will(presence::last_will(project, &config.service_name));
-    if let Some(tls) = &config.mqtt_tls {
-        opts.set_transport(rumqttc::Transport::tls_with_config(
-            rumqttc::TlsConfiguration::Rustls(tls.clone()),
-        ));
-    }
-    opts
-}
-
 impl Link {
     /// Builds project number `index`'s connection (not connected yet).
     pub fn new(shared: Arc<Shared>, project: &str, index: usize) -> (Self, LinkHandle) {
-        let (client, mut eventloop) =
-            AsyncClient::new(mqtt_options(&shared.config, project), CLIENT_QUEUE);
-        // rumqttc leaves Nagle on. A reply is a small write that often
-        // follows the PUBACK of its request; with Nagle it waits for the
-        // broker to acknowledge that PUBACK, which a broker delaying its
-        // ACKs does only after ~40 ms.
-        eventloop.network_options.set_tcp_nodelay(true);
+        let (client, eventloop) = Client::new(&shared.config, project, CLIENT_QUEUE);
         let project: Arc<str> = Arc::from(project);
         let publisher = Publisher::new(
             client.clone(),
             project.clone(),
             shared.metrics.clone(),
-            qos(shared.config.reply_qos),
+            mqtt::qos(shared.config.reply_qos),
+            shared.config.reply_expiry_secs,
         );
         let connected = Arc::new(AtomicBool::new(false));
         let acks = Acks::new(client.clone(), shared.config.consumer_lease.is_some());
@@ -184,6 +132,7 @@ impl Link {
     pub async fn run(mut self, mut standing: watch::Receiver<Standing>) {
         let mut backoff = MIN_BACKOFF;
         let mut failures: u32 = 0;
+        let mut ever_connected = false;
         // Disconnects when the lease is lost; the poll loop then stands by.
         let on_loss = {
             let (mut standing, client) = (standing.clone(), self.client.clone());
@@ -203,20 +152,16 @@ impl Link {
                 break;
             }
             match self.eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                Ok(Event::Connected) => {
                     tracing::info!(project = %self.project, "connected to the MQTT broker");
                     backoff = MIN_BACKOFF;
                     failures = 0;
+                    ever_connected = true;
                     self.acks.reset();
                     self.connected.store(true, Ordering::Relaxed);
                     self.on_connected();
                 }
-                Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                    let refused = ack
-                        .return_codes
-                        .iter()
-                        .filter(|c| matches!(c, SubscribeReasonCode::Failure))
-                        .count();
+                Ok(Event::Subscribed { refused }) => {
                     if refused == 0 {
                         tracing::info!(project = %self.project, topics = ?self.subscriptions, "subscribed");
                         self.shared.readiness.set(self.index, true);
@@ -226,8 +171,8 @@ impl Link {
                         self.shared.readiness.set(self.index, false);
                     }
                 }
-                Ok(Event::Incoming(Packet::Publish(publish))) => self.on_publish(publish),
-                Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                Ok(Event::Message(message)) => self.on_message(message),
+                Ok(Event::Disconnecting) => {
                     self.linger().await;
                     self.connected.store(false, Ordering::Relaxed);
                     self.acks.reset();
@@ -248,7 +193,14 @@ impl Link {
                     }
                     failures = failures.saturating_add(1);
                     // Loud on the first failure and about once a minute after.
-                    if failures == 1 || failures.is_multiple_of(12) {
+                    if !ever_connected
+                        && failures == 1
+                        && self.shared.config.mqtt_protocol == Protocol::V5
+                    {
+                        // A broker without MQTT 5 just closes the connection.
+                        tracing::warn!(project = %self.project, error = %e, failures,
+                            "cannot connect to the MQTT broker with MQTT 5; retrying (if it only speaks 3.1.1, use --mqtt-protocol 3.1.1)");
+                    } else if failures == 1 || failures.is_multiple_of(12) {
                         tracing::warn!(project = %self.project, error = %e, failures, "MQTT connection problem; retrying");
                     } else {
                         tracing::debug!(project = %self.project, error = %e, failures, "MQTT connection problem; retrying");
@@ -299,18 +251,14 @@ impl Link {
         let client = self.client.clone();
         let publisher = self.publisher.clone();
         let subscribe = !self.shared.draining.is_cancelled();
-        let filters: Vec<SubscribeFilter> = self
-            .subscriptions
-            .iter()
-            .map(|t| SubscribeFilter::new(t.clone(), QoS::AtLeastOnce))
-            .collect();
+        let filters = self.subscriptions.clone();
         let status = topics::status_topic(&self.project);
         let online = presence::online(&self.shared.config.service_name);
         // Spawned: these wait for room in the client's queue, which only the
         // poll loop empties.
         tokio::spawn(async move {
             if subscribe {
-                if let Err(e) = client.subscribe_many(filters).await {
+                if let Err(e) = client.subscribe_many(&filters, QoS::AtLeastOnce).await {
                     tracing::warn!(error = %e, "cannot queue the subscription");
                 }
             }
@@ -318,7 +266,7 @@ impl Link {
         });
     }
 
-    fn on_publish(&self, publish: Publish) {
+    fn on_message(&self, publish: Message) {
         let metrics = &self.shared.metrics;
         metrics.message_in(&self.project);
         let Some(ack) = self.acks.receive(&publish) else {
@@ -333,7 +281,7 @@ impl Link {
             return;
         }
         if publish.topic == self.input_topic {
-            self.on_user_input(&publish.payload, ack);
+            self.on_user_input(&publish.payload, &publish.properties, ack);
         } else if let Some((kind, topic_sid)) = control::match_topic(&self.project, &publish.topic)
         {
             self.on_control(kind, topic_sid, &publish.payload, ack);
@@ -346,13 +294,14 @@ impl Link {
         }
     }
 
-    fn on_user_input(&self, payload: &[u8], ack: Ack) {
+    fn on_user_input(&self, payload: &[u8], properties: &mqtt::RequestProperties, ack: Ack) {
         let config = &self.shared.config;
         let metrics = &self.shared.metrics;
         match request::parse(
             &self.project,
             payload,
             config.max_payload_bytes,
+            properties,
             request::fresh_session_id,
         ) {
             Parsed::Drop(reason) => {
@@ -361,14 +310,16 @@ impl Link {
             }
             Parsed::Reject {
                 reply_topic,
+                correlation_data,
                 error_text,
             } => {
                 tracing::info!(project = %self.project, %reply_topic, error = %error_text, "request refused");
                 metrics.error(ErrorKind::InvalidArgument.as_str());
-                let _ = self.publisher.try_publish(
-                    OutKind::Error,
+                let _ = self.publisher.try_publish_error(
                     &reply_topic,
-                    error_text.into_bytes(),
+                    &correlation_data,
+                    ErrorKind::InvalidArgument,
+                    &error_text,
                 );
             }
             Parsed::Chat(turn) => {
@@ -379,25 +330,28 @@ impl Link {
                         ack.withhold();
                         return;
                     }
-                    metrics.error(ErrorKind::ShuttingDown.as_str());
-                    None
+                    Err(ErrorKind::ShuttingDown)
                 } else {
-                    let permit = self.shared.backlog.try_admit();
-                    if permit.is_none() {
-                        metrics.error(ErrorKind::BacklogFull.as_str());
-                    }
-                    permit
+                    self.shared
+                        .backlog
+                        .try_admit()
+                        .ok_or(ErrorKind::BacklogFull)
                 };
-                let Some(permit) = permit else {
-                    // Old clients know this string and retry later (with a
-                    // shared group, possibly on another gateway).
-                    tracing::warn!(project = %self.project, session_id = ?turn.session_id, "request refused: backlog full or shutting down");
-                    let _ = self.publisher.try_publish(
-                        OutKind::Error,
-                        &turn.reply_topic,
-                        OVERLOADED_TEXT.as_bytes().to_vec(),
-                    );
-                    return;
+                let permit = match permit {
+                    Ok(permit) => permit,
+                    Err(kind) => {
+                        metrics.error(kind.as_str());
+                        // Old clients know this string and retry later (with
+                        // a shared group, possibly on another gateway).
+                        tracing::warn!(project = %self.project, session_id = ?turn.session_id, "request refused: backlog full or shutting down");
+                        let _ = self.publisher.try_publish_error(
+                            &turn.reply_topic,
+                            &turn.correlation_data,
+                            kind,
+                            OVERLOADED_TEXT,
+                        );
+                        return;
+                    }
                 };
                 // Taken here, in arrival order, before the task exists.
                 let ticket = self.shared.turns.ticket(&self.project, &turn.session_id);
@@ -482,37 +436,5 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn options_follow_the_config() {
-        let mut config = Config::new("broker", 1999, "http://x:1", vec!["p".into()]);
-        config.client_id = "gw".into();
-        config.max_packet_bytes = 5024;
-        config.mqtt_username = Some("u".into());
-        let opts = mqtt_options(&config, "p");
-        assert_eq!(opts.client_id(), "gw-p");
-        assert_eq!(opts.broker_address(), ("broker".to_owned(), 1999));
-        assert!(!opts.clean_session(), "the project's persistent session");
-        assert!(opts.manual_acks(), "acknowledged once answered");
-        config.consumer_lease = None;
-        assert!(mqtt_options(&config, "p").clean_session());
-        assert_eq!(opts.max_packet_size(), 5024);
-        assert_eq!(opts.keep_alive(), Duration::from_secs(30));
-        let will = opts.last_will().expect("a last will");
-        assert_eq!(will.topic, "p/status");
-        assert_eq!(opts.credentials().map(|l| l.username), Some("u".to_owned()));
-    }
-
-    #[test]
-    fn qos_levels() {
-        assert_eq!(qos(0), QoS::AtMostOnce);
-        assert_eq!(qos(1), QoS::AtLeastOnce);
-        assert_eq!(qos(2), QoS::ExactlyOnce);
     }
 }

@@ -17,7 +17,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rumqttc::{LastWill, QoS};
 use serde_json::json;
 use tokio::time::{interval_at, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -52,13 +51,10 @@ pub fn heartbeat(service: &str, now: SystemTime) -> Vec<u8> {
 }
 
 /// The last will of `project`'s connection: "offline" on its status topic.
-pub fn last_will(project: &str, service: &str) -> LastWill {
-    LastWill::new(
-        topics::status_topic(project),
-        offline(service),
-        QoS::AtLeastOnce,
-        RETAIN,
-    )
+/// Its topic and payload; `mqtt.rs` makes it the will of either protocol
+/// (at QoS 1, retained as [`RETAIN`] says).
+pub fn last_will(project: &str, service: &str) -> (String, Vec<u8>) {
+    (topics::status_topic(project), offline(service))
 }
 
 /// Publishes a heartbeat every `every` while `connected`, until `stop`.
@@ -114,10 +110,8 @@ mod tests {
 
     #[test]
     fn will_is_offline_on_the_status_topic() {
-        let will = last_will("p", "svc");
-        assert_eq!(will.topic, "p/status");
-        assert_eq!(&will.message[..], offline("svc").as_slice());
-        assert_eq!(will.qos, QoS::AtLeastOnce);
-        assert!(!will.retain);
+        let (topic, payload) = last_will("p", "svc");
+        assert_eq!(topic, "p/status");
+        assert_eq!(payload, offline("svc"));
     }
 }

@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use rumqttc::{AsyncClient, QoS};
+use bytes::Bytes;
+
+use crate::mqtt::{Client, Properties, QoS};
 
 use crate::errors::{ErrorKind, REPLY_TOO_LARGE_TEXT};
 use crate::metrics::{Metrics, OutKind};
@@ -15,8 +17,10 @@ use crate::topics::{self, Route};
 /// error, which would cut off every client of the project.
 pub const MAX_OUTGOING_PACKET_BYTES: usize = 1024 * 1024;
 
-/// Room for the fixed header, topic length and packet id of a publish.
-const PUBLISH_OVERHEAD: usize = 16;
+/// Room for the fixed header, topic length and packet id of a publish, and
+/// the MQTT 5 properties the gateway adds besides correlation data (expiry,
+/// error kind).
+const PUBLISH_OVERHEAD: usize = 128;
 
 /// Why a publish was not attempted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,23 +53,36 @@ pub fn admit(project: &str, kind: OutKind, topic: &str, payload_len: usize) -> R
     Ok(())
 }
 
+/// What an answer to an MQTT 5 request carries back besides its text: the
+/// request's Correlation Data (empty for other requests, and under 3.1.1).
+pub type Correlation = Option<Bytes>;
+
 /// One project's publishing handle; cheap to clone into every turn.
 #[derive(Clone)]
 pub struct Publisher {
-    client: AsyncClient,
+    client: Client,
     project: Arc<str>,
     metrics: Metrics,
     reply_qos: QoS,
+    /// Message expiry of everything on the reply route.
+    reply_expiry_secs: Option<u32>,
 }
 
 impl Publisher {
     /// Wraps `client`, the connection of `project`.
-    pub fn new(client: AsyncClient, project: Arc<str>, metrics: Metrics, reply_qos: QoS) -> Self {
+    pub fn new(
+        client: Client,
+        project: Arc<str>,
+        metrics: Metrics,
+        reply_qos: QoS,
+        reply_expiry_secs: Option<u32>,
+    ) -> Self {
         Self {
             client,
             project,
             metrics,
             reply_qos,
+            reply_expiry_secs,
         }
     }
 
@@ -74,8 +91,15 @@ impl Publisher {
         &self.project
     }
 
-    fn check(&self, kind: OutKind, topic: &str, payload: &[u8]) -> Result<QoS, Refused> {
-        match admit(&self.project, kind, topic, payload.len()) {
+    /// `extra`: bytes the message carries besides its payload (correlation data).
+    fn check(
+        &self,
+        kind: OutKind,
+        topic: &str,
+        payload: &[u8],
+        extra: usize,
+    ) -> Result<QoS, Refused> {
+        match admit(&self.project, kind, topic, payload.len() + extra) {
             Ok(()) => Ok(match kind {
                 OutKind::Status => QoS::AtLeastOnce,
                 _ => self.reply_qos,
@@ -97,6 +121,25 @@ impl Publisher {
         }
     }
 
+    /// The MQTT 5 properties of a message of `kind`: answers (replies,
+    /// errors, pieces) expire and echo the request's correlation data;
+    /// errors name their kind.
+    fn properties(
+        &self,
+        kind: OutKind,
+        correlation: &Correlation,
+        error: Option<ErrorKind>,
+    ) -> Properties {
+        if route(kind) != Route::Reply {
+            return Properties::default();
+        }
+        Properties {
+            correlation_data: correlation.clone(),
+            error_kind: error.map(ErrorKind::as_str),
+            expiry_secs: self.reply_expiry_secs,
+        }
+    }
+
     /// Publishes, waiting for room in the client's queue. Never retained:
     /// replies are for whoever listens now.
     pub async fn publish(
@@ -105,8 +148,22 @@ impl Publisher {
         topic: &str,
         payload: Vec<u8>,
     ) -> Result<(), Refused> {
-        let qos = self.check(kind, topic, &payload)?;
-        match self.client.publish(topic, qos, false, payload).await {
+        self.publish_answer(kind, topic, payload, &None, None).await
+    }
+
+    /// Publishes a message answering a request (a reply, an error reply with
+    /// its `error` kind, a stream piece), waiting for room in the queue.
+    pub async fn publish_answer(
+        &self,
+        kind: OutKind,
+        topic: &str,
+        payload: Vec<u8>,
+        correlation: &Correlation,
+        error: Option<ErrorKind>,
+    ) -> Result<(), Refused> {
+        let qos = self.check(kind, topic, &payload, correlation_len(correlation))?;
+        let properties = self.properties(kind, correlation, error);
+        match self.client.publish(topic, qos, payload, properties).await {
             Ok(()) => {
                 self.metrics.message_out(&self.project, kind);
                 Ok(())
@@ -122,8 +179,21 @@ impl Publisher {
     /// Publishes only if the client's queue has room now: for callers that
     /// must not wait, like the connection's own poll loop.
     pub fn try_publish(&self, kind: OutKind, topic: &str, payload: Vec<u8>) -> Result<(), Refused> {
-        let qos = self.check(kind, topic, &payload)?;
-        match self.client.try_publish(topic, qos, false, payload) {
+        self.try_publish_answer(kind, topic, payload, &None, None)
+    }
+
+    /// [`Self::publish_answer`] if the client's queue has room now.
+    pub fn try_publish_answer(
+        &self,
+        kind: OutKind,
+        topic: &str,
+        payload: Vec<u8>,
+        correlation: &Correlation,
+        error: Option<ErrorKind>,
+    ) -> Result<(), Refused> {
+        let qos = self.check(kind, topic, &payload, correlation_len(correlation))?;
+        let properties = self.properties(kind, correlation, error);
+        match self.client.try_publish(topic, qos, payload, properties) {
             Ok(()) => {
                 self.metrics.message_out(&self.project, kind);
                 Ok(())
@@ -136,22 +206,60 @@ impl Publisher {
         }
     }
 
+    /// Publishes the error reply `text`, of kind `error`.
+    pub async fn publish_error(
+        &self,
+        topic: &str,
+        correlation: &Correlation,
+        error: ErrorKind,
+        text: &str,
+    ) -> Result<(), Refused> {
+        let payload = text.as_bytes().to_vec();
+        self.publish_answer(OutKind::Error, topic, payload, correlation, Some(error))
+            .await
+    }
+
+    /// [`Self::publish_error`] if the client's queue has room now.
+    pub fn try_publish_error(
+        &self,
+        topic: &str,
+        correlation: &Correlation,
+        error: ErrorKind,
+        text: &str,
+    ) -> Result<(), Refused> {
+        let payload = text.as_bytes().to_vec();
+        self.try_publish_answer(OutKind::Error, topic, payload, correlation, Some(error))
+    }
+
     /// Publishes a model reply; one too large for a packet becomes an error
     /// reply, so the client still hears back.
-    pub async fn publish_reply(&self, topic: &str, text: String) -> Result<(), Refused> {
-        if admit(&self.project, OutKind::Reply, topic, text.len()) == Err(Refused::TooLarge) {
+    pub async fn publish_reply(
+        &self,
+        topic: &str,
+        correlation: &Correlation,
+        text: String,
+    ) -> Result<(), Refused> {
+        let len = text.len() + correlation_len(correlation);
+        if admit(&self.project, OutKind::Reply, topic, len) == Err(Refused::TooLarge) {
             tracing::warn!(project = %self.project, topic, bytes = text.len(), "reply too large for one MQTT packet");
             self.metrics.error(ErrorKind::ReplyTooLarge.as_str());
             return self
-                .publish(
-                    OutKind::Error,
+                .publish_error(
                     topic,
-                    REPLY_TOO_LARGE_TEXT.as_bytes().to_vec(),
+                    correlation,
+                    ErrorKind::ReplyTooLarge,
+                    REPLY_TOO_LARGE_TEXT,
                 )
                 .await;
         }
-        self.publish(OutKind::Reply, topic, text.into_bytes()).await
+        let payload = text.into_bytes();
+        self.publish_answer(OutKind::Reply, topic, payload, correlation, None)
+            .await
     }
+}
+
+fn correlation_len(correlation: &Correlation) -> usize {
+    correlation.as_ref().map_or(0, Bytes::len)
 }
 
 #[cfg(test)]

@@ -21,17 +21,33 @@
 //! - `temperature`/`topP`/`maxTokens` that are `null` or a blank string count
 //!   as absent (the project default applies);
 //! - `clientId`/`requestId` that are not strings or numbers, or blank, count
-//!   as absent.
+//!   as absent;
+//! - an MQTT 5 Response Topic is used when the payload names no usable
+//!   `replyTopic`, under the same rule ([`topics::valid_reply_topic`]); one
+//!   that breaks it is ignored like a bad `replyTopic`;
+//! - Correlation Data over [`MAX_CORRELATION_BYTES`] is refused (an error
+//!   reply without it): echoing it could make every answer too large to send.
 
+use bytes::Bytes;
 use serde_json::{Map, Value};
 
 use crate::errors::EMPTY_MESSAGE_TEXT;
+use crate::mqtt::RequestProperties;
 use crate::topics;
 
 /// Longest session id the gateway forwards, in bytes: session-svc's limit,
 /// so a longer one is refused here with a reply rather than there.
 pub const MAX_SESSION_ID_BYTES: usize = 256;
 
+/// Longest MQTT 5 Correlation Data echoed on answers, in bytes: ample for
+/// the ids and UUIDs clients put there, small beside a reply packet.
+pub const MAX_CORRELATION_BYTES: usize = 4096;
+
+/// Longest `traceparent` kept (the W3C form is 55 characters).
+const MAX_TRACEPARENT_BYTES: usize = 256;
+
+/// Refusal text for Correlation Data over [`MAX_CORRELATION_BYTES`].
+pub const LONG_CORRELATION_TEXT: &str = "Error: Correlation Data is too long.";
 /// Refusal text for an array or object `sessionId`.
 pub const BAD_SESSION_ID_TEXT: &str = "Error: sessionId must be a string or a number.";
 /// Refusal text for a session id over [`MAX_SESSION_ID_BYTES`].
@@ -69,6 +85,11 @@ pub struct ChatTurn {
     /// `"stream": true`: the reply also goes out in pieces on
     /// `<reply_topic>/stream` (see [`crate::stream`]).
     pub stream: bool,
+    /// The MQTT 5 request's Correlation Data, echoed on every answer.
+    pub correlation_data: Option<Bytes>,
+    /// The request's W3C trace context (`traceparent` user property), kept
+    /// for tracing the turn.
+    pub traceparent: Option<String>,
 }
 
 impl ChatTurn {
@@ -86,6 +107,8 @@ impl ChatTurn {
             top_p: None,
             max_tokens: None,
             stream: false,
+            correlation_data: None,
+            traceparent: None,
         }
     }
 
@@ -147,6 +170,8 @@ pub enum Parsed {
     Reject {
         /// Where the error goes; confined like every reply topic.
         reply_topic: String,
+        /// The request's Correlation Data, echoed on the error.
+        correlation_data: Option<Bytes>,
         /// One `Error: ...` sentence.
         error_text: String,
     },
@@ -159,13 +184,59 @@ pub fn fresh_session_id() -> String {
     format!("default-{:08x}", rand::random::<u32>())
 }
 
-/// Reads one payload published to `<project>/user_input`.
+/// Reads one payload published to `<project>/user_input`, with the MQTT 5
+/// `properties` it came with (all empty under 3.1.1).
 ///
 /// `fresh_id` is called at most once, when the request has no session id.
 pub fn parse(
     project: &str,
     payload: &[u8],
     max_payload_bytes: usize,
+    properties: &RequestProperties,
+    fresh_id: impl FnOnce() -> String,
+) -> Parsed {
+    let response_topic = properties
+        .response_topic
+        .as_deref()
+        .and_then(|t| topics::valid_reply_topic(project, t));
+    let mut parsed = parse_payload(
+        project,
+        payload,
+        max_payload_bytes,
+        response_topic,
+        fresh_id,
+    );
+    let correlation = properties.correlation_data.clone();
+    let too_long = correlation
+        .as_ref()
+        .is_some_and(|c| c.len() > MAX_CORRELATION_BYTES);
+    match &mut parsed {
+        Parsed::Chat(turn) if too_long => {
+            return reject(std::mem::take(&mut turn.reply_topic), LONG_CORRELATION_TEXT);
+        }
+        Parsed::Chat(turn) => {
+            turn.correlation_data = correlation;
+            turn.traceparent = properties
+                .traceparent
+                .as_deref()
+                .map(str::trim)
+                .filter(|t| !t.is_empty() && t.len() <= MAX_TRACEPARENT_BYTES)
+                .map(str::to_owned);
+        }
+        Parsed::Reject {
+            correlation_data, ..
+        } if !too_long => *correlation_data = correlation,
+        Parsed::Reject { .. } | Parsed::Drop(_) => {}
+    }
+    parsed
+}
+
+/// The payload's rules; `response_topic` is the usable Response Topic.
+fn parse_payload(
+    project: &str,
+    payload: &[u8],
+    max_payload_bytes: usize,
+    response_topic: Option<String>,
     fresh_id: impl FnOnce() -> String,
 ) -> Parsed {
     if payload.len() > max_payload_bytes {
@@ -183,21 +254,27 @@ pub fn parse(
         Ok(_) => return Parsed::Drop(DropReason::NotAnObject),
         // Not JSON at all: old clients publish bare text.
         Err(_) => {
-            return Parsed::Chat(ChatTurn::plain(project, fresh_id(), text.to_owned()));
+            let mut turn = ChatTurn::plain(project, fresh_id(), text.to_owned());
+            if let Some(topic) = response_topic {
+                turn.reply_topic = topic;
+            }
+            return Parsed::Chat(turn);
         }
     };
-    parse_object(project, &map, fresh_id)
+    parse_object(project, &map, response_topic, fresh_id)
 }
 
 fn parse_object(
     project: &str,
     map: &Map<String, Value>,
+    response_topic: Option<String>,
     fresh_id: impl FnOnce() -> String,
 ) -> Parsed {
     let explicit_topic = map
         .get("replyTopic")
         .and_then(Value::as_str)
-        .and_then(|t| topics::valid_reply_topic(project, t));
+        .and_then(|t| topics::valid_reply_topic(project, t))
+        .or(response_topic);
 
     let session_id = match session_id(map.get("sessionId")) {
         SessionId::Given(id) if id.len() > MAX_SESSION_ID_BYTES => {
@@ -253,12 +330,15 @@ fn parse_object(
         max_tokens,
         // Only a JSON `true` opts in: anything else keeps today's behaviour.
         stream: map.get("stream") == Some(&Value::Bool(true)),
+        correlation_data: None,
+        traceparent: None,
     })
 }
 
 fn reject(reply_topic: String, text: &str) -> Parsed {
     Parsed::Reject {
         reply_topic,
+        correlation_data: None,
         error_text: text.to_owned(),
     }
 }
@@ -313,9 +393,15 @@ mod tests {
 
     const MAX: usize = 1024;
     const FRESH: &str = "default-0badc0de";
+    /// A 3.1.1 request, or a 5 one without properties.
+    const NONE: RequestProperties = RequestProperties {
+        response_topic: None,
+        correlation_data: None,
+        traceparent: None,
+    };
 
     fn run(payload: &[u8]) -> Parsed {
-        parse("p", payload, MAX, || FRESH.to_owned())
+        parse("p", payload, MAX, &NONE, || FRESH.to_owned())
     }
 
     fn chat(payload: &str) -> ChatTurn {
@@ -447,13 +533,13 @@ mod tests {
         }
         let long = "s".repeat(MAX_SESSION_ID_BYTES + 1);
         let payload = serde_json::json!({"sessionId": long, "message": "hi"}).to_string();
-        let parsed = parse("p", payload.as_bytes(), 4 * MAX, || FRESH.into());
+        let parsed = parse("p", payload.as_bytes(), 4 * MAX, &NONE, || FRESH.into());
         assert_eq!(parsed, Parsed::Drop(DropReason::SessionIdTooLong));
         let payload = serde_json::json!({
             "sessionId": long, "message": "hi", "replyTopic": "p/assistant_response/me"
         })
         .to_string();
-        let parsed = parse("p", payload.as_bytes(), 4 * MAX, || FRESH.into());
+        let parsed = parse("p", payload.as_bytes(), 4 * MAX, &NONE, || FRESH.into());
         assert_eq!(
             parsed,
             reject("p/assistant_response/me".into(), LONG_SESSION_ID_TEXT)
@@ -461,7 +547,7 @@ mod tests {
         // Exactly at the limit is fine.
         let edge = "s".repeat(MAX_SESSION_ID_BYTES);
         let payload = serde_json::json!({"sessionId": edge, "message": "hi"}).to_string();
-        let parsed = parse("p", payload.as_bytes(), 4 * MAX, || FRESH.into());
+        let parsed = parse("p", payload.as_bytes(), 4 * MAX, &NONE, || FRESH.into());
         assert!(matches!(parsed, Parsed::Chat(t) if t.session_id == edge));
     }
 
@@ -498,6 +584,102 @@ mod tests {
             ));
             assert_eq!(turn.reply_topic, want, "{json}");
         }
+    }
+
+    fn v5(response_topic: &str, correlation: &'static [u8]) -> RequestProperties {
+        RequestProperties {
+            response_topic: Some(response_topic.into()),
+            correlation_data: Some(Bytes::from_static(correlation)),
+            traceparent: Some(" 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01 ".into()),
+        }
+    }
+
+    #[test]
+    fn a_v5_response_topic_stands_for_a_missing_reply_topic() {
+        let props = v5("p/assistant_response/s1/me/7", b"\x01corr");
+        let want = |t: &str| {
+            let mut turn = ChatTurn::plain("p", "s1".into(), "hi".into());
+            turn.reply_topic = t.into();
+            turn.correlation_data = Some(Bytes::from_static(b"\x01corr"));
+            turn.traceparent =
+                Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+            Parsed::Chat(turn)
+        };
+        let run5 = |payload: &str, props: &RequestProperties| {
+            parse("p", payload.as_bytes(), MAX, props, || "s1".into())
+        };
+        let with_field =
+            r#"{"sessionId":"s1","message":"hi","replyTopic":"p/assistant_response/x"}"#;
+        let with_bad_field = r#"{"sessionId":"s1","message":"hi","replyTopic":"q/x"}"#;
+        let without = r#"{"sessionId":"s1","message":"hi"}"#;
+        assert_eq!(run5(without, &props), want("p/assistant_response/s1/me/7"));
+        assert_eq!(
+            run5(with_bad_field, &props),
+            want("p/assistant_response/s1/me/7")
+        );
+        assert_eq!(
+            run5("hi", &props),
+            want("p/assistant_response/s1/me/7"),
+            "bare text"
+        );
+        assert_eq!(
+            run5(with_field, &props),
+            want("p/assistant_response/x"),
+            "the payload's replyTopic wins"
+        );
+        // Outside the project's reply space: ignored like a bad replyTopic.
+        for outside in [
+            "q/assistant_response/s1",
+            "p/status",
+            "p/assistant_response/#",
+            "p/hint/s1",
+        ] {
+            let props = v5(outside, b"\x01corr");
+            assert_eq!(
+                run5(without, &props),
+                want("p/assistant_response/s1"),
+                "{outside}"
+            );
+        }
+        // Refusals echo the correlation data too.
+        assert_eq!(
+            run5(r#"{"sessionId":"s1"}"#, &props),
+            Parsed::Reject {
+                reply_topic: "p/assistant_response/s1/me/7".into(),
+                correlation_data: Some(Bytes::from_static(b"\x01corr")),
+                error_text: EMPTY_MESSAGE_TEXT.into(),
+            }
+        );
+    }
+
+    #[test]
+    fn long_correlation_data_is_refused_without_echo() {
+        let long: &'static [u8] =
+            Box::leak(vec![7u8; MAX_CORRELATION_BYTES + 1].into_boxed_slice());
+        let props = v5("p/assistant_response/me", long);
+        let parsed = parse(
+            "p",
+            br#"{"sessionId":"s","message":"hi"}"#,
+            MAX,
+            &props,
+            || FRESH.into(),
+        );
+        assert_eq!(
+            parsed,
+            reject("p/assistant_response/me".into(), LONG_CORRELATION_TEXT)
+        );
+        let edge: &'static [u8] = Box::leak(vec![7u8; MAX_CORRELATION_BYTES].into_boxed_slice());
+        let props = v5("p/assistant_response/me", edge);
+        let parsed = parse(
+            "p",
+            br#"{"sessionId":"s","message":"hi"}"#,
+            MAX,
+            &props,
+            || FRESH.into(),
+        );
+        assert!(
+            matches!(parsed, Parsed::Chat(t) if t.correlation_data.as_ref().map(Bytes::len) == Some(MAX_CORRELATION_BYTES))
+        );
     }
 
     #[test]
@@ -667,12 +849,12 @@ mod tests {
     #[test]
     fn deep_or_odd_json_never_panics() {
         let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
-        let _ = parse("p", deep.as_bytes(), usize::MAX, || FRESH.into());
+        let _ = parse("p", deep.as_bytes(), usize::MAX, &NONE, || FRESH.into());
         let deep_obj = format!(
             r#"{{"message":"hi","x":{}1{}}}"#,
             "[".repeat(5000),
             "]".repeat(5000)
         );
-        let _ = parse("p", deep_obj.as_bytes(), usize::MAX, || FRESH.into());
+        let _ = parse("p", deep_obj.as_bytes(), usize::MAX, &NONE, || FRESH.into());
     }
 }

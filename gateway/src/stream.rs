@@ -19,8 +19,9 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::time::Instant;
 
+use crate::errors::ErrorKind;
 use crate::metrics::OutKind;
-use crate::publish::Publisher;
+use crate::publish::{Correlation, Publisher};
 use crate::topics::{self, Route};
 
 /// Least time between two delta pieces of one turn.
@@ -134,6 +135,8 @@ impl Pieces {
 pub struct ReplyStream {
     publisher: Publisher,
     topic: String,
+    /// The request's MQTT 5 Correlation Data, echoed on every piece.
+    correlation: Correlation,
     pieces: Pieces,
 }
 
@@ -141,7 +144,7 @@ impl ReplyStream {
     /// The stream of a turn replying on `reply_topic`; `None` when the
     /// stream topic would not be publishable (a reply topic near the length
     /// limit), in which case the client gets the reply alone.
-    pub fn new(publisher: Publisher, reply_topic: &str) -> Option<Self> {
+    pub fn new(publisher: Publisher, reply_topic: &str, correlation: Correlation) -> Option<Self> {
         let topic = stream_topic(reply_topic);
         if !topics::confined(publisher.project(), Route::Reply, &topic) {
             tracing::debug!(topic, "no stream: its topic cannot be published to");
@@ -150,6 +153,7 @@ impl ReplyStream {
         Some(Self {
             publisher,
             topic,
+            correlation,
             pieces: Pieces::default(),
         })
     }
@@ -175,35 +179,45 @@ impl ReplyStream {
     /// Sends what is pending now.
     pub async fn flush(&mut self) {
         if let Some(piece) = self.pieces.take_delta(Instant::now()) {
-            self.send(piece).await;
+            self.send(piece, None).await;
         }
     }
 
     /// Ends the stream of a turn answered with `text`.
     pub async fn finish(&mut self, text: &str, finish_reason: &str) {
         for piece in self.pieces.finish(text, finish_reason, Instant::now()) {
-            self.send(piece).await;
+            self.send(piece, None).await;
         }
     }
 
-    /// Ends the stream of a failed turn.
-    pub async fn fail(&mut self, text: &str) {
+    /// Ends the stream of a failed turn; the piece names its `kind` too.
+    pub async fn fail(&mut self, kind: ErrorKind, text: &str) {
         let piece = self.pieces.error(text);
-        self.send(piece).await;
+        self.send(piece, Some(kind)).await;
     }
 
     /// Ends the stream without waiting for room in the client's queue.
-    pub fn fail_now(&mut self, text: &str) {
+    pub fn fail_now(&mut self, kind: ErrorKind, text: &str) {
         let piece = self.pieces.error(text);
-        let _ = self
-            .publisher
-            .try_publish(OutKind::Piece, &self.topic, piece.into_bytes());
+        let _ = self.publisher.try_publish_answer(
+            OutKind::Piece,
+            &self.topic,
+            piece.into_bytes(),
+            &self.correlation,
+            Some(kind),
+        );
     }
 
-    async fn send(&self, piece: String) {
+    async fn send(&self, piece: String, error: Option<ErrorKind>) {
         let _ = self
             .publisher
-            .publish(OutKind::Piece, &self.topic, piece.into_bytes())
+            .publish_answer(
+                OutKind::Piece,
+                &self.topic,
+                piece.into_bytes(),
+                &self.correlation,
+                error,
+            )
             .await;
     }
 }

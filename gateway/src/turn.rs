@@ -126,7 +126,13 @@ impl Turns {
             let started = Instant::now();
             let mut stream = turn
                 .stream
-                .then(|| ReplyStream::new(publisher.clone(), &turn.reply_topic))
+                .then(|| {
+                    ReplyStream::new(
+                        publisher.clone(),
+                        &turn.reply_topic,
+                        turn.correlation_data.clone(),
+                    )
+                })
                 .flatten();
             // A turn nothing can name gets a token that never fires.
             let cancel = registration
@@ -153,28 +159,32 @@ impl Turns {
                 Outcome::Abandoned => {
                     tracing::warn!(turn = %who, "turn abandoned at shutdown");
                     self.metrics.dropped("abandoned_at_shutdown");
+                    let kind = errors::ErrorKind::ShuttingDown;
                     if let Some(stream) = &mut stream {
-                        stream.fail_now(errors::OVERLOADED_TEXT);
+                        stream.fail_now(kind, errors::OVERLOADED_TEXT);
                     }
                     // Nothing else will answer it: say so in the words
                     // clients retry on, ahead of the "offline" status.
-                    let _ = publisher.try_publish(
-                        OutKind::Error,
+                    let _ = publisher.try_publish_error(
                         &turn.reply_topic,
-                        errors::OVERLOADED_TEXT.as_bytes().to_vec(),
+                        &turn.correlation_data,
+                        kind,
+                        errors::OVERLOADED_TEXT,
                     );
                 }
                 Outcome::Cancelled => {
                     tracing::info!(turn = %who, "turn cancelled by its client");
-                    self.metrics.error(errors::ErrorKind::Cancelled.as_str());
+                    let kind = errors::ErrorKind::Cancelled;
+                    self.metrics.error(kind.as_str());
                     if let Some(stream) = &mut stream {
-                        stream.fail(errors::CANCELLED_TEXT).await;
+                        stream.fail(kind, errors::CANCELLED_TEXT).await;
                     }
                     let _ = publisher
-                        .publish(
-                            OutKind::Error,
+                        .publish_error(
                             &turn.reply_topic,
-                            errors::CANCELLED_TEXT.as_bytes().to_vec(),
+                            &turn.correlation_data,
+                            kind,
+                            errors::CANCELLED_TEXT,
                         )
                         .await;
                 }
@@ -190,17 +200,19 @@ impl Turns {
                     if let Some(stream) = &mut stream {
                         stream.finish(&reply.text, &reply.finish_reason).await;
                     }
-                    let _ = publisher.publish_reply(&turn.reply_topic, reply.text).await;
+                    let _ = publisher
+                        .publish_reply(&turn.reply_topic, &turn.correlation_data, reply.text)
+                        .await;
                 }
                 Outcome::Answered(Err(status)) => {
                     let (kind, text) = errors::classify(&status);
                     tracing::warn!(turn = %who, code = ?status.code(), kind = kind.as_str(), detail = status.message(), "turn failed");
                     self.metrics.error(kind.as_str());
                     if let Some(stream) = &mut stream {
-                        stream.fail(&text).await;
+                        stream.fail(kind, &text).await;
                     }
                     let _ = publisher
-                        .publish(OutKind::Error, &turn.reply_topic, text.into_bytes())
+                        .publish_error(&turn.reply_topic, &turn.correlation_data, kind, &text)
                         .await;
                 }
             }

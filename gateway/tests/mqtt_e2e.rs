@@ -12,6 +12,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use gateway::config::Protocol;
 use gateway::errors::{OVERLOADED_TEXT, RATE_LIMITED_TEXT, TIMEOUT_TEXT, UNAVAILABLE_TEXT};
 use gateway::{Config, Gateway};
 use palaver_core::{ERROR_KIND_HEADER, ERROR_KIND_RATE_LIMITED};
@@ -634,6 +635,49 @@ async fn full_backlog_answers_overloaded_at_once() {
     gw.task.await.unwrap().unwrap();
 }
 
+/// Under MQTT 5 the gateway bounds what the broker may have in flight to
+/// it (Receive Maximum, twice max-pending): with one turn admitted and one
+/// request answered "overloaded", both unacknowledged behind the slow turn,
+/// a third request waits at the broker until the slow turn is answered,
+/// and is then served.
+#[tokio::test]
+async fn under_mqtt_5_the_broker_holds_requests_past_the_receive_maximum() {
+    let broker = Broker::start();
+    let session = start_fake(Fake::default()).await;
+    let mut cfg = config(&broker, session, &["p"]);
+    cfg.max_pending = 1;
+    assert_eq!(cfg.mqtt_protocol, Protocol::V5);
+    assert!(cfg.consumer_lease.is_some(), "acknowledged once answered");
+    let gw = start_gateway(cfg).await;
+    let mut c = Client::connect(broker.port()).await;
+
+    c.publish("p/user_input", r#"{"sessionId":"a","message":"slow:800"}"#)
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    c.publish("p/user_input", r#"{"sessionId":"b","message":"second"}"#)
+        .await;
+    let (topic, text) = c.next_on(is_reply).await;
+    assert_eq!(
+        (topic.as_str(), text.as_str()),
+        ("p/assistant_response/b", OVERLOADED_TEXT)
+    );
+    c.publish("p/user_input", r#"{"sessionId":"c","message":"third"}"#)
+        .await;
+    let (topic, text) = c.next_on(is_reply).await;
+    assert_eq!(
+        (topic.as_str(), text.as_str()),
+        ("p/assistant_response/a", "echo[a]: slow:800"),
+        "the third request was held back, not refused"
+    );
+    let (topic, text) = c.next_on(is_reply).await;
+    assert_eq!(
+        (topic.as_str(), text.as_str()),
+        ("p/assistant_response/c", "echo[c]: third")
+    );
+    gw.shutdown.cancel();
+    gw.task.await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn deadlines_and_a_missing_session_svc() {
     let broker = Broker::start();
@@ -783,6 +827,9 @@ async fn oversize_packet_costs_a_reconnect_not_the_gateway() {
     // request again at every reconnect: with the consumer lease the broker's
     // message_size_limit must stay below max-packet-bytes (README).
     cfg.consumer_lease = None;
+    // Under MQTT 5 the broker knows the limit and drops the packet itself
+    // (the next test); under 3.1.1 it sends it.
+    cfg.mqtt_protocol = Protocol::V311;
     let gw = Gateway::new(cfg, &mut registry).unwrap();
     let mut ready = gw.ready_watch();
     let shutdown = CancellationToken::new();
@@ -834,6 +881,44 @@ async fn oversize_packet_costs_a_reconnect_not_the_gateway() {
     task.await.unwrap().unwrap();
 }
 
+/// Under MQTT 5 the gateway tells the broker its largest packet: a larger
+/// request is dropped by the broker, and the connection stays up.
+#[tokio::test]
+async fn under_mqtt_5_the_broker_drops_an_oversize_packet() {
+    let broker = Broker::start();
+    let session = start_fake(Fake::default()).await;
+    let mut registry = Registry::default();
+    let mut cfg = config(&broker, session, &["p"]);
+    cfg.max_packet_bytes = 32 * 1024;
+    assert_eq!(cfg.mqtt_protocol, Protocol::V5);
+    let gw = Gateway::new(cfg, &mut registry).unwrap();
+    let mut ready = gw.ready_watch();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(gw.run(shutdown.clone()));
+    tokio::time::timeout(WAIT, ready.wait_for(|r| *r))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut c = Client::connect(broker.port()).await;
+    let kept = ready.clone();
+    c.publish("p/user_input", vec![b'x'; 64 * 1024]).await;
+    c.publish(
+        "p/user_input",
+        r#"{"sessionId":"ok","message":"still here"}"#,
+    )
+    .await;
+    assert_eq!(
+        c.reply_on("p/assistant_response/ok").await,
+        "echo[ok]: still here"
+    );
+    assert!(
+        !kept.has_changed().unwrap(),
+        "the connection never went down"
+    );
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn resubscribes_after_a_broker_restart() {
     let broker = Broker::start();
@@ -880,7 +965,7 @@ async fn a_request_delivered_again_while_answered_runs_once() {
         .unwrap();
     let mut cfg = config(&broker, session, &["p"]);
     cfg.mqtt_port = link.addr().port();
-    cfg.keep_alive = Duration::from_secs(2);
+    cfg.keep_alive = gateway::mqtt::MIN_V5_KEEP_ALIVE;
     let gw = start_gateway(cfg).await;
     let mut c = Client::connect(broker.port()).await;
 

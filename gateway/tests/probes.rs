@@ -60,7 +60,7 @@ async fn readyz_follows_the_subscriptions() {
         "http://127.0.0.1:1",
         vec!["general".into(), "npc".into()],
     );
-    config.keep_alive = Duration::from_secs(2);
+    config.keep_alive = gateway::mqtt::MIN_V5_KEEP_ALIVE;
     config.consumer_lease = None;
     let mut registry = Registry::default();
     let gateway = Gateway::new(config, &mut registry).expect("gateway settings");

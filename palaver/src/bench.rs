@@ -216,7 +216,7 @@ impl Plan {
             message_bytes: args.message_bytes,
             rate: args.rate,
             timeout,
-            qos: gateway::link::qos(args.qos),
+            qos: gateway::mqtt::qos(args.qos),
             label: args.label.clone(),
             stream: args.stream,
         })

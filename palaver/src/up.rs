@@ -344,6 +344,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         format!("http://{}", reachable(session_addr)),
         projects.names().map(str::to_owned).collect(),
     );
+    if embedded.is_some() {
+        // rumqttd serves one protocol per listener, and its MQTT 5 side is
+        // the less complete: the embedded broker speaks 3.1.1 (see broker.rs).
+        gateway_config.mqtt_protocol = gateway::config::Protocol::V311;
+    }
     if let Some((user, password)) = &credentials {
         gateway_config.mqtt_username = Some(user.clone());
         gateway_config.mqtt_password = Some(password.clone());

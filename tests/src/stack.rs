@@ -143,8 +143,7 @@ impl Stack {
         let mut gw_registry = Registry::default();
         if opts.gateway_started {
             let names = opts.projects.names().map(str::to_owned).collect();
-            let mut gw_cfg =
-                gateway::Config::new("127.0.0.1", broker.port(), session_urls[0].clone(), names);
+            let mut gw_cfg = crate::gateway_config(broker.port(), session_urls[0].clone(), names);
             (opts.gateway)(&mut gw_cfg);
             let gw = gateway::Gateway::new(gw_cfg, &mut gw_registry).expect("gateway config");
             let ready = gw.ready();

@@ -314,8 +314,7 @@ impl Rig {
             return Proc(Some(Running::Process(child)));
         }
         let rt = runtime();
-        let mut cfg = gateway::Config::new(
-            "127.0.0.1",
+        let mut cfg = palaver_tests::gateway_config(
             self.broker_link.addr().port(),
             format!("http://{}", self.session_addr),
             vec!["general".into()],

@@ -29,8 +29,7 @@ struct Gw {
 
 impl Gw {
     async fn start(stack: &Stack) -> Gw {
-        let mut config = gateway::Config::new(
-            "127.0.0.1",
+        let mut config = palaver_tests::gateway_config(
             stack.broker.port(),
             stack.session_urls[0].clone(),
             vec!["general".into()],

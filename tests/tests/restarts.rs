@@ -77,8 +77,7 @@ async fn session_svc_killed_mid_turn_and_restarted_costs_clients_nothing() {
     };
     let mut svc = SessionSvc::start(&stack, addr).await;
 
-    let mut config = gateway::Config::new(
-        "127.0.0.1",
+    let mut config = palaver_tests::gateway_config(
         stack.broker.port(),
         format!("http://{addr}"),
         vec!["general".into()],

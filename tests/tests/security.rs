@@ -624,8 +624,7 @@ async fn the_gateway_answers_over_mqtts_with_a_login_and_refuses_a_wrong_ca() {
     let mut args = gateway_args(&stack.pki, tls, &stack.session_url, &other.path("ca.pem"));
     args.mqtt_password_file = Some(password);
     let config = args.into_config().unwrap();
-    let opts = gateway::link::mqtt_options(&config, "general");
-    let (_client, mut events) = rumqttc::AsyncClient::new(opts, 10);
+    let (_client, mut events) = gateway::mqtt::Client::new(&config, "general", 10);
     let err = tokio::time::timeout(Duration::from_secs(10), events.poll())
         .await
         .expect("the handshake ends")
