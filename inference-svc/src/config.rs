@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use crate::error::InferenceError;
 
-/// More slots than any server could use; also far below what a tokio
-/// semaphore can hold.
+/// More slots than any server could use: a typo, not a setting.
 const MAX_SLOTS: usize = 100_000;
 
 /// Which backend generates text.

@@ -4,8 +4,8 @@
 //! [`crate::fair_queue`]'s choice: by default the client running the fewest.
 //!
 //! A generation streams, so finishing the call is not finishing the work: the
-//! slot moves into the returned stream and is given back
-//! with the last chunk, or when the stream is dropped (the caller left).
+//! slot moves into the returned stream and is given back with the last
+//! chunk, or when the stream is dropped (the caller left).
 //!
 //! Unlike `tower::limit::ConcurrencyLimit`, waiting happens in `call`, not in
 //! `poll_ready`: that is what makes a bounded, timed queue possible for a
