@@ -197,6 +197,14 @@ impl Projects {
         self.projects.keys().map(String::as_str)
     }
 
+    /// Sets the per-client limit of every project whose file does not set
+    /// `client_rate_limit` (a service-wide default, e.g. from a flag).
+    pub fn default_client_rate_limit(&mut self, limit: u32) {
+        for s in self.projects.values_mut() {
+            s.client_rate_limit.get_or_insert(limit);
+        }
+    }
+
     /// Replaces or adds one project (used by tests and tools).
     pub fn insert(&mut self, name: impl Into<String>, settings: ProjectSettings) {
         self.projects.insert(name.into(), settings);
