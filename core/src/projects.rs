@@ -40,7 +40,12 @@ pub struct ProjectSettings {
     pub max_message_chars: usize,
     /// Requests allowed per session within `rate_window`; 0 disables the limit.
     pub rate_limit: u32,
-    /// Length of the sliding rate-limit window.
+    /// Requests allowed per client (the MQTT clientId) of the project within
+    /// `rate_window`, over all its sessions, so that fresh session ids do
+    /// not multiply a client's quota; `None`: three times `rate_limit`
+    /// (see [`client_rate_limit`](Self::client_rate_limit)); 0 disables it.
+    pub client_rate_limit: Option<u32>,
+    /// Length of the sliding rate-limit windows.
     pub rate_window: Duration,
     /// Idle time after which a session is forgotten.
     pub session_ttl: Duration,
@@ -61,12 +66,24 @@ impl Default for ProjectSettings {
             max_history_tokens: 3000,
             max_message_chars: 8000,
             rate_limit: 20,
+            client_rate_limit: None,
             rate_window: Duration::from_secs(60),
             session_ttl: Duration::from_secs(3600),
             temperature: 0.6,
             top_p: 0.9,
             max_tokens: 512,
         }
+    }
+}
+
+impl ProjectSettings {
+    /// Requests one client may send within `rate_window` over all its
+    /// sessions (0: no limit). By default three sessions' worth: a client
+    /// may keep a few conversations going, but not mint session ids to
+    /// multiply its quota; and a project without a session limit has none.
+    pub fn client_rate_limit(&self) -> u32 {
+        self.client_rate_limit
+            .unwrap_or(self.rate_limit.saturating_mul(3))
     }
 }
 
@@ -79,6 +96,7 @@ struct Overrides {
     max_history_tokens: Option<usize>,
     max_message_chars: Option<usize>,
     rate_limit: Option<u32>,
+    client_rate_limit: Option<u32>,
     rate_window_secs: Option<u64>,
     session_ttl_secs: Option<u64>,
     temperature: Option<f32>,
@@ -108,6 +126,7 @@ impl Overrides {
             max_history_tokens: self.max_history_tokens.unwrap_or(base.max_history_tokens),
             max_message_chars: self.max_message_chars.unwrap_or(base.max_message_chars),
             rate_limit: self.rate_limit.unwrap_or(base.rate_limit),
+            client_rate_limit: self.client_rate_limit.or(base.client_rate_limit),
             rate_window: self
                 .rate_window_secs
                 .map(Duration::from_secs)
@@ -178,6 +197,14 @@ impl Projects {
         self.projects.keys().map(String::as_str)
     }
 
+    /// Sets the per-client limit of every project whose file does not set
+    /// `client_rate_limit` (a service-wide default, e.g. from a flag).
+    pub fn default_client_rate_limit(&mut self, limit: u32) {
+        for s in self.projects.values_mut() {
+            s.client_rate_limit.get_or_insert(limit);
+        }
+    }
+
     /// Replaces or adds one project (used by tests and tools).
     pub fn insert(&mut self, name: impl Into<String>, settings: ProjectSettings) {
         self.projects.insert(name.into(), settings);
@@ -240,6 +267,27 @@ mod tests {
         assert_eq!(npc.max_tokens, 160);
         assert_ne!(npc.system_prompt, general.system_prompt);
         assert!(p.get("nope").is_none());
+    }
+
+    #[test]
+    fn the_client_limit_follows_the_session_limit_unless_set() {
+        let p = Projects::from_toml(
+            "[defaults]\nrate_limit = 10\n[projects.a]\n[projects.off]\nrate_limit = 0\n\
+             [projects.own]\nclient_rate_limit = 7\n[projects.none]\nclient_rate_limit = 0\n",
+        )
+        .unwrap();
+        let limit = |name: &str| p.get(name).unwrap().client_rate_limit();
+        assert_eq!(limit("a"), 30);
+        assert_eq!(limit("off"), 0, "no session limit, no client limit");
+        assert_eq!(limit("own"), 7);
+        assert_eq!(limit("none"), 0);
+        assert_eq!(
+            Projects::builtin()
+                .get("general")
+                .unwrap()
+                .client_rate_limit(),
+            60
+        );
     }
 
     #[test]

@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use crate::error::InferenceError;
 
-/// More slots than any server could use; also far below what a tokio
-/// semaphore can hold.
+/// More slots than any server could use: a typo, not a setting.
 const MAX_SLOTS: usize = 100_000;
 
 /// Which backend generates text.
@@ -78,6 +77,19 @@ pub struct InferenceArgs {
         default_value_t = 30_000
     )]
     pub queue_timeout_ms: u64,
+
+    /// Give a freed slot to the waiting client running the fewest
+    /// generations (ties: the longest waiting), so that one client with many
+    /// sessions cannot take every slot; `false` serves waiters in arrival
+    /// order. A client is the request's `client` (the MQTT clientId); all
+    /// anonymous callers share one.
+    #[arg(
+        long,
+        env = "PALAVER_INFERENCE_FAIR_SHARE",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub fair_share: bool,
 
     /// Longest wait for the first token after sending a request, in milliseconds.
     #[arg(
@@ -185,6 +197,7 @@ impl InferenceArgs {
             max_concurrent: self.max_concurrent,
             max_queue: self.max_queue,
             queue_timeout: Duration::from_millis(self.queue_timeout_ms),
+            fair_share: self.fair_share,
             first_token_timeout: Duration::from_millis(self.first_token_timeout_ms),
             idle_timeout: Duration::from_millis(self.idle_timeout_ms),
             request_timeout: Duration::from_millis(self.request_timeout_ms),
@@ -232,6 +245,9 @@ pub struct Config {
     pub max_queue: usize,
     /// Longest wait for a slot.
     pub queue_timeout: Duration,
+    /// A freed slot goes to the waiting client running the fewest
+    /// generations (else to the longest waiting caller).
+    pub fair_share: bool,
     /// Longest wait from sending a request to its first streamed event.
     pub first_token_timeout: Duration,
     /// Longest silence between two streamed chunks.
@@ -265,6 +281,7 @@ impl Config {
             max_concurrent: 8,
             max_queue: 256,
             queue_timeout: Duration::from_secs(30),
+            fair_share: true,
             first_token_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(300),
@@ -351,6 +368,8 @@ mod tests {
         assert!(parse(&["--backend", "openai"]).is_err());
         assert!(parse(&["--max-concurrent", "0"]).is_err());
         assert!(!parse(&["--strip-think", "false"]).unwrap().strip_think);
+        assert!(parse(&[]).unwrap().fair_share);
+        assert!(!parse(&["--fair-share", "false"]).unwrap().fair_share);
         assert!(parse(&["--min-tokens-per-sec", "0"]).is_err());
         assert!(parse(&["--min-tokens-per-sec", "NaN"]).is_err());
         assert!(parse(&["--sim-tokens-per-sec", "1e-20"]).is_err());

@@ -7,12 +7,14 @@
 //! [`Server::new`] and [`Server::serve`] on any listener, port 0 included.
 //!
 //! Modules, one concept each: [`config`], [`error`], [`backend`] (the vLLM
-//! client, the simulator, SSE and `<think>` handling), [`limit`] (admission),
+//! client, the simulator, SSE and `<think>` handling), [`limit`] (admission)
+//! and [`fair_queue`] (who gets a freed slot),
 //! [`service`] (the gRPC surface), [`metrics`].
 
 pub mod backend;
 pub mod config;
 pub mod error;
+pub mod fair_queue;
 pub mod limit;
 pub mod metrics;
 pub mod service;
@@ -68,11 +70,13 @@ impl Server {
         let backend = Backend::from_config(&config)?;
         let stack = ServiceBuilder::new()
             // Admission: `max_concurrent` generations hold a slot until their
-            // last chunk; up to `max_queue` callers wait `queue_timeout`.
+            // last chunk; up to `max_queue` callers wait `queue_timeout`, and
+            // a freed slot goes to the client running the fewest.
             .layer(AdmissionLayer::new(
                 config.max_concurrent,
                 config.max_queue,
                 config.queue_timeout,
+                config.fair_share,
                 metrics.clone(),
             ))
             // The backend: vLLM over HTTP (with its own timeouts) or the simulator.
@@ -97,6 +101,7 @@ impl Server {
                 %url,
                 max_concurrent = config.max_concurrent,
                 max_queue = config.max_queue,
+                fair_share = config.fair_share,
                 "inference backend: openai-compatible server"
             ),
             BackendKind::Sim => tracing::info!(

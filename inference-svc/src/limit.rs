@@ -1,10 +1,11 @@
 //! Admission control on the outbound call: at most `max_concurrent`
 //! generations run, at most `max_queue` callers wait for a slot, and none
-//! waits longer than `queue_timeout`.
+//! waits longer than `queue_timeout`. Which waiter a freed slot goes to is
+//! [`crate::fair_queue`]'s choice: by default the client running the fewest.
 //!
 //! A generation streams, so finishing the call is not finishing the work: the
-//! slot (a semaphore permit) moves into the returned stream and is given back
-//! with the last chunk, or when the stream is dropped (the caller left).
+//! slot moves into the returned stream and is given back with the last
+//! chunk, or when the stream is dropped (the caller left).
 //!
 //! Unlike `tower::limit::ConcurrencyLimit`, waiting happens in `call`, not in
 //! `poll_ready`: that is what makes a bounded, timed queue possible for a
@@ -12,25 +13,25 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::Stream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use crate::backend::{Chunk, GenerateParams, TokenStream};
 use crate::error::InferenceError;
+use crate::fair_queue::{Admit, FairQueue, Ticket};
 use crate::metrics::Metrics;
 
 /// State shared by every clone of the admission service.
 struct Shared {
-    slots: Arc<Semaphore>,
+    /// Slots and waiters; held only for bookkeeping, never across an await.
+    queue: Mutex<FairQueue<oneshot::Sender<()>>>,
     max_concurrent: usize,
-    waiting: AtomicUsize,
     max_queue: usize,
     queue_timeout: Duration,
     metrics: Metrics,
@@ -44,18 +45,20 @@ pub struct AdmissionLayer {
 
 impl AdmissionLayer {
     /// `max_concurrent` slots, `max_queue` waiting callers, `queue_timeout`
-    /// longest wait; gauges and the wait histogram go to `metrics`.
+    /// longest wait; with `fair_share` a freed slot goes to the waiting
+    /// client running the fewest generations (else to the longest waiting
+    /// caller). Gauges and the wait histogram go to `metrics`.
     pub fn new(
         max_concurrent: usize,
         max_queue: usize,
         queue_timeout: Duration,
+        fair_share: bool,
         metrics: Metrics,
     ) -> Self {
         Self {
             shared: Arc::new(Shared {
-                slots: Arc::new(Semaphore::new(max_concurrent)),
+                queue: Mutex::new(FairQueue::new(max_concurrent, fair_share)),
                 max_concurrent,
-                waiting: AtomicUsize::new(0),
                 max_queue,
                 queue_timeout,
                 metrics,
@@ -87,12 +90,12 @@ impl<S> Admission<S> {
     pub fn in_flight(&self) -> usize {
         self.shared
             .max_concurrent
-            .saturating_sub(self.shared.slots.available_permits())
+            .saturating_sub(self.shared.queue().free())
     }
 
     /// Callers waiting for a slot now.
     pub fn queue_depth(&self) -> usize {
-        self.shared.waiting.load(Ordering::Acquire)
+        self.shared.queue().waiters()
     }
 }
 
@@ -119,7 +122,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, fresh);
         let shared = self.shared.clone();
         Box::pin(async move {
-            let slot = Shared::admit(&shared).await?;
+            let slot = Shared::admit(&shared, req.client.clone()).await?;
             // A failure before streaming drops `slot` here: the slot frees.
             let stream = inner.call(req).await?;
             Ok(Box::pin(HoldSlot {
@@ -131,69 +134,94 @@ where
 }
 
 impl Shared {
-    async fn admit(this: &Arc<Self>) -> Result<Slot, InferenceError> {
+    fn queue(&self) -> MutexGuard<'_, FairQueue<oneshot::Sender<()>>> {
+        // Bookkeeping only, updated in whole steps: usable after a panic.
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn admit(this: &Arc<Self>, client: String) -> Result<Slot, InferenceError> {
         let arrived = Instant::now();
-        let permit = match this.slots.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(TryAcquireError::Closed) => return Err(closed()),
-            Err(TryAcquireError::NoPermits) => {
-                let _queued = Queued::enter(this)?;
-                match tokio::time::timeout(this.queue_timeout, this.slots.clone().acquire_owned())
-                    .await
-                {
-                    Ok(Ok(p)) => p,
-                    Ok(Err(_)) => return Err(closed()),
+        let (wake, woken) = oneshot::channel();
+        let admitted = this.queue().admit(&client, this.max_queue, wake);
+        match admitted {
+            Admit::Now => {}
+            Admit::Full => return Err(InferenceError::QueueFull),
+            Admit::Queued(ticket) => {
+                let mut place = Place::new(this, &client, ticket);
+                match tokio::time::timeout(this.queue_timeout, woken).await {
+                    Ok(Ok(())) => place.admitted = true,
+                    // The queue dropped the waker without a slot: cannot
+                    // happen while this caller holds the queue; fail safe.
+                    Ok(Err(_)) => {
+                        return Err(InferenceError::Unavailable(
+                            "admission queue lost a waiter".into(),
+                        ))
+                    }
                     Err(_) => return Err(InferenceError::QueueTimeout(this.queue_timeout)),
                 }
             }
-        };
+        }
         this.metrics
             .queue_wait
             .observe(arrived.elapsed().as_secs_f64());
         this.metrics.in_flight.inc();
         Ok(Slot {
-            _permit: permit,
             shared: this.clone(),
+            client,
             since: Instant::now(),
         })
     }
-}
 
-fn closed() -> InferenceError {
-    InferenceError::Unavailable("inference-svc is shutting down".into())
-}
-
-/// A place in the queue; leaving it (admitted, timed out or cancelled) frees it.
-struct Queued {
-    shared: Arc<Shared>,
-}
-
-impl Queued {
-    fn enter(shared: &Arc<Shared>) -> Result<Self, InferenceError> {
-        shared
-            .waiting
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < shared.max_queue).then_some(n + 1)
-            })
-            .map_err(|_| InferenceError::QueueFull)?;
-        shared.metrics.queue_depth.inc();
-        Ok(Self {
-            shared: shared.clone(),
-        })
+    /// `client` gives a slot back: it goes to the next waiter, if any.
+    fn hand_on(&self, client: &str) {
+        let next = self.queue().release(client);
+        if let Some((_, wake)) = next {
+            // A waiter gone meanwhile finds its place taken in `Place::drop`
+            // and hands the slot on itself.
+            let _ = wake.send(());
+        }
     }
 }
 
-impl Drop for Queued {
+/// A place in the queue; leaving it (admitted, timed out or cancelled) frees
+/// it. Left without being admitted after a slot was already given to it, it
+/// passes that slot on.
+struct Place<'a> {
+    shared: &'a Shared,
+    client: &'a str,
+    ticket: Ticket,
+    admitted: bool,
+}
+
+impl<'a> Place<'a> {
+    fn new(shared: &'a Shared, client: &'a str, ticket: Ticket) -> Self {
+        shared.metrics.queue_depth.inc();
+        Self {
+            shared,
+            client,
+            ticket,
+            admitted: false,
+        }
+    }
+}
+
+impl Drop for Place<'_> {
     fn drop(&mut self) {
-        self.shared.waiting.fetch_sub(1, Ordering::AcqRel);
         self.shared.metrics.queue_depth.dec();
+        if self.admitted {
+            return;
+        }
+        let left = self.shared.queue().leave(self.client, self.ticket);
+        if !left {
+            self.shared.hand_on(self.client);
+        }
     }
 }
 
 /// A running generation's slot; dropping it lets the next caller in.
 struct Slot {
-    _permit: OwnedSemaphorePermit,
     shared: Arc<Shared>,
+    client: String,
     since: Instant,
 }
 
@@ -204,6 +232,7 @@ impl Drop for Slot {
             .metrics
             .generation
             .observe(self.since.elapsed().as_secs_f64());
+        self.shared.hand_on(&self.client);
     }
 }
 
@@ -276,6 +305,14 @@ mod tests {
             max_tokens: 1,
             request_id: String::new(),
             affinity_key: String::new(),
+            client: String::new(),
+        }
+    }
+
+    fn from(client: &str) -> GenerateParams {
+        GenerateParams {
+            client: client.into(),
+            ..params()
         }
     }
 
@@ -290,6 +327,7 @@ mod tests {
                 max_concurrent,
                 max_queue,
                 queue_timeout,
+                true,
                 Metrics::unregistered(),
             ))
             .service(backend.clone());
@@ -374,5 +412,31 @@ mod tests {
         let next =
             tokio::time::timeout(Duration::from_millis(50), svc.clone().oneshot(params())).await;
         assert!(next.is_err(), "should still be waiting for the slot");
+    }
+
+    /// The layer with the queue: a client that runs nothing is let in before
+    /// the earlier waiter of a client that runs one.
+    #[tokio::test]
+    async fn a_freed_slot_goes_to_the_client_running_nothing() {
+        let (svc, _backend) = stack(2, 8, Duration::from_secs(10));
+        let first = svc.clone().oneshot(from("flood")).await.unwrap();
+        let second = svc.clone().oneshot(from("flood")).await.unwrap();
+        let flood = tokio::spawn(svc.clone().oneshot(from("flood")));
+        while svc.queue_depth() < 1 {
+            tokio::task::yield_now().await;
+        }
+        let calm = tokio::spawn(svc.clone().oneshot(from("calm")));
+        while svc.queue_depth() < 2 {
+            tokio::task::yield_now().await;
+        }
+        // "flood" still runs one, "calm" none: "calm" goes first.
+        drop(first);
+        let calm = calm.await.unwrap().unwrap();
+        assert_eq!((svc.in_flight(), svc.queue_depth()), (2, 1));
+        assert!(!flood.is_finished());
+        drop((second, calm));
+        let flood = flood.await.unwrap().unwrap();
+        drop(flood);
+        assert_eq!((svc.in_flight(), svc.queue_depth()), (0, 0));
     }
 }

@@ -229,6 +229,7 @@ pub fn validate(
         max_tokens,
         request_id: req.request_id,
         affinity_key: req.affinity_key,
+        client: req.client,
     })
 }
 

@@ -43,6 +43,14 @@ pub struct SessionArgs {
     #[arg(long, env = "PALAVER_PROJECTS_FILE")]
     pub projects_file: Option<PathBuf>,
 
+    /// Requests one client (clientId) may send per project within the
+    /// project's rate window, over all its sessions, for every project whose
+    /// file does not set `client_rate_limit`; 0 turns it off. Without it the
+    /// default is three times the project's per-session `rate_limit` (60 per
+    /// 60 s as shipped; none where `rate_limit` is 0).
+    #[arg(long, env = "PALAVER_CLIENT_RATE_LIMIT")]
+    pub client_rate_limit: Option<u32>,
+
     /// How long a session lock lives if its holder dies, in milliseconds.
     #[arg(long, env = "PALAVER_LOCK_TTL_MS", default_value_t = 5000)]
     pub lock_ttl_ms: u64,
@@ -71,8 +79,12 @@ pub struct SessionArgs {
 impl SessionArgs {
     /// Loads the projects file and builds the service configuration.
     pub fn config(&self) -> Result<Config, palaver_core::projects::ProjectsError> {
+        let mut projects = Projects::load(self.projects_file.as_deref())?;
+        if let Some(limit) = self.client_rate_limit {
+            projects.default_client_rate_limit(limit);
+        }
         Ok(Config {
-            projects: Projects::load(self.projects_file.as_deref())?,
+            projects,
             inference_url: self.inference_url.clone(),
             inference_tls: self.inference_tls.clone(),
             inference_token: Bearer::none(),
@@ -140,4 +152,30 @@ pub struct ListenArgs {
     /// gRPC bearer tokens.
     #[command(flatten)]
     pub auth: ServerAuthArgs,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: SessionArgs,
+    }
+
+    fn client_limit(argv: &[&str]) -> u32 {
+        let mut full = vec!["session-svc"];
+        full.extend_from_slice(argv);
+        let config = Cli::try_parse_from(full).unwrap().args.config().unwrap();
+        config.projects.get("general").unwrap().client_rate_limit()
+    }
+
+    #[test]
+    fn the_client_limit_flag_sets_the_default_of_every_project() {
+        assert_eq!(client_limit(&[]), 60, "3 x the per-session 20");
+        assert_eq!(client_limit(&["--client-rate-limit", "5"]), 5);
+        assert_eq!(client_limit(&["--client-rate-limit", "0"]), 0);
+    }
 }

@@ -56,6 +56,18 @@ impl KeySpace {
         }
     }
 
+    /// The sliding rate-limit window of one client of a project. Its own
+    /// hash tag: a client spans many sessions, so on Redis Cluster it lives
+    /// in another slot than any one session's keys.
+    pub fn client_rate(&self, project: &str, client: &str) -> String {
+        format!(
+            "{}:{{c:{}:{}}}:rate",
+            self.prefix,
+            encode(project),
+            encode(client)
+        )
+    }
+
     /// The heartbeat of one session-svc process: while it exists, the turns
     /// that process owns are being worked on.
     pub fn replica(&self, replica: &str) -> String {
@@ -121,6 +133,16 @@ mod tests {
             assert_eq!(hash_tag(&k.rate), tag);
             assert!(!tag.contains('}'));
         }
+    }
+
+    #[test]
+    fn a_clients_window_is_apart_from_sessions_and_other_projects() {
+        let ks = KeySpace::default();
+        let c = ks.client_rate("general", "game-2");
+        assert_eq!(hash_tag(&c), "c:general:game-2");
+        assert_ne!(c, ks.client_rate("general:game", "2"));
+        assert_ne!(c, ks.client_rate("other", "game-2"));
+        assert_ne!(hash_tag(&ks.client_rate("a}", "b")), "c:a");
     }
 
     #[test]

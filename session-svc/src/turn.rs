@@ -38,7 +38,7 @@ use crate::dialog::{
 };
 use crate::error::SessionError;
 use crate::metrics::{Metrics, PhaseLabel};
-use crate::store::{LockAttempt, RateLimit, SessionId, Step, Store, StoreError};
+use crate::store::{LockAttempt, Quota, RateLimit, SessionId, Step, Store, StoreError};
 
 /// Lock timing.
 #[derive(Debug, Clone, Copy)]
@@ -76,6 +76,9 @@ pub struct NewTurn<'a> {
     pub message: &'a str,
     pub request_id: Option<&'a str>,
     pub system_prompt: Option<&'a str>,
+    /// Who asked (`ChatRequest.client`), for the per-client rate limit;
+    /// `None`: an anonymous caller, limited per session only.
+    pub client: Option<&'a str>,
     /// The caller's deadline: by then the turn is answered or taken back.
     pub deadline: Instant,
 }
@@ -184,10 +187,18 @@ impl<S: Store> TurnEngine<S> {
             project: t.project,
             session_id: t.session_id,
         };
-        let rate = (settings.rate_limit > 0).then_some(RateLimit {
-            limit: settings.rate_limit,
-            window: settings.rate_window,
-        });
+        let per = |limit: u32| {
+            (limit > 0).then_some(RateLimit {
+                limit,
+                window: settings.rate_window,
+            })
+        };
+        let quota = Quota {
+            session: per(settings.rate_limit),
+            client: t
+                .client
+                .and_then(|c| per(settings.client_rate_limit()).map(|r| (c, r))),
+        };
         let limits = Limits {
             max_messages: settings.max_history_messages,
             max_tokens: settings.max_history_tokens,
@@ -211,7 +222,7 @@ impl<S: Store> TurnEngine<S> {
             self.index(id, settings.session_ttl),
             self.one_step(|| {
                 self.store
-                    .open_turn(id, rate, &opening, settings.session_ttl)
+                    .open_turn(id, quota, &opening, settings.session_ttl)
             })
         );
         if let Err(e) = indexed {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use palaver_testkit::process::RedisServer;
 use session_svc::dialog::{Dialog, Ending, Limits, Opened, Opening};
 use session_svc::keys::KeySpace;
-use session_svc::store::{LockAttempt, RateLimit, SessionId, Step, Store};
+use session_svc::store::{LockAttempt, Quota, RateLimit, SessionId, Step, Store};
 use session_svc::{MemoryStore, RedisStore};
 
 const TTL: Duration = Duration::from_secs(60);
@@ -114,14 +114,23 @@ fn opening(message: &str) -> Opening<'_> {
     }
 }
 
+/// Only the per-session limit `rate`.
+fn per_session(rate: RateLimit) -> Quota<'static> {
+    Quota {
+        session: Some(rate),
+        client: None,
+    }
+}
+
 /// Opens a turn of `id` counted against `rate`: "ok", "limited" or "busy".
 async fn try_open<S: Store>(s: &S, id: SessionId<'_>, rate: RateLimit) -> &'static str {
+    try_open_as(s, id, per_session(rate)).await
+}
+
+/// Opens a turn of `id` counted against `quota`: "ok", "limited" or "busy".
+async fn try_open_as<S: Store>(s: &S, id: SessionId<'_>, quota: Quota<'_>) -> &'static str {
     loop {
-        return match s
-            .open_turn(id, Some(rate), &opening("m"), TTL)
-            .await
-            .unwrap()
-        {
+        return match s.open_turn(id, quota, &opening("m"), TTL).await.unwrap() {
             Step::Done { .. } => "ok",
             Step::RateLimited => "limited",
             Step::Busy => "busy",
@@ -163,20 +172,24 @@ async fn rate_limit_is_a_sliding_window_per_session<S: Store>(s: &S) {
     assert_eq!(try_open(s, a, rate).await, "limited");
 }
 
-/// A retry of a request the dialog holds is not counted: at the limit it
-/// still gets its turn's outcome.
+/// A retry of a request the dialog holds is not counted: at the limits (the
+/// session's and its client's) it still gets its turn's outcome.
 async fn a_retry_is_not_counted_against_the_rate_limit<S: Store>(s: &S) {
     let rate = RateLimit {
         limit: 1,
         window: Duration::from_secs(60),
     };
     let id = sid("rate-retry");
+    let both = Quota {
+        session: Some(rate),
+        client: Some(("rate-retry", rate)),
+    };
     let first = Opening {
         request_id: Some("r1"),
         ..opening("m")
     };
     assert!(matches!(
-        until_done(|| s.open_turn(id, Some(rate), &first, TTL)).await,
+        until_done(|| s.open_turn(id, both, &first, TTL)).await,
         Opened::Generate { .. }
     ));
     let retry = Opening {
@@ -184,12 +197,94 @@ async fn a_retry_is_not_counted_against_the_rate_limit<S: Store>(s: &S) {
         ..first
     };
     assert_eq!(
-        until_done(|| s.open_turn(id, Some(rate), &retry, TTL)).await,
+        until_done(|| s.open_turn(id, both, &retry, TTL)).await,
         Opened::InFlight {
             attempt: "m".into()
         }
     );
     assert_eq!(try_open(s, id, rate).await, "limited", "a new one is");
+}
+
+/// A client's limit counts over all its sessions; other clients, other
+/// projects and anonymous callers have their own (or none); a request
+/// refused per session or finding the session locked does not count.
+async fn a_client_limit_spans_its_sessions<S: Store>(s: &S) {
+    let rate = |limit| RateLimit {
+        limit,
+        window: Duration::from_millis(600),
+    };
+    let of = |client| Quota {
+        session: Some(rate(1)),
+        client: Some((client, rate(3))),
+    };
+    for i in 1..=3 {
+        assert_eq!(try_open_as(s, sid(&format!("cs-{i}")), of("k")).await, "ok");
+    }
+    assert_eq!(try_open_as(s, sid("cs-4"), of("k")).await, "limited");
+    assert_eq!(s.load(sid("cs-4")).await.unwrap(), None, "refused: no turn");
+    assert_eq!(try_open_as(s, sid("cs-5"), of("j")).await, "ok");
+    let elsewhere = SessionId {
+        project: "other",
+        session_id: "cs-6",
+    };
+    assert_eq!(try_open_as(s, elsewhere, of("k")).await, "ok");
+    let anonymous = per_session(rate(1));
+    assert_eq!(try_open_as(s, sid("cs-7"), anonymous).await, "ok");
+
+    // "m": refused by its session's limit, then by a lock: neither counts.
+    assert_eq!(try_open_as(s, sid("cs-8"), of("m")).await, "ok");
+    assert_eq!(try_open_as(s, sid("cs-8"), of("m")).await, "limited");
+    assert!(matches!(
+        s.try_lock(sid("cs-9"), "holder", TTL).await.unwrap(),
+        LockAttempt::Locked(_)
+    ));
+    assert_eq!(try_open_as(s, sid("cs-9"), of("m")).await, "busy");
+    s.release(sid("cs-9"), "holder").await.unwrap();
+    assert_eq!(try_open_as(s, sid("cs-9"), of("m")).await, "ok");
+    assert_eq!(try_open_as(s, sid("cs-10"), of("m")).await, "ok");
+    assert_eq!(try_open_as(s, sid("cs-11"), of("m")).await, "limited");
+
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(try_open_as(s, sid("cs-12"), of("k")).await, "ok");
+}
+
+/// Clearing a session's history or deleting it (as `ResetSession` and
+/// `DeleteSession` do: under the lock, then out of the index) leaves its
+/// window and its client's as they were.
+async fn clearing_or_deleting_a_session_keeps_its_windows<S: Store>(s: &S) {
+    let rate = |limit| RateLimit {
+        limit,
+        window: Duration::from_secs(60),
+    };
+    let quota = Quota {
+        session: Some(rate(2)),
+        client: Some(("kd", rate(3))),
+    };
+    let id = sid("keep-windows");
+    assert_eq!(try_open_as(s, id, quota).await, "ok");
+    // Cleared, as ResetSession without keep_history does.
+    let LockAttempt::Locked(Some(mut d)) = s.try_lock(id, "clear", TTL).await.unwrap() else {
+        panic!("the session exists and is free");
+    };
+    d.clear();
+    assert!(s.commit(id, "clear", Some(&d), TTL).await.unwrap());
+    assert_eq!(try_open_as(s, id, quota).await, "ok");
+    assert_eq!(try_open_as(s, id, quota).await, "limited", "cleared: kept");
+    // Deleted, as DeleteSession does.
+    assert!(matches!(
+        s.try_lock(id, "delete", TTL).await.unwrap(),
+        LockAttempt::Locked(Some(_))
+    ));
+    assert!(s.commit(id, "delete", None, TTL).await.unwrap());
+    s.forget(id).await.unwrap();
+    assert_eq!(s.load(id).await.unwrap(), None);
+    assert_eq!(try_open_as(s, id, quota).await, "limited", "deleted: kept");
+    // The client's window too: one left of its three.
+    assert_eq!(try_open_as(s, sid("keep-windows-2"), quota).await, "ok");
+    assert_eq!(
+        try_open_as(s, sid("keep-windows-3"), quota).await,
+        "limited"
+    );
 }
 
 /// What a one-step change returned, without the hold time.
@@ -232,7 +327,7 @@ async fn apply_on_both<S: Store>(s: &S, id: SessionId<'_>, steps: Vec<TurnStep<'
         match step {
             TurnStep::Open(o) => {
                 let expected = want.open(&o);
-                let got = until_done(|| s.open_turn(id, None, &o, TTL)).await;
+                let got = until_done(|| s.open_turn(id, Quota::default(), &o, TTL)).await;
                 assert_eq!(got, expected, "{}: step {i}", id.session_id);
             }
             TurnStep::End(attempt, ending) => {
@@ -304,7 +399,8 @@ async fn one_step_changes_follow_the_dialog_rules<S: Store>(s: &S) {
     // A dialog whose last turn was taken back has no turns, and reads back.
     let empty = sid("rules-empty");
     let x = opening("x");
-    let Opened::Generate { seq, .. } = until_done(|| s.open_turn(empty, None, &x, TTL)).await
+    let Opened::Generate { seq, .. } =
+        until_done(|| s.open_turn(empty, Quota::default(), &x, TTL)).await
     else {
         panic!("a new turn generates");
     };
@@ -327,7 +423,9 @@ async fn one_step_changes_respect_the_lock<S: Store>(s: &S) {
         LockAttempt::Locked(None)
     ));
     assert_eq!(
-        s.open_turn(id, None, &opening("x"), TTL).await.unwrap(),
+        s.open_turn(id, Quota::default(), &opening("x"), TTL)
+            .await
+            .unwrap(),
         Step::Busy
     );
     assert_eq!(
@@ -336,7 +434,7 @@ async fn one_step_changes_respect_the_lock<S: Store>(s: &S) {
     );
     assert!(s.commit(id, "holder", None, TTL).await.unwrap());
     let x = opening("x");
-    until_done(|| s.open_turn(id, None, &x, TTL)).await;
+    until_done(|| s.open_turn(id, Quota::default(), &x, TTL)).await;
 }
 
 async fn project_index_and_prompt<S: Store>(s: &S) {
@@ -404,6 +502,7 @@ async fn turns_keep_order_and_do_not_repeat_retries<S: Store>(s: &S) {
         message,
         request_id: Some(request_id),
         system_prompt: None,
+        client: None,
         deadline: tokio::time::Instant::now() + Duration::from_secs(60),
     };
     let generates = |p: Prepared| match p {
@@ -484,6 +583,8 @@ async fn contract<S: Store>(s: S) {
     sessions_expire_after_their_ttl(&s).await;
     rate_limit_is_a_sliding_window_per_session(&s).await;
     a_retry_is_not_counted_against_the_rate_limit(&s).await;
+    a_client_limit_spans_its_sessions(&s).await;
+    clearing_or_deleting_a_session_keeps_its_windows(&s).await;
     one_step_changes_follow_the_dialog_rules(&s).await;
     one_step_changes_respect_the_lock(&s).await;
     project_index_and_prompt(&s).await;
@@ -523,7 +624,7 @@ async fn redis_replicas_interleaving_on_one_session_lose_nothing() {
         let o = opening(&message);
         let expected = want.open(&o);
         assert_eq!(
-            until_done(|| store.open_turn(id, None, &o, TTL)).await,
+            until_done(|| store.open_turn(id, Quota::default(), &o, TTL)).await,
             expected
         );
         assert!(matches!(expected, Opened::Generate { .. }));
@@ -541,7 +642,7 @@ async fn redis_replicas_interleaving_on_one_session_lose_nothing() {
     ));
     assert!(a.commit(id, token, None, TTL).await.unwrap());
     let o = opening("after reset");
-    match until_done(|| b.open_turn(id, None, &o, TTL)).await {
+    match until_done(|| b.open_turn(id, Quota::default(), &o, TTL)).await {
         Opened::Generate { seq, history, .. } => {
             assert_eq!(seq, 0, "a deleted session starts over");
             assert_eq!(history.len(), 1);

@@ -87,3 +87,80 @@ async fn a_streamed_turn_refused_at_the_door_fails_the_call() {
         "the refused turn never reached the model"
     );
 }
+
+/// `general` with a per-session limit of `per_session`; the per-client limit
+/// is its default, three times that.
+fn limited(per_session: u32) -> palaver_core::projects::Projects {
+    palaver_core::projects::Projects::from_toml(&format!(
+        "[projects.general]\nrate_limit = {per_session}\n"
+    ))
+    .expect("test projects parse")
+}
+
+/// The reply to `payload`, sent on `general/user_input`.
+async fn ask(c: &mut palaver_testkit::mqtt::TestClient, payload: serde_json::Value) -> String {
+    c.publish("general/user_input", payload.to_string()).await;
+    let r = c.recv(Duration::from_secs(10)).await.expect("a reply");
+    assert!(r.topic.starts_with("general/assistant_response/"), "{r:?}");
+    r.payload
+}
+
+/// An abuser cannot reset a session's window: clearing its history or
+/// deleting it (both over the control topics anyone may use) leaves the
+/// count as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clearing_or_deleting_a_session_does_not_reset_its_limit() {
+    let stack = Stack::start(StackOptions {
+        projects: limited(3),
+        ..StackOptions::replying_after(Duration::from_millis(5))
+    })
+    .await;
+    let mut c = stack.mqtt().await;
+    c.subscribe("general/assistant_response/#").await;
+    c.subscribe("general/hint/#").await;
+    let msg = |i: usize| json!({"message": format!("m{i}"), "sessionId": "again"});
+    for i in 1..=3 {
+        let reply = ask(&mut c, msg(i)).await;
+        assert!(reply.contains(&format!("m{i}")), "message {i}: {reply}");
+    }
+    c.publish("general/clear_history/again", "").await;
+    let hint = c.recv(Duration::from_secs(10)).await.expect("an ack");
+    assert_eq!(hint.payload, r#"{"hint":"History cleared"}"#);
+    assert_eq!(ask(&mut c, msg(4)).await, RATE_LIMITED, "after a clear");
+    c.publish("general/delete_session/again", "").await;
+    let hint = c.recv(Duration::from_secs(10)).await.expect("an ack");
+    assert_eq!(hint.payload, r#"{"hint":"Session deleted"}"#);
+    assert_eq!(ask(&mut c, msg(5)).await, RATE_LIMITED, "after a delete");
+    assert_eq!(stack.vllm.requests(), 3);
+}
+
+/// One client (clientId) gets three sessions' worth of requests a window,
+/// however many session ids it makes up; other clients and anonymous
+/// requests are not held back by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_limit_holds_across_fresh_session_ids() {
+    let stack = Stack::start(StackOptions {
+        projects: limited(2),
+        ..StackOptions::replying_after(Duration::from_millis(5))
+    })
+    .await;
+    let mut c = stack.mqtt().await;
+    c.subscribe("general/assistant_response/#").await;
+    let fresh = |client: Option<&str>, i: usize| {
+        let mut m = json!({"message": format!("m{i}"), "sessionId": format!("fresh-{i}")});
+        if let Some(client) = client {
+            m["clientId"] = json!(client);
+        }
+        m
+    };
+    for i in 1..=6 {
+        let reply = ask(&mut c, fresh(Some("greedy"), i)).await;
+        assert!(reply.contains(&format!("m{i}")), "message {i}: {reply}");
+    }
+    assert_eq!(ask(&mut c, fresh(Some("greedy"), 7)).await, RATE_LIMITED);
+    let other = ask(&mut c, fresh(Some("other"), 8)).await;
+    assert!(other.contains("m8"), "{other}");
+    let anonymous = ask(&mut c, fresh(None, 9)).await;
+    assert!(anonymous.contains("m9"), "{anonymous}");
+    assert_eq!(stack.vllm.requests(), 8);
+}

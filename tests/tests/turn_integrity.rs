@@ -17,7 +17,7 @@ use prometheus_client::registry::Registry;
 use serde_json::json;
 use session_svc::dialog::{Dialog, Ending, Opened, Opening};
 use session_svc::keys::KeySpace;
-use session_svc::store::{Lease, LockAttempt, RateLimit, SessionId, Step, Store, StoreError};
+use session_svc::store::{Lease, LockAttempt, Quota, SessionId, Step, Store, StoreError};
 use session_svc::RedisStore;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -308,11 +308,11 @@ impl Store for Flaky {
     async fn open_turn(
         &self,
         id: SessionId<'_>,
-        rate: Option<RateLimit>,
+        quota: Quota<'_>,
         opening: &Opening<'_>,
         ttl: Duration,
     ) -> Result<Step<Opened>, StoreError> {
-        self.run(Op::OpenTurn, self.inner.open_turn(id, rate, opening, ttl))
+        self.run(Op::OpenTurn, self.inner.open_turn(id, quota, opening, ttl))
             .await
     }
     async fn end_turn(

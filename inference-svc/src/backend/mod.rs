@@ -97,6 +97,9 @@ pub struct GenerateParams {
     /// server as `x-session-id` and OpenAI `user`, so a router in front of
     /// several vLLMs can keep a session on the server that caches it.
     pub affinity_key: String,
+    /// Who asked (`GenerateRequest.client`; empty: anonymous): admission
+    /// shares the slots between clients by it.
+    pub client: String,
 }
 
 impl GenerateParams {

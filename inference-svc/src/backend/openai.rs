@@ -524,6 +524,7 @@ mod tests {
             max_tokens: 64,
             request_id: "r".into(),
             affinity_key: String::new(),
+            client: String::new(),
         };
         let body = serde_json::to_string(&ChatCompletionRequest::new("m", &req)).unwrap();
         // 0.7 as the caller gave it, not 0.699999988079071 (f32 widened to f64).
@@ -542,6 +543,7 @@ mod tests {
             max_tokens: 1,
             request_id: String::new(),
             affinity_key: "general/s-1".into(),
+            client: String::new(),
         };
         let body = serde_json::to_string(&ChatCompletionRequest::new("m", &req)).unwrap();
         assert!(

@@ -114,6 +114,7 @@ mod tests {
             max_tokens,
             request_id: "r".into(),
             affinity_key: String::new(),
+            client: String::new(),
         }
     }
 

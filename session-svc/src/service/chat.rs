@@ -472,6 +472,7 @@ fn new_turn(req: &pb::ChatRequest, deadline: Instant) -> NewTurn<'_> {
         message: &req.message,
         request_id: non_empty(&req.request_id),
         system_prompt: req.system_prompt.as_deref(),
+        client: non_empty(&req.client),
         deadline,
     }
 }

@@ -9,14 +9,43 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Lease, LockAttempt, RateLimit, SessionId, Step, Store, StoreError};
+use super::{Lease, LockAttempt, Quota, RateLimit, SessionId, Step, Store, StoreError};
 use crate::dialog::{Dialog, Ending, Opened, Opening};
 
 #[derive(Default)]
 struct Session {
     dialog: Option<(Dialog, Instant)>,
     lock: Option<(String, Instant)>,
-    rate: VecDeque<Instant>,
+    rate: Window,
+}
+
+/// A sliding rate-limit window: the instants at which each counted request
+/// leaves it.
+#[derive(Default)]
+struct Window(VecDeque<Instant>);
+
+impl Window {
+    fn prune(&mut self, now: Instant) {
+        while self.0.front().is_some_and(|t| *t <= now) {
+            self.0.pop_front();
+        }
+    }
+
+    /// Whether one more request fits under `rate` (0: no limit).
+    fn has_room(&mut self, rate: RateLimit, now: Instant) -> bool {
+        self.prune(now);
+        rate.limit == 0 || self.0.len() < rate.limit as usize
+    }
+
+    fn count(&mut self, rate: RateLimit, now: Instant) {
+        if rate.limit > 0 {
+            self.0.push_back(now + rate.window);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 impl Session {
@@ -34,21 +63,6 @@ impl Session {
 
     fn locked(&self, now: Instant) -> bool {
         matches!(&self.lock, Some((_, exp)) if *exp > now)
-    }
-
-    /// Counts a request against `rate`; false if it is over the limit.
-    fn count(&mut self, rate: RateLimit, now: Instant) -> bool {
-        // `rate` holds the instants at which each entry leaves the window.
-        while self.rate.front().is_some_and(|t| *t <= now) {
-            self.rate.pop_front();
-        }
-        if rate.limit > 0 {
-            if self.rate.len() >= rate.limit as usize {
-                return false;
-            }
-            self.rate.push_back(now + rate.window);
-        }
-        true
     }
 
     fn holds(&self, token: &str, now: Instant) -> bool {
@@ -80,6 +94,8 @@ struct LeaseState {
 #[derive(Default)]
 struct State {
     sessions: HashMap<(String, String), Session>,
+    /// Rate windows per (project, client).
+    clients: HashMap<(String, String), Window>,
     projects: HashMap<String, Project>,
     leases: HashMap<String, LeaseState>,
 }
@@ -113,11 +129,13 @@ impl MemoryStore {
 
     fn sweep(state: &mut State, now: Instant) {
         for s in state.sessions.values_mut() {
-            while s.rate.front().is_some_and(|t| *t <= now) {
-                s.rate.pop_front();
-            }
+            s.rate.prune(now);
         }
         state.sessions.retain(|_, s| !s.is_empty(now));
+        state.clients.retain(|_, w| {
+            w.prune(now);
+            !w.is_empty()
+        });
         for p in state.projects.values_mut() {
             p.sessions.retain(|_, exp| *exp > now);
         }
@@ -163,7 +181,7 @@ impl Store for MemoryStore {
     async fn open_turn(
         &self,
         id: SessionId<'_>,
-        rate: Option<RateLimit>,
+        quota: Quota<'_>,
         opening: &Opening<'_>,
         ttl: Duration,
     ) -> Result<Step<Opened>, StoreError> {
@@ -173,13 +191,30 @@ impl Store for MemoryStore {
         }
         Ok(self.with(|st| {
             let entered = Instant::now();
-            let s = st.sessions.entry(key(id)).or_default();
+            let State {
+                sessions, clients, ..
+            } = st;
+            let s = sessions.entry(key(id)).or_default();
             if s.locked(now) {
                 return Step::Busy;
             }
-            if let Some(r) = rate.filter(|_| !opening.is_retry_in(s.live_dialog(now))) {
-                if !s.count(r, now) {
+            if !opening.is_retry_in(s.live_dialog(now)) {
+                let mut client = quota
+                    .client
+                    .map(|(c, r)| (clients.entry((id.project.to_owned(), c.to_owned())), r))
+                    .map(|(w, r)| (w.or_default(), r));
+                // Both windows are checked before either counts: a refused
+                // request counts nowhere.
+                let session_ok = quota.session.is_none_or(|r| s.rate.has_room(r, now));
+                let client_ok = client.as_mut().is_none_or(|(w, r)| w.has_room(*r, now));
+                if !(session_ok && client_ok) {
                     return Step::RateLimited;
+                }
+                if let Some(r) = quota.session {
+                    s.rate.count(r, now);
+                }
+                if let Some((w, r)) = client {
+                    w.count(r, now);
                 }
             }
             // Changed in place: no copy of the dialog under the store's mutex.

@@ -34,6 +34,18 @@ pub struct RateLimit {
     pub window: Duration,
 }
 
+/// The limits a new turn counts against; a turn goes ahead only if it is
+/// within all of them, and then counts in each.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Quota<'a> {
+    /// Per session.
+    pub session: Option<RateLimit>,
+    /// Per client of the project: the client's id and its limit. Keyed on
+    /// the client, not the session, so that fresh session ids do not
+    /// multiply it; `None` for a caller without a client id.
+    pub client: Option<(&'a str, RateLimit)>,
+}
+
 /// Outcome of one attempt at taking a session's lock.
 #[derive(Debug)]
 pub enum LockAttempt {
@@ -46,7 +58,8 @@ pub enum LockAttempt {
 /// Outcome of one attempt at a one-step change.
 #[derive(Debug, PartialEq)]
 pub enum Step<T> {
-    /// The request was over the session's rate limit; nothing changed.
+    /// The request was over the session's or its client's rate limit;
+    /// nothing changed.
     RateLimited,
     /// A two-step change holds the session's lock; nothing changed.
     Busy,
@@ -109,12 +122,12 @@ pub struct SessionId<'a> {
 pub trait Store: Clone + Send + Sync + 'static {
     /// Phase 1 of a turn in one atomic step: unless locked, opens the turn
     /// ([`Dialog::open`]) and stores the dialog with `ttl`. A new turn counts
-    /// against `rate` (if given) and is refused over it; a retry of a stored
-    /// request is not counted, so it always gets its reply.
+    /// against `quota` and is refused over any of its limits; a retry of a
+    /// stored request is not counted, so it always gets its reply.
     fn open_turn(
         &self,
         id: SessionId<'_>,
-        rate: Option<RateLimit>,
+        quota: Quota<'_>,
         opening: &Opening<'_>,
         ttl: Duration,
     ) -> impl Future<Output = Result<Step<Opened>, StoreError>> + Send;
@@ -211,7 +224,7 @@ pub trait Store: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
 
     /// Removes a session from the project's index. Its rate-limit window
-    /// stays: deleting a session must not reset its limit.
+    /// (and its client's) stays: deleting a session must not reset a limit.
     fn forget(&self, id: SessionId<'_>) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// The project's default system prompt, if one was set at run time.

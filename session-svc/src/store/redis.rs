@@ -9,7 +9,7 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 
-use super::{Lease, LockAttempt, RateLimit, SessionId, Step, Store, StoreError};
+use super::{Lease, LockAttempt, Quota, RateLimit, SessionId, Step, Store, StoreError};
 use crate::dialog::{Dialog, Ending, Opened, Opening};
 use crate::keys::KeySpace;
 
@@ -50,6 +50,26 @@ else
 end
 local t1 = redis.call('TIME')
 return {2, (tonumber(t1[1]) - tonumber(t0[1])) * 1000000 + tonumber(t1[2]) - tonumber(t0[2])}
+";
+
+/// Counts a request in a client's window (`KEYS[1]`) unless it holds
+/// `ARGV[1]` requests already: `ARGV[2]` the window in ms, `ARGV[3]` a
+/// member unique to the request. Replies 1 counted, 0 limited.
+///
+/// A step of its own, before the swap: a client spans sessions, so its key
+/// has its own hash tag, and on Redis Cluster a script may only touch keys
+/// of one slot. A swap that then does not go through (limited per session,
+/// busy, changed) takes the count back with `ZREM`, so what stays counted is
+/// what the swap counted, as in the memory store.
+const CLIENT_RATE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now, ARGV[3])
+redis.call('PEXPIRE', KEYS[1], window)
+return 1
 ";
 
 /// Lock, then read — one round trip.
@@ -113,6 +133,7 @@ pub struct RedisStore {
     /// what is stored); it is never trusted without the swap.
     seen: Arc<Mutex<Seen>>,
     swap: Script,
+    client_rate: Script,
     try_lock: Script,
     commit: Script,
     release: Script,
@@ -156,6 +177,7 @@ impl RedisStore {
             keys,
             seen: Arc::default(),
             swap: Script::new(SWAP),
+            client_rate: Script::new(CLIENT_RATE),
             try_lock: Script::new(TRY_LOCK),
             commit: Script::new(COMMIT),
             release: Script::new(RELEASE),
@@ -334,15 +356,15 @@ impl RedisStore {
     }
 
     /// One attempt at a one-step change: applies `f` to the dialog as last
-    /// seen (read first if unknown) and swaps the result in. `rate` gets the
-    /// dialog `f` starts from and says which limit, if any, to count. When
+    /// seen (read first if unknown) and swaps the result in. `quota` gets the
+    /// dialog `f` starts from and says which limits, if any, to count. When
     /// the stored dialog turns out to be another one, it is kept as the
     /// next attempt's starting point and the answer is [`Step::Changed`]:
     /// the turn engine retries with backoff up to its deadline.
-    async fn change<R>(
+    async fn change<'q, R>(
         &self,
         id: SessionId<'_>,
-        rate: impl FnOnce(Option<&Dialog>) -> Option<RateLimit>,
+        quota: impl FnOnce(Option<&Dialog>) -> Quota<'q>,
         ttl: Duration,
         f: impl FnOnce(&mut Option<Dialog>) -> R,
     ) -> Result<Step<R>, StoreError> {
@@ -359,13 +381,22 @@ impl RedisStore {
                 Arc::new(Known::parse(raw.unwrap_or_default())?)
             }
         };
-        let (limit, window) =
-            rate(expected.dialog.as_ref()).map_or((0, 1), |r| (r.limit, millis(r.window)));
+        let quota = quota(expected.dialog.as_ref());
+        let (limit, window) = quota
+            .session
+            .map_or((0, 1), |r| (r.limit, millis(r.window)));
+        let client = match quota.client.filter(|(_, rate)| rate.limit > 0) {
+            Some((client, rate)) => match self.count_client(id.project, client, rate).await? {
+                Some(counted) => Some(counted),
+                None => return Ok(Step::RateLimited),
+            },
+            None => None,
+        };
         let mut dialog = expected.dialog.clone();
         let value = f(&mut dialog);
         let new = to_json(dialog.as_ref())?;
         let member: u64 = rand::random();
-        let v: Value = self
+        let swapped = self
             .swap
             .key(&k.rate)
             .key(&k.lock)
@@ -378,8 +409,14 @@ impl RedisStore {
             .arg(millis(ttl))
             .invoke_async(&mut self.conn.clone())
             .await
-            .map_err(unavailable)?;
-        match parse_swap(v)? {
+            .map_err(unavailable)
+            .and_then(parse_swap);
+        if !matches!(swapped, Ok(Swapped::Written { .. })) {
+            if let Some((key, member)) = client {
+                self.uncount_client(key, member).await;
+            }
+        }
+        match swapped? {
             Swapped::RateLimited => Ok(Step::RateLimited),
             Swapped::Busy => Ok(Step::Busy),
             Swapped::Written { held } => {
@@ -394,17 +431,58 @@ impl RedisStore {
             }
         }
     }
+
+    /// Counts a request in `client`'s window of `project`: its key and
+    /// member, to take it back by, or `None` when the client is over `rate`.
+    async fn count_client(
+        &self,
+        project: &str,
+        client: &str,
+        rate: RateLimit,
+    ) -> Result<Option<(String, String)>, StoreError> {
+        let key = self.keys.client_rate(project, client);
+        let member = format!("{:016x}", rand::random::<u64>());
+        let counted: i64 = self
+            .client_rate
+            .key(&key)
+            .arg(rate.limit)
+            .arg(millis(rate.window))
+            .arg(&member)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok((counted == 1).then_some((key, member)))
+    }
+
+    /// Takes back a count whose turn did not open. Best effort: left
+    /// counted, it only errs towards the limit, for one window.
+    async fn uncount_client(&self, key: String, member: String) {
+        let removed = redis::cmd("ZREM")
+            .arg(&key)
+            .arg(&member)
+            .query_async::<i64>(&mut self.conn.clone())
+            .await;
+        if let Err(e) = removed {
+            tracing::debug!(error = %e, "a client's rate count was not taken back");
+        }
+    }
 }
 
 impl Store for RedisStore {
     async fn open_turn(
         &self,
         id: SessionId<'_>,
-        rate: Option<RateLimit>,
+        quota: Quota<'_>,
         opening: &Opening<'_>,
         ttl: Duration,
     ) -> Result<Step<Opened>, StoreError> {
-        let counted = |d: Option<&Dialog>| rate.filter(|_| !opening.is_retry_in(d));
+        let counted = |d: Option<&Dialog>| {
+            if opening.is_retry_in(d) {
+                Quota::default()
+            } else {
+                quota
+            }
+        };
         self.change(id, counted, ttl, |d| Dialog::open_in(d, opening))
             .await
     }
@@ -418,7 +496,7 @@ impl Store for RedisStore {
     ) -> Result<Step<()>, StoreError> {
         self.change(
             id,
-            |_| None,
+            |_| Quota::default(),
             ttl,
             |d| {
                 if let Some(d) = d {
@@ -440,7 +518,7 @@ impl Store for RedisStore {
     ) -> Result<Step<Option<Opened>>, StoreError> {
         self.change(
             id,
-            |_| None,
+            |_| Quota::default(),
             ttl,
             |d| {
                 d.as_mut()
