@@ -102,23 +102,35 @@ enum Services {
     Binaries,
 }
 
-/// The path of one of the workspace's binaries, built if this test run did
-/// not build it (`cargo test --workspace` does; a single `--test` may not).
+/// The path of one of the workspace's service binaries. The three are built
+/// once per run first: a binary left from an older build would test old code.
 fn binary(name: &str) -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
     let exe = std::env::current_exe().unwrap();
     // target/<profile>/deps/fault_suite-<hash> → target/<profile>/<name>
     let dir = exe.parent().and_then(Path::parent).unwrap();
-    let path = dir.join(name);
-    if !path.is_file() {
+    BUILT.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut build = Command::new(cargo);
-        build.args(["build", "-p", name, "--bin", name]);
+        build.args([
+            "build",
+            "--quiet",
+            "--bins",
+            "-p",
+            "gateway",
+            "-p",
+            "session-svc",
+        ]);
+        build.args(["-p", "inference-svc"]);
         if dir.ends_with("release") {
             build.arg("--release");
         }
-        assert!(build.status().unwrap().success(), "cannot build {name}");
-    }
-    path
+        assert!(
+            build.status().unwrap().success(),
+            "cannot build the services"
+        );
+    });
+    dir.join(name)
 }
 
 fn log_path(tag: &str, name: &str) -> PathBuf {
