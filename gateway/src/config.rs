@@ -13,6 +13,8 @@ use palaver_core::auth::{AuthError, Bearer, ClientAuthArgs};
 use palaver_core::projects::{Projects, ProjectsError};
 use palaver_core::tls::{ClientIdentity, ClientTlsArgs, TlsError};
 
+use crate::control_rate::ControlLimits;
+
 /// Why the settings cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -176,6 +178,17 @@ pub struct GatewayArgs {
     /// On shutdown, how long in-flight turns may still finish and be answered.
     #[arg(long, env = "PALAVER_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
+
+    /// Control messages (template, clear_history, delete_session) one session
+    /// may send per minute; more are dropped, so no client can rewrite a
+    /// prompt in a loop. 0: no limit.
+    #[arg(long, env = "PALAVER_CONTROL_PER_SESSION_PER_MIN", default_value_t = ControlLimits::default().per_session)]
+    pub control_per_session_per_min: u32,
+
+    /// Control messages one project may receive per minute, all sessions
+    /// together: fresh session ids do not multiply the allowance. 0: no limit.
+    #[arg(long, env = "PALAVER_CONTROL_PER_PROJECT_PER_MIN", default_value_t = ControlLimits::default().per_project)]
+    pub control_per_project_per_min: u32,
 }
 
 impl GatewayArgs {
@@ -250,6 +263,10 @@ impl GatewayArgs {
         config.heartbeat = Duration::from_secs(self.heartbeat_secs);
         config.service_name = self.service_name;
         config.shutdown_grace = Duration::from_secs(self.shutdown_grace_secs);
+        config.control_limits = ControlLimits {
+            per_session: self.control_per_session_per_min,
+            per_project: self.control_per_project_per_min,
+        };
         config.validate()?;
         Ok(config)
     }
@@ -307,6 +324,8 @@ pub struct Config {
     /// MQTT keep-alive: how fast the broker notices a dead gateway (and fires
     /// the last will), and how fast the gateway notices a dead broker.
     pub keep_alive: Duration,
+    /// How many control messages a session and a project may send per minute.
+    pub control_limits: ControlLimits,
 }
 
 impl Config {
@@ -341,6 +360,7 @@ impl Config {
             service_name: "palaver-gateway".into(),
             shutdown_grace: Duration::from_secs(30),
             keep_alive: Duration::from_secs(30),
+            control_limits: ControlLimits::default(),
         }
     }
 

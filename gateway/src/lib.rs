@@ -14,6 +14,7 @@
 //! - [`turn`]: one request against session-svc;
 //! - [`stream`], [`cancel`]: the opt-in streamed reply, and cancelling a turn;
 //! - [`backlog`]: the `max-pending` bound and the shutdown drain;
+//! - [`control_rate`]: how often control topics may be used;
 //! - [`presence`], [`readiness`], [`metrics`].
 //!
 //! ```no_run
@@ -39,6 +40,7 @@ pub mod backlog;
 pub mod cancel;
 pub mod config;
 pub mod control;
+pub mod control_rate;
 pub mod errors;
 pub mod lease;
 pub mod link;
@@ -66,6 +68,7 @@ use tonic::transport::Endpoint;
 pub use config::{Config, ConfigError, GatewayArgs};
 
 use crate::backlog::Backlog;
+use crate::control_rate::ControlRate;
 use crate::lease::{ConsumerLease, Standing};
 use crate::link::{Link, LinkHandle, Shared};
 use crate::metrics::{Metrics, OutKind};
@@ -202,6 +205,7 @@ impl Gateway {
             readiness: readiness.clone(),
             draining: draining.clone(),
             closing: closing.clone(),
+            control_rate: ControlRate::new(config.control_limits),
             config,
         });
 

@@ -59,6 +59,8 @@ pub struct Shared {
     /// Tripped once the final "offline" and DISCONNECT are queued: stop
     /// reconnecting if the broker is gone.
     pub closing: CancellationToken,
+    /// How often control topics may be used.
+    pub control_rate: crate::control_rate::ControlRate,
 }
 
 /// What the gateway keeps of a link to steer its shutdown.
@@ -457,6 +459,12 @@ impl Link {
                 return;
             }
         };
+        let session = request.op.session_id();
+        if let Err(limit) = self.shared.control_rate.admit(&self.project, session) {
+            tracing::warn!(project = %self.project, ?kind, session_id = ?session, reason = limit.as_str(), "control message dropped: rate limit");
+            metrics.dropped(limit.as_str());
+            return;
+        }
         let Some(permit) = self.shared.backlog.try_admit() else {
             tracing::warn!(project = %self.project, ?kind, "control message dropped: backlog full");
             metrics.dropped("backlog_full");
