@@ -1,0 +1,384 @@
+//! The embedded broker's front door: palaver owns the public listener and
+//! relays each connection to rumqttd on a loopback port, after reading its
+//! CONNECT. That is where three limits rumqttd lacks are kept:
+//! - connections: at most `max_connections` clients; a reserve of its own
+//!   is kept for the gateway of `palaver up` (known by its client id
+//!   prefix, random per process), so idle clients cannot lock it out;
+//! - logins: a source address whose login failed waits before its next
+//!   login is checked, twice as long after each failure (0.25 s up to 8 s,
+//!   forgotten on success); refused logins get a CONNACK that says so;
+//! - retained messages: what the broker keeps for later subscribers is
+//!   capped in bytes; a retained PUBLISH beyond the cap is passed on with
+//!   its retain flag cleared (delivered now, kept for no one).
+//!
+//! After the CONNECT, replies (broker to client) are copied as a byte
+//! stream; requests (client to broker) are copied packet by packet, as
+//! only a PUBLISH's first byte must be looked at; a retained one is read
+//! whole to learn its topic.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use super::frame::{self, Connect, FixedHeader, Refusal};
+use super::same_secret;
+
+/// Connections beyond `max_connections` that only the gateway may use.
+pub const GATEWAY_RESERVE: usize = 64;
+/// Sockets that have not yet sent their CONNECT (or wait for their login
+/// to be checked), beyond which new sockets are closed at once.
+const MAX_WAITING: usize = 256;
+/// How long a new socket may take to send its CONNECT.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest CONNECT read: ids, login and a will, all small.
+const MAX_CONNECT_BYTES: usize = 64 * 1024;
+/// The first and the longest wait after a failed login.
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_BACKOFF: Duration = Duration::from_secs(8);
+/// Addresses remembered for their failed logins before old ones go.
+const PRUNE_ABOVE: usize = 10_000;
+/// Failed logins are forgotten after this long without another attempt.
+const FORGET_AFTER: Duration = Duration::from_secs(60);
+/// How long replies still flow to a client that closed its side.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// The door's settings.
+#[derive(Debug, Clone)]
+pub struct DoorSettings {
+    /// rumqttd's loopback address.
+    pub broker: SocketAddr,
+    /// The login every client must give, when set.
+    pub credentials: Option<(String, String)>,
+    /// Client connections at most (the gateway's reserve not included).
+    pub max_connections: usize,
+    /// Client ids starting with this are the gateway's: they may use the reserve.
+    pub gateway_prefix: Option<String>,
+    /// Bytes of retained messages (topic and payload) the broker may keep.
+    pub max_retained_bytes: usize,
+}
+
+/// The state all connections share.
+struct Door {
+    settings: DoorSettings,
+    /// Connections relayed, of clients and of the gateway: counted apart
+    /// so that neither can take the other's.
+    clients: AtomicUsize,
+    gateway: AtomicUsize,
+    waiting: Arc<Semaphore>,
+    logins: Mutex<HashMap<IpAddr, Failures>>,
+    retained: Mutex<Retained>,
+}
+
+/// Failed logins of one source address.
+#[derive(Debug, Clone, Copy)]
+struct Failures {
+    count: u32,
+    /// No login of this address is checked before this.
+    next_check: Instant,
+}
+
+/// What the broker keeps retained, as far as the door let it through.
+#[derive(Default)]
+struct Retained {
+    bytes: usize,
+    topics: HashMap<Vec<u8>, usize>,
+}
+
+/// Serves `listener` until the process ends (or the listener fails).
+pub async fn serve(listener: TcpListener, settings: DoorSettings) -> io::Result<()> {
+    let door = Arc::new(Door {
+        settings,
+        clients: AtomicUsize::new(0),
+        gateway: AtomicUsize::new(0),
+        waiting: Arc::new(Semaphore::new(MAX_WAITING)),
+        logins: Mutex::new(HashMap::new()),
+        retained: Mutex::new(Retained::default()),
+    });
+    loop {
+        let (socket, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            // Out of descriptors and the like: the socket is lost, the
+            // listener is not; pause instead of spinning.
+            Err(e) if is_per_connection(&e) => {
+                tracing::warn!(error = %e, "embedded broker: cannot accept a connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let Ok(waiting) = door.waiting.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "embedded broker: too many connections without a CONNECT; closing a new one");
+            continue;
+        };
+        let door = door.clone();
+        tokio::spawn(async move {
+            if let Err(e) = door.serve_one(socket, peer, waiting).await {
+                tracing::debug!(%peer, error = %e, "embedded broker connection ended");
+            }
+        });
+    }
+}
+
+fn is_per_connection(e: &io::Error) -> bool {
+    !matches!(
+        e.kind(),
+        io::ErrorKind::InvalidInput | io::ErrorKind::PermissionDenied
+    )
+}
+
+/// Takes a connection's place; gives it back when dropped.
+struct Slot<'a>(&'a AtomicUsize);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Door {
+    async fn serve_one(
+        &self,
+        mut client: TcpStream,
+        peer: SocketAddr,
+        waiting: tokio::sync::OwnedSemaphorePermit,
+    ) -> io::Result<()> {
+        let _ = client.set_nodelay(true);
+        let (header, body, connect) =
+            match tokio::time::timeout(CONNECT_TIMEOUT, read_connect(&mut client)).await {
+                Ok(read) => read?,
+                Err(_) => return Ok(()),
+            };
+        if self.settings.credentials.is_some() && !self.login(&connect, peer.ip()).await {
+            tracing::warn!(%peer, client_id = ?connect.client_id, user = ?connect.username, "MQTT login refused: wrong user name or password");
+            return refuse(client, connect.level, Refusal::BadLogin).await;
+        }
+        let is_gateway = self
+            .settings
+            .gateway_prefix
+            .as_deref()
+            .is_some_and(|p| connect.client_id.starts_with(p));
+        let Some(_slot) = self.take_slot(is_gateway) else {
+            tracing::warn!(%peer, client_id = ?connect.client_id, max = self.settings.max_connections, "MQTT connection refused: the broker is full (--mqtt-max-connections)");
+            return refuse(client, connect.level, Refusal::Full).await;
+        };
+        drop(waiting);
+        let mut broker = TcpStream::connect(self.settings.broker).await?;
+        let _ = broker.set_nodelay(true);
+        broker.write_all(&header.bytes()).await?;
+        broker.write_all(&body).await?;
+        self.relay(client, broker).await
+    }
+
+    /// Whether `connect` logs in rightly; waits first while `ip` is backing off.
+    async fn login(&self, connect: &Connect, ip: IpAddr) -> bool {
+        let Some((user, password)) = &self.settings.credentials else {
+            return true;
+        };
+        let check_at = {
+            let mut logins = self.logins.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            if logins
+                .get(&ip)
+                .is_some_and(|f| now > f.next_check + FORGET_AFTER)
+            {
+                logins.remove(&ip);
+            }
+            match logins.get_mut(&ip) {
+                Some(f) => {
+                    // Concurrent attempts queue behind each other, each a
+                    // back-off apart, so parallel sockets gain nothing.
+                    let at = f.next_check.max(now);
+                    f.next_check = at + backoff(f.count);
+                    Some(at)
+                }
+                None => None,
+            }
+        };
+        if let Some(at) = check_at {
+            tokio::time::sleep_until(at).await;
+        }
+        let ok = connect
+            .username
+            .as_deref()
+            .is_some_and(|u| same_secret(u, user))
+            & connect
+                .password
+                .as_deref()
+                .is_some_and(|p| same_secret(&String::from_utf8_lossy(p), password));
+        let mut logins = self.logins.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if ok {
+            logins.remove(&ip);
+        } else {
+            if logins.len() >= PRUNE_ABOVE {
+                logins.retain(|_, f| f.next_check + FORGET_AFTER > now);
+            }
+            let f = logins.entry(ip).or_insert(Failures {
+                count: 0,
+                next_check: now,
+            });
+            f.count = f.count.saturating_add(1);
+            f.next_check = f.next_check.max(now + backoff(f.count));
+        }
+        ok
+    }
+
+    fn take_slot(&self, is_gateway: bool) -> Option<Slot<'_>> {
+        let (count, limit) = if is_gateway {
+            (&self.gateway, GATEWAY_RESERVE)
+        } else {
+            (&self.clients, self.settings.max_connections)
+        };
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(count))
+    }
+
+    async fn relay(&self, client: TcpStream, broker: TcpStream) -> io::Result<()> {
+        let (client_read, mut client_write) = client.into_split();
+        let (mut broker_read, mut broker_write) = broker.into_split();
+        let mut up = std::pin::pin!(async {
+            let sent = self.requests(client_read, &mut broker_write).await;
+            let _ = broker_write.shutdown().await;
+            sent
+        });
+        let mut down = std::pin::pin!(async {
+            let copied = tokio::io::copy(&mut broker_read, &mut client_write).await;
+            let _ = client_write.shutdown().await;
+            copied.map(|_| ())
+        });
+        tokio::select! {
+            // The broker closed (a DISCONNECT, a protocol error): so does the client.
+            copied = &mut down => copied,
+            sent = &mut up => {
+                // The client closed its side: the broker's last replies still go out.
+                let _ = tokio::time::timeout(LINGER, down).await;
+                sent
+            }
+        }
+    }
+
+    /// Copies packets from the client to the broker, minding retained ones.
+    async fn requests<R, W>(&self, client: R, broker: &mut W) -> io::Result<()>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut client = BufReader::new(client);
+        while let Some(mut header) = frame::read_fixed_header(&mut client).await? {
+            let retained = header.kind() == frame::PUBLISH && header.first & frame::RETAIN != 0;
+            if !retained {
+                broker.write_all(&header.bytes()).await?;
+                let mut body = (&mut client).take(header.remaining as u64);
+                let copied = tokio::io::copy_buf(&mut body, broker).await?;
+                if copied < header.remaining as u64 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                continue;
+            }
+            // rumqttd refuses payloads over its own limit; reading more
+            // than that into memory is never needed.
+            if header.remaining > super::MAX_PAYLOAD_BYTES + MAX_CONNECT_BYTES {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "a retained PUBLISH over the broker's size limit",
+                ));
+            }
+            let mut body = vec![0; header.remaining];
+            client.read_exact(&mut body).await?;
+            if !self.keep_retained(&header, &body) {
+                header.first &= !frame::RETAIN;
+            }
+            broker.write_all(&header.bytes()).await?;
+            broker.write_all(&body).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether the broker may keep this retained PUBLISH; counts it if so.
+    fn keep_retained(&self, header: &FixedHeader, body: &[u8]) -> bool {
+        let Ok(topic) = frame::publish_topic(body) else {
+            return true; // malformed: rumqttd refuses it
+        };
+        // Topic, its length and (QoS 1, 2) the packet id come before the payload.
+        let id_len = if header.first & 0x06 != 0 { 2 } else { 0 };
+        let payload = body.len().saturating_sub(2 + topic.len() + id_len);
+        let mut retained = self.retained.lock().unwrap_or_else(|e| e.into_inner());
+        let before = retained.topics.get(topic).copied().unwrap_or(0);
+        if payload == 0 {
+            // An empty retained message deletes the topic's: always allowed.
+            retained.topics.remove(topic);
+            retained.bytes -= before;
+            return true;
+        }
+        let size = topic.len() + payload;
+        let total = retained.bytes - before + size;
+        if total > self.settings.max_retained_bytes {
+            tracing::warn!(
+                topic = ?String::from_utf8_lossy(topic),
+                bytes = size,
+                held = retained.bytes,
+                max = self.settings.max_retained_bytes,
+                "retained message not kept: over --mqtt-max-retained-bytes (delivered without its retain flag)"
+            );
+            return false;
+        }
+        retained.bytes = total;
+        retained.topics.insert(topic.to_vec(), size);
+        true
+    }
+}
+
+/// The wait after `failures` failed logins in a row.
+fn backoff(failures: u32) -> Duration {
+    if failures == 0 {
+        return Duration::ZERO;
+    }
+    let doublings = (failures - 1).min(16);
+    (FIRST_BACKOFF * 2u32.pow(doublings)).min(MAX_BACKOFF)
+}
+
+/// Reads the first packet, which must be a CONNECT of a sane size.
+async fn read_connect(client: &mut TcpStream) -> io::Result<(FixedHeader, Vec<u8>, Connect)> {
+    let header = frame::read_fixed_header(client)
+        .await?
+        .ok_or(io::ErrorKind::UnexpectedEof)?;
+    if header.kind() != frame::CONNECT || header.remaining > MAX_CONNECT_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the first packet is not a CONNECT of at most 64 KiB",
+        ));
+    }
+    let mut body = vec![0; header.remaining];
+    client.read_exact(&mut body).await?;
+    let connect = frame::parse_connect(&body)?;
+    Ok((header, body, connect))
+}
+
+async fn refuse(mut client: TcpStream, level: u8, refusal: Refusal) -> io::Result<()> {
+    client.write_all(&frame::connack(level, refusal)).await?;
+    client.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_a_quarter_second_to_eight() {
+        let waits: Vec<u128> = (0..9).map(|n| backoff(n).as_millis()).collect();
+        assert_eq!(waits, [0, 250, 500, 1000, 2000, 4000, 8000, 8000, 8000]);
+        assert_eq!(backoff(u32::MAX), MAX_BACKOFF);
+    }
+}
