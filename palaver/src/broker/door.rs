@@ -12,9 +12,10 @@
 //!   its retain flag cleared (delivered now, kept for no one).
 //!
 //! After the CONNECT, replies (broker to client) are copied as a byte
-//! stream; requests (client to broker) are copied packet by packet, as
-//! only a PUBLISH's first byte must be looked at; a retained one is read
-//! whole to learn its topic.
+//! stream; requests (client to broker) are copied chunk by chunk too, with
+//! the packet boundaries followed in the chunk: only a PUBLISH's first
+//! byte must be looked at, and a retained one is held whole to learn its
+//! topic.
 
 use std::collections::HashMap;
 use std::io;
@@ -23,7 +24,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -47,6 +48,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(8);
 const PRUNE_ABOVE: usize = 10_000;
 /// Failed logins are forgotten after this long without another attempt.
 const FORGET_AFTER: Duration = Duration::from_secs(60);
+/// Bytes read from a client at a time.
+const RELAY_CHUNK: usize = 16 * 1024;
 /// How long replies still flow to a client that closed its side.
 const LINGER: Duration = Duration::from_secs(1);
 
@@ -269,50 +272,71 @@ impl Door {
         }
     }
 
-    /// Copies packets from the client to the broker, minding retained ones.
-    async fn requests<R, W>(&self, client: R, broker: &mut W) -> io::Result<()>
+    /// Copies the client's bytes to the broker as they come, one write per
+    /// read like a plain copy, while following packet boundaries: only a
+    /// retained PUBLISH is held until it is complete, to be looked at.
+    async fn requests<R, W>(&self, mut client: R, broker: &mut W) -> io::Result<()>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let mut client = BufReader::new(client);
-        while let Some(mut header) = frame::read_fixed_header(&mut client).await? {
-            let retained = header.kind() == frame::PUBLISH && header.first & frame::RETAIN != 0;
-            if !retained {
-                broker.write_all(&header.bytes()).await?;
-                let mut body = (&mut client).take(header.remaining as u64);
-                let copied = tokio::io::copy_buf(&mut body, broker).await?;
-                if copied < header.remaining as u64 {
-                    return Err(io::ErrorKind::UnexpectedEof.into());
+        let mut pending: Vec<u8> = Vec::with_capacity(RELAY_CHUNK);
+        // Bytes of the current packet's body still to pass through unread.
+        let mut skip = 0usize;
+        loop {
+            if pending.capacity() - pending.len() < RELAY_CHUNK / 2 {
+                pending.reserve(RELAY_CHUNK);
+            }
+            if client.read_buf(&mut pending).await? == 0 {
+                return Ok(());
+            }
+            let mut at = 0;
+            loop {
+                let through = skip.min(pending.len() - at);
+                at += through;
+                skip -= through;
+                if skip > 0 {
+                    break;
                 }
-                continue;
+                let Some(header) = frame::parse_fixed_header(&pending[at..])? else {
+                    break;
+                };
+                let retained = header.kind() == frame::PUBLISH && header.first & frame::RETAIN != 0;
+                if !retained {
+                    at += header.len();
+                    skip = header.remaining;
+                    continue;
+                }
+                // rumqttd refuses payloads over its own limit; holding
+                // more than that in memory is never needed.
+                if header.remaining > super::MAX_PAYLOAD_BYTES + MAX_CONNECT_BYTES {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "a retained PUBLISH over the broker's size limit",
+                    ));
+                }
+                let end = at + header.len() + header.remaining;
+                if pending.len() < end {
+                    break; // read the rest first
+                }
+                let body = &pending[at + header.len()..end];
+                if !self.keep_retained(header.first, body) {
+                    pending[at] &= !frame::RETAIN;
+                }
+                at = end;
             }
-            // rumqttd refuses payloads over its own limit; reading more
-            // than that into memory is never needed.
-            if header.remaining > super::MAX_PAYLOAD_BYTES + MAX_CONNECT_BYTES {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "a retained PUBLISH over the broker's size limit",
-                ));
-            }
-            let mut body = vec![0; header.remaining];
-            client.read_exact(&mut body).await?;
-            if !self.keep_retained(&header, &body) {
-                header.first &= !frame::RETAIN;
-            }
-            broker.write_all(&header.bytes()).await?;
-            broker.write_all(&body).await?;
+            broker.write_all(&pending[..at]).await?;
+            pending.drain(..at);
         }
-        Ok(())
     }
 
     /// Whether the broker may keep this retained PUBLISH; counts it if so.
-    fn keep_retained(&self, header: &FixedHeader, body: &[u8]) -> bool {
+    fn keep_retained(&self, first: u8, body: &[u8]) -> bool {
         let Ok(topic) = frame::publish_topic(body) else {
             return true; // malformed: rumqttd refuses it
         };
         // Topic, its length and (QoS 1, 2) the packet id come before the payload.
-        let id_len = if header.first & 0x06 != 0 { 2 } else { 0 };
+        let id_len = if first & 0x06 != 0 { 2 } else { 0 };
         let payload = body.len().saturating_sub(2 + topic.len() + id_len);
         let mut retained = self.retained.lock().unwrap_or_else(|e| e.into_inner());
         let before = retained.topics.get(topic).copied().unwrap_or(0);

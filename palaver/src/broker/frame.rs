@@ -33,6 +33,11 @@ impl FixedHeader {
         self.first >> 4
     }
 
+    /// Bytes of the fixed header itself.
+    pub fn len(&self) -> usize {
+        1 + self.length_len
+    }
+
     /// The header's bytes, with `first` possibly changed by the caller.
     pub fn bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(1 + self.length_len);
@@ -57,6 +62,31 @@ pub async fn read_fixed_header<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Op
         if b & 0x80 == 0 {
             return Ok(Some(FixedHeader {
                 first: first[0],
+                length_bytes,
+                length_len: i + 1,
+                remaining,
+            }));
+        }
+    }
+    Err(malformed("remaining length over 4 bytes"))
+}
+
+/// The fixed header at the start of `buf`, if all of it is there.
+pub fn parse_fixed_header(buf: &[u8]) -> io::Result<Option<FixedHeader>> {
+    let Some((&first, rest)) = buf.split_first() else {
+        return Ok(None);
+    };
+    let mut length_bytes = [0u8; 4];
+    let mut remaining = 0usize;
+    for i in 0..4 {
+        let Some(&b) = rest.get(i) else {
+            return Ok(None);
+        };
+        length_bytes[i] = b;
+        remaining |= usize::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Ok(Some(FixedHeader {
+                first,
                 length_bytes,
                 length_len: i + 1,
                 remaining,
@@ -266,6 +296,16 @@ mod tests {
         assert!(read_fixed_header(&mut empty).await.unwrap().is_none());
         let mut endless: &[u8] = &[0x30, 0xff, 0xff, 0xff, 0xff, 0x01];
         assert!(read_fixed_header(&mut endless).await.is_err());
+    }
+
+    #[test]
+    fn fixed_headers_in_a_buffer() {
+        let packet = with_length(0x31, &[0; 200]);
+        let h = parse_fixed_header(&packet).unwrap().unwrap();
+        assert_eq!((h.kind(), h.remaining, h.length_len), (PUBLISH, 200, 2));
+        assert_eq!(parse_fixed_header(&packet[..2]).unwrap(), None);
+        assert_eq!(parse_fixed_header(&[]).unwrap(), None);
+        assert!(parse_fixed_header(&[0x30, 0xff, 0xff, 0xff, 0xff]).is_err());
     }
 
     #[test]
