@@ -14,6 +14,7 @@ use palaver_core::projects::{Projects, ProjectsError};
 use palaver_core::tls::{ClientIdentity, ClientTlsArgs, TlsError};
 
 use crate::control_rate::ControlLimits;
+use crate::identity::IdentityBinding;
 
 /// Why the settings cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -189,6 +190,13 @@ pub struct GatewayArgs {
     /// together: fresh session ids do not multiply the allowance. 0: no limit.
     #[arg(long, env = "PALAVER_CONTROL_PER_PROJECT_PER_MIN", default_value_t = ControlLimits::default().per_project)]
     pub control_per_project_per_min: u32,
+
+    /// Bind sessions to broker users: `on` also reads <project>/user_input/<user>
+    /// (the broker's ACL guarantees <user>), keeps that user's sessions apart
+    /// and answers only under <project>/assistant_response/<user>/; `only`
+    /// stops reading the shared <project>/user_input.
+    #[arg(long, env = "PALAVER_IDENTITY_BINDING", value_enum, default_value_t = IdentityBinding::Off)]
+    pub identity_binding: IdentityBinding,
 }
 
 impl GatewayArgs {
@@ -267,6 +275,7 @@ impl GatewayArgs {
             per_session: self.control_per_session_per_min,
             per_project: self.control_per_project_per_min,
         };
+        config.identity_binding = self.identity_binding;
         config.validate()?;
         Ok(config)
     }
@@ -326,6 +335,8 @@ pub struct Config {
     pub keep_alive: Duration,
     /// How many control messages a session and a project may send per minute.
     pub control_limits: ControlLimits,
+    /// Which request topics are read: shared, per user, or both.
+    pub identity_binding: IdentityBinding,
 }
 
 impl Config {
@@ -361,6 +372,7 @@ impl Config {
             shutdown_grace: Duration::from_secs(30),
             keep_alive: Duration::from_secs(30),
             control_limits: ControlLimits::default(),
+            identity_binding: IdentityBinding::Off,
         }
     }
 

@@ -8,6 +8,7 @@
 //! (DESIGN.md, "MQTT wire protocol"); [`request`], [`control`] and
 //! [`errors`] hold its rules as pure functions. Modules:
 //! - [`config`]: flags and the plain [`Config`];
+//! - [`identity`]: identity binding, a user's own request topic, sessions and replies;
 //! - [`topics`], [`publish`]: topic names and the single confined publish path;
 //! - [`link`]: one MQTT connection per project (one last will each);
 //! - [`lease`]: which of several gateways consumes a project;
@@ -42,6 +43,7 @@ pub mod config;
 pub mod control;
 pub mod control_rate;
 pub mod errors;
+pub mod identity;
 pub mod lease;
 pub mod link;
 pub mod metrics;

@@ -23,6 +23,7 @@ use crate::cancel::{self, TurnKey};
 use crate::config::Config;
 use crate::control;
 use crate::errors::{ErrorKind, OVERLOADED_TEXT};
+use crate::identity;
 use crate::lease::Standing;
 use crate::metrics::{Metrics, OutKind};
 use crate::presence;
@@ -78,7 +79,6 @@ pub struct Link {
     shared: Arc<Shared>,
     project: Arc<str>,
     index: usize,
-    input_topic: String,
     subscriptions: Vec<String>,
     client: AsyncClient,
     eventloop: EventLoop,
@@ -157,8 +157,11 @@ impl Link {
             connected: connected.clone(),
         };
         let link = Self {
-            input_topic: topics::user_input(&project),
-            subscriptions: topics::subscriptions(&project, shared.config.shared_group.as_deref()),
+            subscriptions: topics::subscriptions(
+                &project,
+                shared.config.shared_group.as_deref(),
+                shared.config.identity_binding,
+            ),
             shared,
             project,
             index,
@@ -334,8 +337,9 @@ impl Link {
             metrics.dropped("retained");
             return;
         }
-        if publish.topic == self.input_topic {
-            self.on_user_input(&publish.payload, ack);
+        let binding = self.shared.config.identity_binding;
+        if let Some(input) = identity::input(&self.project, &publish.topic, binding) {
+            self.on_user_input(&publish.payload, ack, input);
         } else if let Some((kind, topic_sid)) = control::match_topic(&self.project, &publish.topic)
         {
             self.on_control(kind, topic_sid, &publish.payload, ack);
@@ -348,15 +352,16 @@ impl Link {
         }
     }
 
-    fn on_user_input(&self, payload: &[u8], ack: Ack) {
+    fn on_user_input(&self, payload: &[u8], ack: Ack, input: identity::Input<'_>) {
         let config = &self.shared.config;
         let metrics = &self.shared.metrics;
-        match request::parse(
+        let parsed = request::parse(
             &self.project,
             payload,
             config.max_payload_bytes,
             request::fresh_session_id,
-        ) {
+        );
+        match identity::apply(&self.project, config.identity_binding, input, parsed) {
             Parsed::Drop(reason) => {
                 tracing::warn!(project = %self.project, reason = reason.as_str(), bytes = payload.len(), "request dropped");
                 metrics.dropped(reason.as_str());

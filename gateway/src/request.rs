@@ -69,6 +69,9 @@ pub struct ChatTurn {
     /// `"stream": true`: the reply also goes out in pieces on
     /// `<reply_topic>/stream` (see [`crate::stream`]).
     pub stream: bool,
+    /// `@<user>` for a request on a user's own topic (see [`crate::identity`]):
+    /// session-svc's per-client limits count it instead of `client_id`.
+    pub user: Option<String>,
 }
 
 impl ChatTurn {
@@ -86,6 +89,7 @@ impl ChatTurn {
             top_p: None,
             max_tokens: None,
             stream: false,
+            user: None,
         }
     }
 
@@ -253,6 +257,7 @@ fn parse_object(
         max_tokens,
         // Only a JSON `true` opts in: anything else keeps today's behaviour.
         stream: map.get("stream") == Some(&Value::Bool(true)),
+        user: None,
     })
 }
 
