@@ -96,6 +96,13 @@ pub struct UpArgs {
     #[arg(long, env = "PALAVER_MQTT_MAX_RETAINED_BYTES", default_value_t = 4 * 1024 * 1024, value_name = "BYTES")]
     pub mqtt_max_retained_bytes: usize,
 
+    /// Bind sessions to broker users: `on` also reads <project>/user_input/<user>
+    /// and answers that user under <project>/assistant_response/<user>/ only;
+    /// `only` stops reading the shared <project>/user_input. Meant for a
+    /// broker whose ACL ties <user> to the login (deploy/mosquitto/acl).
+    #[arg(long, env = "PALAVER_IDENTITY_BINDING", value_enum, default_value_t = gateway::identity::IdentityBinding::Off)]
+    pub identity_binding: gateway::identity::IdentityBinding,
+
     /// Use this broker (mqtt://host:port, e.g. a local mosquitto) instead of
     /// starting the embedded one; --mqtt-port is then ignored.
     #[arg(long, env = "PALAVER_MQTT_BROKER", value_name = "URL")]
@@ -371,6 +378,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     if embedded.is_some() {
         gateway_config.client_id = gateway_id;
     }
+    gateway_config.identity_binding = args.identity_binding;
     let gateway =
         gateway::Gateway::new(gateway_config, &mut registry).context("gateway settings")?;
     let ready = gateway.ready();
