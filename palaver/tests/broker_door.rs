@@ -76,6 +76,16 @@ async fn start(settings: BrokerSettings) -> EmbeddedBroker {
 async fn connections_beyond_the_limit_are_refused_while_the_gateway_gets_in() {
     let broker = start(settings(5)).await;
     let addr = broker.addr();
+    // Sockets that never send a CONNECT, more than the door keeps waiting:
+    // held to the end, they must not keep anyone out.
+    let mut silent = Vec::new();
+    for _ in 0..300 {
+        silent.push(
+            tokio::net::TcpStream::connect(addr)
+                .await
+                .expect("tcp connect"),
+        );
+    }
     let mut held = Vec::new();
     for i in 0..5 {
         let (login, client, events) = connect(addr, &format!("idle-{i}"), None).await;
@@ -131,6 +141,7 @@ async fn connections_beyond_the_limit_are_refused_while_the_gateway_gets_in() {
     }
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    drop(silent);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

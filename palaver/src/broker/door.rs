@@ -17,7 +17,7 @@
 //! byte must be looked at, and a retained one is held whole to learn its
 //! topic.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,8 +26,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::frame::{self, Connect, FixedHeader, Refusal};
 use super::same_secret;
@@ -35,7 +35,8 @@ use super::same_secret;
 /// Connections beyond `max_connections` that only the gateway may use.
 pub const GATEWAY_RESERVE: usize = 64;
 /// Sockets that have not yet sent their CONNECT (or wait for their login
-/// to be checked), beyond which new sockets are closed at once.
+/// to be checked); a new one beyond these closes the oldest, so sockets
+/// held open without a word cannot keep the gateway or anyone else out.
 const MAX_WAITING: usize = 256;
 /// How long a new socket may take to send its CONNECT.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -75,7 +76,7 @@ struct Door {
     /// so that neither can take the other's.
     clients: AtomicUsize,
     gateway: AtomicUsize,
-    waiting: Arc<Semaphore>,
+    waiting: Mutex<Waiting>,
     logins: Mutex<HashMap<IpAddr, Failures>>,
     retained: Mutex<Retained>,
 }
@@ -86,6 +87,31 @@ struct Failures {
     count: u32,
     /// No login of this address is checked before this.
     next_check: Instant,
+}
+
+/// Connections that have not sent their CONNECT yet, oldest first.
+#[derive(Default)]
+struct Waiting {
+    next: u64,
+    /// Connections closed for want of a CONNECT, for the log.
+    evicted: u64,
+    queue: VecDeque<(u64, CancellationToken)>,
+}
+
+/// A connection's place among the waiting ones; left when dropped.
+struct WaitingPlace<'a> {
+    door: &'a Door,
+    id: u64,
+    evicted: CancellationToken,
+}
+
+impl Drop for WaitingPlace<'_> {
+    fn drop(&mut self) {
+        let mut waiting = self.door.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = waiting.queue.iter().position(|(id, _)| *id == self.id) {
+            waiting.queue.remove(i);
+        }
+    }
 }
 
 /// What the broker keeps retained, as far as the door let it through.
@@ -101,7 +127,7 @@ pub async fn serve(listener: TcpListener, settings: DoorSettings) -> io::Result<
         settings,
         clients: AtomicUsize::new(0),
         gateway: AtomicUsize::new(0),
-        waiting: Arc::new(Semaphore::new(MAX_WAITING)),
+        waiting: Mutex::new(Waiting::default()),
         logins: Mutex::new(HashMap::new()),
         retained: Mutex::new(Retained::default()),
     });
@@ -117,10 +143,7 @@ pub async fn serve(listener: TcpListener, settings: DoorSettings) -> io::Result<
             }
             Err(e) => return Err(e),
         };
-        let Ok(waiting) = door.waiting.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "embedded broker: too many connections without a CONNECT; closing a new one");
-            continue;
-        };
+        let waiting = door.wait(peer);
         let door = door.clone();
         tokio::spawn(async move {
             if let Err(e) = door.serve_one(socket, peer, waiting).await {
@@ -147,19 +170,57 @@ impl Drop for Slot<'_> {
 }
 
 impl Door {
+    /// Registers a new connection as waiting for its CONNECT; closes the
+    /// oldest waiting one if there are too many.
+    fn wait(&self, peer: SocketAddr) -> (u64, CancellationToken) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        if waiting.queue.len() >= MAX_WAITING {
+            if let Some((_, oldest)) = waiting.queue.pop_front() {
+                oldest.cancel();
+                waiting.evicted += 1;
+                // A flood would log a line per socket: every doubling is enough.
+                if waiting.evicted.is_power_of_two() {
+                    tracing::warn!(%peer, closed = waiting.evicted, "embedded broker: too many connections without a CONNECT; closing the oldest");
+                }
+            }
+        }
+        let id = waiting.next;
+        waiting.next += 1;
+        let evicted = CancellationToken::new();
+        waiting.queue.push_back((id, evicted.clone()));
+        (id, evicted)
+    }
+
     async fn serve_one(
         &self,
         mut client: TcpStream,
         peer: SocketAddr,
-        waiting: tokio::sync::OwnedSemaphorePermit,
+        (id, evicted): (u64, CancellationToken),
     ) -> io::Result<()> {
+        let place = WaitingPlace {
+            door: self,
+            id,
+            evicted,
+        };
         let _ = client.set_nodelay(true);
-        let (header, body, connect) =
-            match tokio::time::timeout(CONNECT_TIMEOUT, read_connect(&mut client)).await {
-                Ok(read) => read?,
-                Err(_) => return Ok(()),
-            };
-        if self.settings.credentials.is_some() && !self.login(&connect, peer.ip()).await {
+        let greeted = async {
+            let (header, body, connect) =
+                match tokio::time::timeout(CONNECT_TIMEOUT, read_connect(&mut client)).await {
+                    Ok(read) => read?,
+                    Err(_) => return Ok(None),
+                };
+            let ok = self.settings.credentials.is_none() || self.login(&connect, peer.ip()).await;
+            Ok::<_, io::Error>(Some((header, body, connect, ok)))
+        };
+        let greeted = tokio::select! {
+            greeted = greeted => greeted?,
+            _ = place.evicted.cancelled() => None,
+        };
+        drop(place);
+        let Some((header, body, connect, login_ok)) = greeted else {
+            return Ok(());
+        };
+        if !login_ok {
             tracing::warn!(%peer, client_id = ?connect.client_id, user = ?connect.username, "MQTT login refused: wrong user name or password");
             return refuse(client, connect.level, Refusal::BadLogin).await;
         }
@@ -172,7 +233,6 @@ impl Door {
             tracing::warn!(%peer, client_id = ?connect.client_id, max = self.settings.max_connections, "MQTT connection refused: the broker is full (--mqtt-max-connections)");
             return refuse(client, connect.level, Refusal::Full).await;
         };
-        drop(waiting);
         let mut broker = TcpStream::connect(self.settings.broker).await?;
         let _ = broker.set_nodelay(true);
         broker.write_all(&header.bytes()).await?;
