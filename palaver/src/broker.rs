@@ -175,7 +175,11 @@ pub fn config(
 
 /// Compares secrets in time independent of where they differ.
 pub(crate) fn same_secret(given: &str, expected: &str) -> bool {
-    let (a, b) = (given.as_bytes(), expected.as_bytes());
+    same_bytes(given.as_bytes(), expected.as_bytes())
+}
+
+/// [`same_secret`] for bytes (MQTT passwords are binary).
+pub(crate) fn same_bytes(a: &[u8], b: &[u8]) -> bool {
     let mut diff = u8::from(a.len() != b.len());
     for (i, x) in a.iter().enumerate() {
         diff |= x ^ b.get(i).copied().unwrap_or(!x);

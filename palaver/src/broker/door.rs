@@ -20,7 +20,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,7 +30,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::frame::{self, Connect, FixedHeader, Refusal};
-use super::same_secret;
+use super::{same_bytes, same_secret};
 
 /// Connections beyond `max_connections` that only the gateway may use.
 pub const GATEWAY_RESERVE: usize = 64;
@@ -79,6 +79,15 @@ struct Door {
     waiting: Mutex<Waiting>,
     logins: Mutex<HashMap<IpAddr, Failures>>,
     retained: Mutex<Retained>,
+    /// Refusals for want of room, and retained messages not kept, so far.
+    refused_full: AtomicU64,
+    not_kept: AtomicU64,
+}
+
+/// Counts one more event; true when its log line is due. A flood would log
+/// a line per event: every doubling of the count is enough.
+fn log_due(count: &AtomicU64) -> bool {
+    (count.fetch_add(1, Ordering::Relaxed) + 1).is_power_of_two()
 }
 
 /// Failed logins of one source address.
@@ -130,6 +139,8 @@ pub async fn serve(listener: TcpListener, settings: DoorSettings) -> io::Result<
         waiting: Mutex::new(Waiting::default()),
         logins: Mutex::new(HashMap::new()),
         retained: Mutex::new(Retained::default()),
+        refused_full: AtomicU64::new(0),
+        not_kept: AtomicU64::new(0),
     });
     loop {
         let (socket, peer) = match listener.accept().await {
@@ -230,7 +241,9 @@ impl Door {
             .as_deref()
             .is_some_and(|p| connect.client_id.starts_with(p));
         let Some(_slot) = self.take_slot(is_gateway) else {
-            tracing::warn!(%peer, client_id = ?connect.client_id, max = self.settings.max_connections, "MQTT connection refused: the broker is full (--mqtt-max-connections)");
+            if log_due(&self.refused_full) {
+                tracing::warn!(%peer, client_id = ?connect.client_id, max = self.settings.max_connections, refused = self.refused_full.load(Ordering::Relaxed), "MQTT connection refused: the broker is full (--mqtt-max-connections)");
+            }
             return refuse(client, connect.level, Refusal::Full).await;
         };
         let mut broker = TcpStream::connect(self.settings.broker).await?;
@@ -275,7 +288,7 @@ impl Door {
             & connect
                 .password
                 .as_deref()
-                .is_some_and(|p| same_secret(&String::from_utf8_lossy(p), password));
+                .is_some_and(|p| same_bytes(p, password.as_bytes()));
         let mut logins = self.logins.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         if ok {
@@ -409,13 +422,16 @@ impl Door {
         let size = topic.len() + payload;
         let total = retained.bytes - before + size;
         if total > self.settings.max_retained_bytes {
-            tracing::warn!(
-                topic = ?String::from_utf8_lossy(topic),
-                bytes = size,
-                held = retained.bytes,
-                max = self.settings.max_retained_bytes,
-                "retained message not kept: over --mqtt-max-retained-bytes (delivered without its retain flag)"
-            );
+            if log_due(&self.not_kept) {
+                tracing::warn!(
+                    topic = ?String::from_utf8_lossy(topic),
+                    bytes = size,
+                    held = retained.bytes,
+                    max = self.settings.max_retained_bytes,
+                    not_kept = self.not_kept.load(Ordering::Relaxed),
+                    "retained message not kept: over --mqtt-max-retained-bytes (delivered without its retain flag)"
+                );
+            }
             return false;
         }
         retained.bytes = total;
