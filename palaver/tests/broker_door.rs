@@ -170,15 +170,23 @@ async fn repeated_wrong_passwords_are_slowed_and_a_right_one_resets_the_wait() {
         );
     }
 
-    // The right password is checked after the same wait, then accepted ...
+    // The gateway (its client id prefix) does not queue behind them.
     let asked = Instant::now();
-    let (login, client, events) = connect(addr, "alice", Some(("alice", "s3cret"))).await;
+    let (login, client, events) = connect(addr, "gw-7f3a-general", Some(("alice", "s3cret"))).await;
     assert_eq!(login, Login::Accepted);
     assert!(
-        asked.elapsed() >= Duration::from_millis(3900),
+        asked.elapsed() < Duration::from_millis(500),
         "{:?}",
         asked.elapsed()
     );
+    let _ = client.disconnect().await;
+    drop(events);
+
+    // The right password is checked after the same wait, then accepted ...
+    let (login, client, events) = connect(addr, "alice", Some(("alice", "s3cret"))).await;
+    assert_eq!(login, Login::Accepted);
+    let waited = at[4].elapsed();
+    assert!(waited >= Duration::from_millis(3900), "{waited:?}");
     let _ = client.disconnect().await;
     drop(events);
     // ... which forgets the failures: the next mistake is answered at once.

@@ -220,7 +220,10 @@ impl Door {
                     Ok(read) => read?,
                     Err(_) => return Ok(None),
                 };
-            let ok = self.settings.credentials.is_none() || self.login(&connect, peer.ip()).await;
+            let ok = self.settings.credentials.is_none()
+                || self
+                    .login(&connect, peer.ip(), self.is_gateway(&connect))
+                    .await;
             Ok::<_, io::Error>(Some((header, body, connect, ok)))
         };
         let greeted = tokio::select! {
@@ -235,12 +238,7 @@ impl Door {
             tracing::warn!(%peer, client_id = ?connect.client_id, user = ?connect.username, "MQTT login refused: wrong user name or password");
             return refuse(client, connect.level, Refusal::BadLogin).await;
         }
-        let is_gateway = self
-            .settings
-            .gateway_prefix
-            .as_deref()
-            .is_some_and(|p| connect.client_id.starts_with(p));
-        let Some(_slot) = self.take_slot(is_gateway) else {
+        let Some(_slot) = self.take_slot(self.is_gateway(&connect)) else {
             if log_due(&self.refused_full) {
                 tracing::warn!(%peer, client_id = ?connect.client_id, max = self.settings.max_connections, refused = self.refused_full.load(Ordering::Relaxed), "MQTT connection refused: the broker is full (--mqtt-max-connections)");
             }
@@ -253,12 +251,24 @@ impl Door {
         self.relay(client, broker).await
     }
 
-    /// Whether `connect` logs in rightly; waits first while `ip` is backing off.
-    async fn login(&self, connect: &Connect, ip: IpAddr) -> bool {
+    /// Whether `connect` comes from the gateway of `palaver up`.
+    fn is_gateway(&self, connect: &Connect) -> bool {
+        self.settings
+            .gateway_prefix
+            .as_deref()
+            .is_some_and(|p| connect.client_id.starts_with(p))
+    }
+
+    /// Whether `connect` logs in rightly; waits first while `ip` is backing
+    /// off, unless `exempt` (the gateway, which shares loopback with local
+    /// clients and must not queue behind their failures).
+    async fn login(&self, connect: &Connect, ip: IpAddr, exempt: bool) -> bool {
         let Some((user, password)) = &self.settings.credentials else {
             return true;
         };
-        let check_at = {
+        let check_at = if exempt {
+            None
+        } else {
             let mut logins = self.logins.lock().unwrap_or_else(|e| e.into_inner());
             let now = Instant::now();
             if logins
@@ -289,6 +299,9 @@ impl Door {
                 .password
                 .as_deref()
                 .is_some_and(|p| same_bytes(p, password.as_bytes()));
+        if exempt {
+            return ok;
+        }
         let mut logins = self.logins.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         if ok {
