@@ -13,6 +13,8 @@ use palaver_core::auth::{AuthError, Bearer, ClientAuthArgs};
 use palaver_core::projects::{Projects, ProjectsError};
 use palaver_core::tls::{ClientIdentity, ClientTlsArgs, TlsError};
 
+use crate::control_rate::ControlLimits;
+use crate::identity::IdentityBinding;
 pub use crate::mqtt::Protocol;
 
 /// Why the settings cannot be used.
@@ -191,6 +193,24 @@ pub struct GatewayArgs {
     /// On shutdown, how long in-flight turns may still finish and be answered.
     #[arg(long, env = "PALAVER_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
+
+    /// Control messages (template, clear_history, delete_session) one session
+    /// may send per minute; more are dropped, so no client can rewrite a
+    /// prompt in a loop. 0: no limit.
+    #[arg(long, env = "PALAVER_CONTROL_PER_SESSION_PER_MIN", default_value_t = ControlLimits::default().per_session)]
+    pub control_per_session_per_min: u32,
+
+    /// Control messages one project may receive per minute, all sessions
+    /// together: fresh session ids do not multiply the allowance. 0: no limit.
+    #[arg(long, env = "PALAVER_CONTROL_PER_PROJECT_PER_MIN", default_value_t = ControlLimits::default().per_project)]
+    pub control_per_project_per_min: u32,
+
+    /// Bind sessions to broker users: `on` also reads <project>/user_input/<user>
+    /// (the broker's ACL guarantees <user>), keeps that user's sessions apart
+    /// and answers only under <project>/assistant_response/<user>/; `only`
+    /// stops reading the shared <project>/user_input.
+    #[arg(long, env = "PALAVER_IDENTITY_BINDING", value_enum, default_value_t = IdentityBinding::Off)]
+    pub identity_binding: IdentityBinding,
 }
 
 impl GatewayArgs {
@@ -267,6 +287,11 @@ impl GatewayArgs {
         config.heartbeat = Duration::from_secs(self.heartbeat_secs);
         config.service_name = self.service_name;
         config.shutdown_grace = Duration::from_secs(self.shutdown_grace_secs);
+        config.control_limits = ControlLimits {
+            per_session: self.control_per_session_per_min,
+            per_project: self.control_per_project_per_min,
+        };
+        config.identity_binding = self.identity_binding;
         config.validate()?;
         Ok(config)
     }
@@ -329,6 +354,10 @@ pub struct Config {
     /// MQTT keep-alive: how fast the broker notices a dead gateway (and fires
     /// the last will), and how fast the gateway notices a dead broker.
     pub keep_alive: Duration,
+    /// How many control messages a session and a project may send per minute.
+    pub control_limits: ControlLimits,
+    /// Which request topics are read: shared, per user, or both.
+    pub identity_binding: IdentityBinding,
 }
 
 impl Config {
@@ -365,6 +394,8 @@ impl Config {
             service_name: "palaver-gateway".into(),
             shutdown_grace: Duration::from_secs(30),
             keep_alive: Duration::from_secs(30),
+            control_limits: ControlLimits::default(),
+            identity_binding: IdentityBinding::Off,
         }
     }
 

@@ -8,6 +8,7 @@
 //! (DESIGN.md, "MQTT wire protocol"); [`request`], [`control`] and
 //! [`errors`] hold its rules as pure functions. Modules:
 //! - [`config`]: flags and the plain [`Config`];
+//! - [`identity`]: identity binding, a user's own request topic, sessions and replies;
 //! - [`topics`], [`publish`]: topic names and the single confined publish path;
 //! - [`link`]: one MQTT connection per project (one last will each);
 //! - [`mqtt`]: the MQTT client, version 5 or 3.1.1, behind one interface;
@@ -15,6 +16,7 @@
 //! - [`turn`]: one request against session-svc;
 //! - [`stream`], [`cancel`]: the opt-in streamed reply, and cancelling a turn;
 //! - [`backlog`]: the `max-pending` bound and the shutdown drain;
+//! - [`control_rate`]: how often control topics may be used;
 //! - [`presence`], [`readiness`], [`metrics`].
 //!
 //! ```no_run
@@ -40,7 +42,9 @@ pub mod backlog;
 pub mod cancel;
 pub mod config;
 pub mod control;
+pub mod control_rate;
 pub mod errors;
+pub mod identity;
 pub mod lease;
 pub mod link;
 pub mod metrics;
@@ -68,6 +72,7 @@ use tonic::transport::Endpoint;
 pub use config::{Config, ConfigError, GatewayArgs};
 
 use crate::backlog::Backlog;
+use crate::control_rate::ControlRate;
 use crate::lease::{ConsumerLease, Standing};
 use crate::link::{Link, LinkHandle, Shared};
 use crate::metrics::{Metrics, OutKind};
@@ -204,6 +209,7 @@ impl Gateway {
             readiness: readiness.clone(),
             draining: draining.clone(),
             closing: closing.clone(),
+            control_rate: ControlRate::new(config.control_limits),
             config,
         });
 

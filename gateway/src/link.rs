@@ -19,6 +19,7 @@ use crate::cancel::{self, TurnKey};
 use crate::config::Config;
 use crate::control;
 use crate::errors::{ErrorKind, OVERLOADED_TEXT};
+use crate::identity;
 use crate::lease::Standing;
 use crate::metrics::{Metrics, OutKind};
 use crate::mqtt::{self, Client, Event, EventLoop, Message, Protocol, QoS};
@@ -56,6 +57,8 @@ pub struct Shared {
     /// Tripped once the final "offline" and DISCONNECT are queued: stop
     /// reconnecting if the broker is gone.
     pub closing: CancellationToken,
+    /// How often control topics may be used.
+    pub control_rate: crate::control_rate::ControlRate,
 }
 
 /// What the gateway keeps of a link to steer its shutdown.
@@ -73,7 +76,6 @@ pub struct Link {
     shared: Arc<Shared>,
     project: Arc<str>,
     index: usize,
-    input_topic: String,
     subscriptions: Vec<String>,
     client: Client,
     eventloop: EventLoop,
@@ -103,8 +105,11 @@ impl Link {
             connected: connected.clone(),
         };
         let link = Self {
-            input_topic: topics::user_input(&project),
-            subscriptions: topics::subscriptions(&project, shared.config.shared_group.as_deref()),
+            subscriptions: topics::subscriptions(
+                &project,
+                shared.config.shared_group.as_deref(),
+                shared.config.identity_binding,
+            ),
             shared,
             project,
             index,
@@ -280,8 +285,9 @@ impl Link {
             metrics.dropped("retained");
             return;
         }
-        if publish.topic == self.input_topic {
-            self.on_user_input(&publish.payload, &publish.properties, ack);
+        let binding = self.shared.config.identity_binding;
+        if let Some(input) = identity::input(&self.project, &publish.topic, binding) {
+            self.on_user_input(&publish.payload, &publish.properties, ack, input);
         } else if let Some((kind, topic_sid)) = control::match_topic(&self.project, &publish.topic)
         {
             self.on_control(kind, topic_sid, &publish.payload, ack);
@@ -294,16 +300,23 @@ impl Link {
         }
     }
 
-    fn on_user_input(&self, payload: &[u8], properties: &mqtt::RequestProperties, ack: Ack) {
+    fn on_user_input(
+        &self,
+        payload: &[u8],
+        properties: &mqtt::RequestProperties,
+        ack: Ack,
+        input: identity::Input<'_>,
+    ) {
         let config = &self.shared.config;
         let metrics = &self.shared.metrics;
-        match request::parse(
+        let parsed = request::parse(
             &self.project,
             payload,
             config.max_payload_bytes,
             properties,
             request::fresh_session_id,
-        ) {
+        );
+        match identity::apply(&self.project, config.identity_binding, input, parsed) {
             Parsed::Drop(reason) => {
                 tracing::warn!(project = %self.project, reason = reason.as_str(), bytes = payload.len(), "request dropped");
                 metrics.dropped(reason.as_str());
@@ -411,6 +424,12 @@ impl Link {
                 return;
             }
         };
+        let session = request.op.session_id();
+        if let Err(limit) = self.shared.control_rate.admit(&self.project, session) {
+            tracing::warn!(project = %self.project, ?kind, session_id = ?session, reason = limit.as_str(), "control message dropped: rate limit");
+            metrics.dropped(limit.as_str());
+            return;
+        }
         let Some(permit) = self.shared.backlog.try_admit() else {
             tracing::warn!(project = %self.project, ?kind, "control message dropped: backlog full");
             metrics.dropped("backlog_full");

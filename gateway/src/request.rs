@@ -90,6 +90,9 @@ pub struct ChatTurn {
     /// The request's W3C trace context (`traceparent` user property), kept
     /// for tracing the turn.
     pub traceparent: Option<String>,
+    /// `@<user>` for a request on a user's own topic (see [`crate::identity`]):
+    /// session-svc's per-client limits count it instead of `client_id`.
+    pub user: Option<String>,
 }
 
 impl ChatTurn {
@@ -109,6 +112,7 @@ impl ChatTurn {
             stream: false,
             correlation_data: None,
             traceparent: None,
+            user: None,
         }
     }
 
@@ -332,6 +336,7 @@ fn parse_object(
         stream: map.get("stream") == Some(&Value::Bool(true)),
         correlation_data: None,
         traceparent: None,
+        user: None,
     })
 }
 

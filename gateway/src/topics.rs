@@ -32,8 +32,12 @@ pub const CONTROL_SUFFIXES: [&str; 3] = ["template", "clear_history", "delete_se
 /// With a shared group, control topics are shared too: otherwise every
 /// gateway of the group would apply the same `clear_history` and each send
 /// its own acknowledgement.
-pub fn subscriptions(project: &str, shared_group: Option<&str>) -> Vec<String> {
-    let mut plain = vec![user_input(project)];
+pub fn subscriptions(
+    project: &str,
+    shared_group: Option<&str>,
+    binding: crate::identity::IdentityBinding,
+) -> Vec<String> {
+    let mut plain = crate::identity::input_filters(project, binding);
     for suffix in CONTROL_SUFFIXES {
         plain.push(format!("{project}/{suffix}"));
         plain.push(format!("{project}/{suffix}/+"));
@@ -153,10 +157,11 @@ pub fn valid_reply_topic(project: &str, requested: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::IdentityBinding;
 
     #[test]
     fn subscriptions_cover_input_and_controls_with_and_without_session_level() {
-        let subs = subscriptions("p", None);
+        let subs = subscriptions("p", None, IdentityBinding::Off);
         assert_eq!(
             subs,
             [
@@ -170,11 +175,15 @@ mod tests {
                 "p/cancel/+",
             ]
         );
-        let shared = subscriptions("p", Some("g"));
+        let shared = subscriptions("p", Some("g"), IdentityBinding::Off);
         assert_eq!(shared.len(), subs.len());
         let (cancel, rest) = shared.split_last().unwrap();
         assert!(rest.iter().all(|t| t.starts_with("$share/g/p/")));
         assert_eq!(cancel, "p/cancel/+");
+        let bound = subscriptions("p", None, IdentityBinding::Only);
+        assert_eq!(bound[0], "p/user_input/+");
+        assert!(!bound.contains(&"p/user_input".to_owned()));
+        assert_eq!(bound.len(), subs.len());
     }
 
     #[test]

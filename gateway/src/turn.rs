@@ -251,7 +251,11 @@ impl Turns {
             top_p: turn.top_p,
             max_tokens: turn.max_tokens,
             final_only: stream.is_none(),
-            client: turn.client_id.clone().unwrap_or_default(),
+            client: turn
+                .user
+                .clone()
+                .or_else(|| turn.client_id.clone())
+                .unwrap_or_default(),
         };
         let started = Instant::now();
         let deadline = started + self.timeout;

@@ -1,13 +1,17 @@
-//! The embedded MQTT broker of `palaver up`: rumqttd (MQTT 3.1.1) on one
-//! address, optionally with a user name and password.
+//! The embedded MQTT broker of `palaver up`: rumqttd (MQTT 3.1.1) behind a
+//! front door of ours, optionally with a user name and password.
+//!
+//! Clients connect to the door (the `door` module), which holds the public
+//! address, reads each CONNECT, keeps the connection, login and retained
+//! limits, and relays to rumqttd on a loopback port.
 //!
 //! rumqttd binds its listener itself, on its own threads, and has no stop:
-//! [`start`] therefore picks the port (a free one when asked for port 0),
-//! and proves the listener is rumqttd's own before returning: a probe client
-//! connects over TCP and publishes a random token that a subscription inside
-//! the broker (a rumqttd "local link") must see. A failed bind ends rumqttd's
-//! server thread, which [`start`] notices and, for port 0, retries on another
-//! port. The broker stops when the process exits.
+//! [`start`] therefore picks its loopback port, and proves the listener is
+//! rumqttd's own before opening the door: a probe client connects over TCP
+//! and publishes a random token that a subscription inside the broker (a
+//! rumqttd "local link") must see. A failed bind ends rumqttd's server
+//! thread, which [`start`] notices and retries on another port. The broker
+//! stops when the process exits.
 //!
 //! rumqttd keeps Nagle's algorithm on; the `nodelay` module turns it off
 //! on the listener once the probe has passed.
@@ -22,15 +26,19 @@ use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::{Broker, Config, ConnectionSettings, Notification, RouterConfig, ServerSettings};
 use tokio::time::Instant;
 
+mod door;
+mod frame;
 mod nodelay;
+
+pub use door::GATEWAY_RESERVE;
 
 /// Largest MQTT payload the broker accepts, in bytes (1 MiB). It is also
 /// what the gateway can read without dropping its connection (its default
 /// limit is 4 x 256 KiB + 1 KiB), and the largest reply it publishes.
 pub const MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
-/// Connections the router makes room for: far above the 64+ clients of a
-/// load test, still a small allocation.
-const MAX_CONNECTIONS: usize = 1024;
+/// Connections the router makes room for beyond the door's limit: the
+/// start-up probe and slack for connections that are closing.
+const ROUTER_SLACK: usize = 16;
 /// Messages the router keeps per topic filter: `SEGMENT_BYTES` x
 /// `SEGMENTS`. rumqttd keeps a log per filter; a bound keeps a long-running
 /// local stack from growing without end.
@@ -40,8 +48,8 @@ const SEGMENTS: usize = 4;
 const READ_BATCH: usize = 500;
 /// How long a new TCP connection may take to send its CONNECT.
 const CONNECT_TIMEOUT_MS: u16 = 10_000;
-/// Ports tried when the caller lets us choose (port 0) and one was taken
-/// between our check and rumqttd's bind.
+/// Loopback ports tried for rumqttd, in case one was taken between our
+/// check and rumqttd's bind.
 const ATTEMPTS: usize = 5;
 /// How long one attempt may take to come up and answer the probe.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -57,8 +65,14 @@ pub struct BrokerSettings {
     /// Port; 0 picks a free one.
     pub port: u16,
     /// When set, every client must log in with exactly this user name and
-    /// password; others are refused (the connection is closed at CONNECT).
+    /// password; others are refused with a CONNACK that says so.
     pub credentials: Option<(String, String)>,
+    /// Client connections at most; the gateway has [`GATEWAY_RESERVE`] more.
+    pub max_connections: usize,
+    /// Client ids starting with this are the gateway's (may use the reserve).
+    pub gateway_prefix: Option<String>,
+    /// Bytes of retained messages (topics and payloads) the broker keeps.
+    pub max_retained_bytes: usize,
 }
 
 /// Why the broker did not start.
@@ -87,6 +101,8 @@ pub struct EmbeddedBroker {
     addr: SocketAddr,
     /// The server thread; it ends only if rumqttd's listener fails.
     server: JoinHandle<()>,
+    /// The front door's accept loop; it ends only if the listener fails.
+    door: tokio::task::JoinHandle<()>,
     /// The probe's link into the router, kept open: closing a local link
     /// is not a path rumqttd's router is built for.
     _probe: (LinkTx, LinkRx),
@@ -98,14 +114,25 @@ impl EmbeddedBroker {
         self.addr
     }
 
-    /// False once rumqttd's listener has stopped (it never should).
+    /// False once rumqttd's or the door's listener has stopped (they never should).
     pub fn is_running(&self) -> bool {
-        !self.server.is_finished()
+        !self.server.is_finished() && !self.door.is_finished()
     }
 }
 
-/// rumqttd's configuration for one MQTT 3.1.1 listener on `addr`.
-pub fn config(addr: SocketAddr, credentials: Option<&(String, String)>) -> Config {
+/// rumqttd, listening on loopback, before the door is open.
+struct Rumqttd {
+    server: JoinHandle<()>,
+    probe: (LinkTx, LinkRx),
+}
+
+/// rumqttd's configuration for one MQTT 3.1.1 listener on `addr`, with
+/// room for `max_connections` clients and the gateway's reserve.
+pub fn config(
+    addr: SocketAddr,
+    credentials: Option<&(String, String)>,
+    max_connections: usize,
+) -> Config {
     let mut server = ServerSettings {
         name: "palaver-mqtt".into(),
         listen: addr,
@@ -135,7 +162,7 @@ pub fn config(addr: SocketAddr, credentials: Option<&(String, String)>) -> Confi
     Config {
         id: 0,
         router: RouterConfig {
-            max_connections: MAX_CONNECTIONS,
+            max_connections: max_connections + GATEWAY_RESERVE + ROUTER_SLACK,
             max_outgoing_packet_count: 200,
             max_segment_size: SEGMENT_BYTES,
             max_segment_count: SEGMENTS,
@@ -147,8 +174,12 @@ pub fn config(addr: SocketAddr, credentials: Option<&(String, String)>) -> Confi
 }
 
 /// Compares secrets in time independent of where they differ.
-fn same_secret(given: &str, expected: &str) -> bool {
-    let (a, b) = (given.as_bytes(), expected.as_bytes());
+pub(crate) fn same_secret(given: &str, expected: &str) -> bool {
+    same_bytes(given.as_bytes(), expected.as_bytes())
+}
+
+/// [`same_secret`] for bytes (MQTT passwords are binary).
+pub(crate) fn same_bytes(a: &[u8], b: &[u8]) -> bool {
     let mut diff = u8::from(a.len() != b.len());
     for (i, x) in a.iter().enumerate() {
         diff |= x ^ b.get(i).copied().unwrap_or(!x);
@@ -158,32 +189,77 @@ fn same_secret(given: &str, expected: &str) -> bool {
 
 /// Starts the broker and returns once it answers on its address.
 pub async fn start(settings: &BrokerSettings) -> Result<EmbeddedBroker, BrokerError> {
-    let attempts = if settings.port == 0 { ATTEMPTS } else { 1 };
+    let addr = SocketAddr::new(settings.ip, settings.port);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| BrokerError::Bind { addr, source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| BrokerError::Bind { addr, source })?;
+    // Accepted sockets inherit it: no Nagle stalls between client and door.
+    if let Err(e) = rustix::net::sockopt::set_tcp_nodelay(&listener, true) {
+        tracing::warn!(error = %e, "cannot turn off Nagle's algorithm for the embedded broker's listener");
+    }
     let mut last = None;
-    for _ in 0..attempts {
-        let addr = SocketAddr::new(settings.ip, settings.port);
-        // Bind once ourselves: an explicit port in use fails here with the
-        // operating system's words, and port 0 becomes a concrete free port.
-        let addr = TcpListener::bind(addr)
+    let mut rumqttd = None;
+    for _ in 0..ATTEMPTS {
+        // A free loopback port, taken by rumqttd a moment later; the
+        // probe notices if someone else took it in between.
+        let internal = SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0));
+        let internal = TcpListener::bind(internal)
             .and_then(|l| l.local_addr())
-            .map_err(|source| BrokerError::Bind { addr, source })?;
-        match start_on(addr, settings.credentials.as_ref()).await {
-            Ok(broker) => return Ok(broker),
+            .map_err(|source| BrokerError::Bind {
+                addr: internal,
+                source,
+            })?;
+        match start_on(
+            internal,
+            settings.credentials.as_ref(),
+            settings.max_connections,
+        )
+        .await
+        {
+            Ok(started) => {
+                rumqttd = Some((internal, started));
+                break;
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "embedded broker attempt failed");
                 last = Some(e);
             }
         }
     }
-    Err(last.expect("at least one attempt"))
+    let Some((internal, started)) = rumqttd else {
+        return Err(last.expect("at least one attempt"));
+    };
+    let door_settings = door::DoorSettings {
+        broker: internal,
+        credentials: settings.credentials.clone(),
+        max_connections: settings.max_connections,
+        gateway_prefix: settings.gateway_prefix.clone(),
+        max_retained_bytes: settings.max_retained_bytes,
+    };
+    let door = tokio::spawn(async move {
+        if let Err(e) = door::serve(listener, door_settings).await {
+            tracing::error!(error = %e, "the embedded MQTT broker's listener failed");
+        }
+    });
+    Ok(EmbeddedBroker {
+        addr,
+        server: started.server,
+        door,
+        _probe: started.probe,
+    })
 }
 
+/// Starts rumqttd on the loopback address `addr` and proves it answers there.
 async fn start_on(
     addr: SocketAddr,
     credentials: Option<&(String, String)>,
-) -> Result<EmbeddedBroker, BrokerError> {
+    max_connections: usize,
+) -> Result<Rumqttd, BrokerError> {
     let not_started = |why: String| BrokerError::NotStarted { addr, why };
-    let config = config(addr, credentials);
+    let config = config(addr, credentials, max_connections);
     // Broker::new spawns the router thread and `link` waits for its answer:
     // both block, so keep them off the async workers.
     let (broker, link) = tokio::task::spawn_blocking(move || {
@@ -252,10 +328,9 @@ async fn start_on(
     if let Err(e) = nodelay::set_on_listener(addr) {
         tracing::warn!(error = %e, "cannot turn off Nagle's algorithm for the embedded broker: replies may come about 40 ms late");
     }
-    Ok(EmbeddedBroker {
-        addr,
+    Ok(Rumqttd {
         server,
-        _probe: (tx, rx),
+        probe: (tx, rx),
     })
 }
 
@@ -329,6 +404,9 @@ mod tests {
         ip: IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
         port: 0,
         credentials: None,
+        max_connections: 100,
+        gateway_prefix: None,
+        max_retained_bytes: 1 << 20,
     };
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -336,7 +414,7 @@ mod tests {
         let other = palaver_testkit::process::Mosquitto::start().expect("mosquitto starts");
         let addr = SocketAddr::from(([127, 0, 0, 1], other.port()));
         // Skips our own bind check, as in the race it exists to survive.
-        let claimed = start_on(addr, None).await;
+        let claimed = start_on(addr, None, 10).await;
         assert!(
             matches!(claimed, Err(BrokerError::NotStarted { .. })),
             "claimed mosquitto's port"

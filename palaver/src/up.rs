@@ -79,6 +79,30 @@ pub struct UpArgs {
     )]
     pub mqtt_password: Option<String>,
 
+    /// MQTT clients the embedded broker serves at once; more are refused
+    /// (CONNACK "server unavailable"). The gateway has 64 connections
+    /// reserved beyond these, so idle clients cannot lock it out.
+    #[arg(
+        long,
+        env = "PALAVER_MQTT_MAX_CONNECTIONS",
+        default_value_t = 1000,
+        value_name = "N"
+    )]
+    pub mqtt_max_connections: usize,
+
+    /// Bytes of retained messages (topics and payloads) the embedded broker
+    /// keeps for later subscribers; a retained message beyond it is still
+    /// delivered, but not kept. Bounds the memory clients can pin for good.
+    #[arg(long, env = "PALAVER_MQTT_MAX_RETAINED_BYTES", default_value_t = 4 * 1024 * 1024, value_name = "BYTES")]
+    pub mqtt_max_retained_bytes: usize,
+
+    /// Bind sessions to broker users: `on` also reads <project>/user_input/<user>
+    /// and answers that user under <project>/assistant_response/<user>/ only;
+    /// `only` stops reading the shared <project>/user_input. Meant for a
+    /// broker whose ACL ties <user> to the login (deploy/mosquitto/acl).
+    #[arg(long, env = "PALAVER_IDENTITY_BINDING", value_enum, default_value_t = gateway::identity::IdentityBinding::Off)]
+    pub identity_binding: gateway::identity::IdentityBinding,
+
     /// Use this broker (mqtt://host:port, e.g. a local mosquitto) instead of
     /// starting the embedded one; --mqtt-port is then ignored.
     #[arg(long, env = "PALAVER_MQTT_BROKER", value_name = "URL")]
@@ -331,7 +355,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     )
     .await?;
 
-    let (embedded, mqtt_host, mqtt_port) = start_broker(&args, &credentials).await?;
+    // The gateway's client ids start with this, unguessable by clients:
+    // the embedded broker keeps connections in reserve for it.
+    let gateway_id = format!("palaver-up-{:016x}", rand::random::<u64>());
+    let (embedded, mqtt_host, mqtt_port) = start_broker(&args, &credentials, &gateway_id).await?;
     let broker_desc = match (&embedded, &credentials) {
         (Some(_), Some((user, _))) => format!("embedded, login required (user {user:?})"),
         (Some(_), None) => "embedded, no login".to_owned(),
@@ -353,6 +380,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         gateway_config.mqtt_username = Some(user.clone());
         gateway_config.mqtt_password = Some(password.clone());
     }
+    if embedded.is_some() {
+        gateway_config.client_id = gateway_id;
+    }
+    gateway_config.identity_binding = args.identity_binding;
     let gateway =
         gateway::Gateway::new(gateway_config, &mut registry).context("gateway settings")?;
     let ready = gateway.ready();
@@ -504,6 +535,7 @@ async fn start_model_server(
 async fn start_broker(
     args: &UpArgs,
     credentials: &Option<(String, String)>,
+    gateway_id: &str,
 ) -> anyhow::Result<(Option<EmbeddedBroker>, String, u16)> {
     if let Some(url) = &args.mqtt_broker {
         let (host, port) = gateway::config::parse_mqtt_url(url)?;
@@ -513,6 +545,9 @@ async fn start_broker(
         ip: args.bind,
         port: args.mqtt_port,
         credentials: credentials.clone(),
+        max_connections: args.mqtt_max_connections,
+        gateway_prefix: Some(gateway_id.to_owned()),
+        max_retained_bytes: args.mqtt_max_retained_bytes,
     };
     let broker = broker::start(&settings).await.map_err(|e| match e {
         BrokerError::Bind { addr, .. } => anyhow::Error::from(e).context(format!(

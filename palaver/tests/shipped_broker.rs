@@ -115,9 +115,10 @@ async fn client(
 
 /// Starts `palaver up` against the broker with the gateway's login and
 /// waits for its ready line.
-async fn palaver_up(port: u16, password: &str) -> Child {
+async fn palaver_up(port: u16, password: &str, extra: &[&str]) -> Child {
     let mut child = Command::new(PALAVER)
         .args(["up", "--session-port", "0", "--inference-port", "0"])
+        .args(extra)
         .args(["--mqtt-broker", &format!("mqtt://127.0.0.1:{port}")])
         .args(["--mqtt-username", "palaver-gateway"])
         .env("PALAVER_MQTT_PASSWORD", password)
@@ -147,11 +148,27 @@ async fn palaver_up(port: u16, password: &str) -> Child {
     child
 }
 
-#[tokio::test]
-async fn logins_and_acl_of_the_shipped_broker() {
+/// The shipped broker running on a free port, with the logins of
+/// scripts/make-secrets; killed and its folder removed on drop.
+struct Shipped {
+    port: u16,
+    secrets: PathBuf,
+    _broker: Child,
+    _scratch: Scratch,
+}
+
+impl Shipped {
+    fn secret(&self, name: &str) -> String {
+        std::fs::read_to_string(self.secrets.join(name)).expect(name)
+    }
+}
+
+/// Starts the shipped mosquitto with `acl` made from the shipped ACL and
+/// `users` added to the password file.
+async fn shipped(acl: impl Fn(&str) -> String, users: &[(&str, &str)]) -> Shipped {
     let dir = std::env::temp_dir().join(format!("palaver-shipped-{:08x}", rand::random::<u32>()));
     std::fs::create_dir_all(dir.join("scripts")).expect("scratch");
-    let _scratch = Scratch(dir.clone());
+    let scratch = Scratch(dir.clone());
     std::fs::copy(
         repo().join("scripts/make-secrets"),
         dir.join("scripts/make-secrets"),
@@ -164,11 +181,21 @@ async fn logins_and_acl_of_the_shipped_broker() {
         .expect("python3 runs make-secrets");
     assert!(made.status.success(), "make-secrets: {made:?}");
     let secrets = dir.join("secrets");
-    let secret = |name: &str| std::fs::read_to_string(secrets.join(name)).expect(name);
     std::fs::copy(secrets.join("mqtt_passwd"), dir.join("passwd")).expect("password file");
+    for (user, password) in users {
+        let added = std::process::Command::new("mosquitto_passwd")
+            .arg("-b")
+            .arg(dir.join("passwd"))
+            .args([user, password])
+            .status()
+            .expect("mosquitto_passwd runs");
+        assert!(added.success(), "mosquitto_passwd {user}");
+    }
 
     let port = free_port();
     let conf = shipped_config(&dir, port);
+    let shipped_acl = std::fs::read_to_string(dir.join("acl")).expect("acl");
+    std::fs::write(dir.join("acl"), acl(&shipped_acl)).expect("write acl");
     let log = std::fs::File::create(dir.join("mosquitto.log")).expect("log file");
     let mut broker = Command::new(mosquitto_program())
         .arg("-c")
@@ -194,8 +221,20 @@ async fn logins_and_acl_of_the_shipped_broker() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    Shipped {
+        port,
+        secrets,
+        _broker: broker,
+        _scratch: scratch,
+    }
+}
 
-    let _up = palaver_up(port, &secret("mqtt-gateway-password")).await;
+#[tokio::test]
+async fn logins_and_acl_of_the_shipped_broker() {
+    let broker = shipped(str::to_owned, &[]).await;
+    let port = broker.port;
+    let secret = |name: &str| broker.secret(name);
+    let _up = palaver_up(port, &secret("mqtt-gateway-password"), &[]).await;
 
     // An end user chats with palaver send, as the README shows.
     let sent = Command::new(PALAVER)
@@ -278,5 +317,129 @@ async fn logins_and_acl_of_the_shipped_broker() {
         refused.contains("NotAuthorized") || refused.contains("Refused"),
         "anonymous refused: {refused}"
     );
-    let _ = broker.start_kill();
+}
+
+/// The shipped ACL as its comment says to run with `--identity-binding only`:
+/// without the shared-topics section.
+fn without_shared_topics(acl: &str) -> String {
+    let (before, rest) = acl
+        .split_once("# BEGIN shared topics")
+        .expect("BEGIN marker");
+    let (_, after) = rest.split_once("# END shared topics").expect("END marker");
+    format!("{before}{after}")
+}
+
+/// Everything `rx` receives within `window`.
+async fn drain(
+    rx: &mut mpsc::UnboundedReceiver<(String, String)>,
+    window: Duration,
+) -> Vec<(String, String)> {
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(window, async {
+        while let Some(m) = rx.recv().await {
+            got.push(m);
+        }
+    })
+    .await;
+    got
+}
+
+#[tokio::test]
+async fn identity_binding_under_the_shipped_acl() {
+    let broker = shipped(
+        without_shared_topics,
+        &[("alice", "alice-pw"), ("bob", "bob-pw")],
+    )
+    .await;
+    let port = broker.port;
+    let _up = palaver_up(
+        port,
+        &broker.secret("mqtt-gateway-password"),
+        &["--identity-binding", "only", "--sim-ttft-ms", "0"],
+    )
+    .await;
+
+    let (alice, mut alice_rx) = client(port, "alice", "alice-pw").await;
+    let (bob, mut bob_rx) = client(port, "bob", "bob-pw").await;
+    let (admin, mut admin_rx) =
+        client(port, "palaver-admin", &broker.secret("mqtt-admin-password")).await;
+    for (c, filter) in [
+        (&alice, "general/assistant_response/alice/#"),
+        (&bob, "general/assistant_response/alice/#"),
+        (&bob, "general/assistant_response/#"),
+        (&admin, "general/assistant_response/#"),
+    ] {
+        c.subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Alice's request on her own topic is answered in her namespace ...
+    alice
+        .publish(
+            "general/user_input/alice",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"sessionId":"s1","message":"Hello from alice"}"#,
+        )
+        .await
+        .expect("publish queued");
+    let (topic, reply) = tokio::time::timeout(WAIT, alice_rx.recv())
+        .await
+        .expect("alice's reply in time")
+        .expect("reply");
+    assert_eq!(topic, "general/assistant_response/alice/s1");
+    assert!(reply.contains("Hello from alice"), "{reply}");
+    // ... which the admin (read #) sees and bob, subscribed to it, does not.
+    let seen = drain(&mut admin_rx, Duration::from_secs(1)).await;
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(drain(&mut bob_rx, Duration::from_millis(200)).await, []);
+
+    // Bob cannot send on alice's topic (the broker drops it), nor on the
+    // shared one, and the admin's message on the shared topic is not read.
+    bob.publish(
+        "general/user_input/alice",
+        QoS::AtLeastOnce,
+        false,
+        r#"{"sessionId":"s1","message":"bob as alice"}"#,
+    )
+    .await
+    .expect("publish queued");
+    bob.publish(
+        "general/user_input",
+        QoS::AtLeastOnce,
+        false,
+        r#"{"sessionId":"s1","message":"bob shared"}"#,
+    )
+    .await
+    .expect("publish queued");
+    admin
+        .publish(
+            "general/user_input",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"sessionId":"shared","message":"on the shared topic"}"#,
+        )
+        .await
+        .expect("publish queued");
+    // Bob's own topic still works for bob, in his namespace: the gateway
+    // is serving, so silence above is the ACL and the binding.
+    bob.publish(
+        "general/user_input/bob",
+        QoS::AtLeastOnce,
+        false,
+        r#"{"sessionId":"s1","message":"Hello from bob"}"#,
+    )
+    .await
+    .expect("publish queued");
+    let seen = drain(&mut admin_rx, Duration::from_secs(3)).await;
+    let topics: Vec<&str> = seen.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(topics, ["general/assistant_response/bob/s1"], "{seen:?}");
+    assert!(seen[0].1.contains("Hello from bob"), "{seen:?}");
+    assert_eq!(drain(&mut alice_rx, Duration::from_millis(200)).await, []);
+    // Bob's wide subscription brings his own reply, never alice's.
+    let bobs = drain(&mut bob_rx, Duration::from_millis(200)).await;
+    let topics: Vec<&str> = bobs.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(topics, ["general/assistant_response/bob/s1"], "{bobs:?}");
 }
