@@ -108,6 +108,8 @@ async fn connections_beyond_the_limit_are_refused_while_the_gateway_gets_in() {
     );
     config.client_id = "gw-7f3a".into();
     config.consumer_lease = None;
+    // rumqttd serves MQTT 3.1.1 only, as `palaver up` configures its gateway.
+    config.mqtt_protocol = gateway::config::Protocol::V311;
     let mut registry = prometheus_client::registry::Registry::default();
     let gw = gateway::Gateway::new(config, &mut registry).expect("gateway settings");
     let ready = gw.ready();
