@@ -57,8 +57,21 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> ExitCode {
     match command {
         Command::Up(args) => {
-            logging::init(logging::UP_FILTER);
-            match up::run(args).await {
+            // One tracer provider per service: each span keeps its service.
+            let services = [gateway::TRACED, session_svc::TRACED, inference_svc::TRACED];
+            let traces =
+                match palaver_core::telemetry::init(&args.otlp, &services, logging::UP_FILTER) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        eprintln!("palaver up: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+            let outcome = up::run(args).await;
+            if let Some(t) = traces {
+                t.shutdown().await;
+            }
+            match outcome {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("palaver up: {e:#}");
