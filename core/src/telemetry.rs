@@ -130,7 +130,8 @@ impl Tracing {
     /// of other crates), or `None` without an endpoint: then nothing runs.
     /// Must be called inside the tokio runtime (the exporter's channel).
     pub fn start(args: &OtlpArgs, services: &[Service]) -> Result<Option<Self>, TracingError> {
-        let Some(endpoint) = args.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) else {
+        let endpoint = args.otlp_endpoint.as_deref().filter(|e| !e.is_empty());
+        let (Some(endpoint), false) = (endpoint, services.is_empty()) else {
             return Ok(None);
         };
         let sampler = sampler(args.otlp_sampler.as_deref(), args.otlp_sampler_arg)?;
@@ -465,6 +466,44 @@ async fn render(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn samplers_are_the_standard_names() {
+        assert!(matches!(sampler(None, None), Ok(Sampler::ParentBased(_))));
+        assert!(matches!(
+            sampler(Some("traceidratio"), Some(0.25)),
+            Ok(Sampler::TraceIdRatioBased(r)) if r == 0.25
+        ));
+        assert!(matches!(
+            sampler(Some("always_off"), None),
+            Ok(Sampler::AlwaysOff)
+        ));
+        assert!(matches!(
+            sampler(Some("sometimes"), None),
+            Err(TracingError::Sampler(_))
+        ));
+        assert!(matches!(
+            sampler(Some("traceidratio"), Some(1.5)),
+            Err(TracingError::Ratio(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn without_an_endpoint_tracing_is_off() {
+        let off = Tracing::start(&OtlpArgs::default(), &[]).unwrap();
+        assert!(off.is_none());
+        let empty = OtlpArgs {
+            otlp_endpoint: Some(String::new()),
+            ..OtlpArgs::default()
+        };
+        assert!(Tracing::start(&empty, &[]).unwrap().is_none());
+    }
+
+    #[test]
+    fn spans_are_routed_by_the_crate_that_made_them() {
+        assert_eq!(crate_of("session_svc::service::chat"), "session_svc");
+        assert_eq!(crate_of("gateway"), "gateway");
+    }
 
     #[test]
     fn logs_are_coloured_only_on_a_terminal_without_no_color() {
