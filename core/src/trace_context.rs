@@ -186,7 +186,6 @@ impl Injector for Metadata<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use opentelemetry::trace::TraceContextExt as _;
 
     #[test]
     fn a_traceparent_parses_into_a_remote_parent_and_garbage_into_none() {

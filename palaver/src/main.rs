@@ -19,7 +19,8 @@ struct Cli {
 enum Command {
     /// Run the whole stack in this process: MQTT broker, session-svc,
     /// inference-svc (simulator unless --vllm-url) and gateway.
-    Up(up::UpArgs),
+    // Boxed: its flags outweigh every other subcommand's.
+    Up(Box<up::UpArgs>),
     /// Chat with a project from the terminal (stdin may be a pipe).
     Chat(chat::ChatArgs),
     /// Send one message and print the reply; exit 0 reply, 1 error reply, 2 timeout or no connection.
@@ -67,7 +68,7 @@ async fn run(command: Command) -> ExitCode {
                         return ExitCode::FAILURE;
                     }
                 };
-            let outcome = up::run(args).await;
+            let outcome = up::run(*args).await;
             if let Some(t) = traces {
                 t.shutdown().await;
             }
