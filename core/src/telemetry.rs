@@ -160,7 +160,6 @@ impl Tracing {
             providers.push(provider);
         }
         crate::trace_context::set_enabled();
-        tracing::info!(%endpoint, "exporting traces over OTLP");
         Ok(Some(Self {
             providers,
             tracer: RoutedTracer {
@@ -245,6 +244,10 @@ pub fn init(
         None => init_logging_with(default_filter),
         Some(t) => {
             let _ = t.subscriber(default_filter).try_init();
+            tracing::info!(
+                endpoint = otlp.otlp_endpoint.as_deref().unwrap_or_default(),
+                "exporting traces over OTLP"
+            );
         }
     }
     Ok(tracing)
