@@ -188,13 +188,26 @@ impl Tracing {
     /// Logs (as [`init_logging_with`]) plus [`Tracing::layer`], as one
     /// subscriber; what [`init`] installs, for tests to install per thread.
     pub fn subscriber(&self, default_filter: &str) -> impl Subscriber + Send + Sync + 'static {
+        self.subscriber_writing_to(default_filter, std::io::stderr, ansi())
+    }
+
+    /// [`Tracing::subscriber`] with its logs written to `writer`.
+    pub fn subscriber_writing_to<W>(
+        &self,
+        default_filter: &str,
+        writer: W,
+        ansi: bool,
+    ) -> impl Subscriber + Send + Sync + 'static
+    where
+        W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+    {
         // Log lines inside a turn show its span, and so its trace id.
         let turns = tracing_subscriber::filter::filter_fn(|meta| {
             meta.is_span() && meta.fields().field("trace_id").is_some()
         });
         let logs = tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
-            .with_ansi(ansi())
+            .with_writer(writer)
+            .with_ansi(ansi)
             .with_filter(env_filter(default_filter).or(turns));
         tracing_subscriber::registry().with(logs).with(self.layer())
     }

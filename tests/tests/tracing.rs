@@ -21,6 +21,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue};
 use opentelemetry_proto::tonic::trace::v1::Span;
 use palaver_core::telemetry::{OtlpArgs, Tracing};
+use palaver_testkit::fake_vllm::Fault;
 use palaver_tests::{Stack, StackOptions};
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -285,6 +286,67 @@ fn a_turn_is_one_trace_across_the_three_services_and_the_model_server() {
         traceparent,
         Some(format!("00-{}-{}-01", hex(trace), hex(&generation.span_id))),
         "vLLM's spans join the turn under inference-svc's generation"
+    );
+}
+
+/// Log lines, as the services would write them to stderr.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_warning_inside_a_turn_names_its_trace_at_the_default_log_level() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let exporter_rt = exporter_runtime();
+    let collector = Collector::default();
+    let traces = exporter_rt.block_on(async {
+        let args = OtlpArgs {
+            otlp_endpoint: Some(collector.start().await),
+            ..OtlpArgs::default()
+        };
+        Tracing::start(&args, &[gateway::TRACED]).unwrap().unwrap()
+    });
+    let logs = Captured::default();
+    let writer = logs.clone();
+    // `info`, as the services run: the turn's span itself is at debug.
+    let dispatch =
+        tracing::Dispatch::new(traces.subscriber_writing_to("info", move || writer.clone(), false));
+    let rt = runtime_with(dispatch.clone());
+    let _here = tracing::dispatcher::set_default(&dispatch);
+    rt.block_on(async {
+        let stack = Stack::start(StackOptions::replying_after(Duration::from_millis(20))).await;
+        stack.vllm.set_fault(Fault::ContextTooLong);
+        let mut client = stack.mqtt().await;
+        client.subscribe("general/assistant_response/#").await;
+        client
+            .publish(
+                "general/user_input",
+                json!({"message": "hello", "sessionId": "failing"}).to_string(),
+            )
+            .await;
+        let reply = client.recv(Duration::from_secs(10)).await.expect("a reply");
+        assert!(reply.payload.starts_with("Error"), "{}", reply.payload);
+        stack.stop().await;
+    });
+    exporter_rt.block_on(traces.shutdown());
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains("turn failed"))
+        .unwrap_or_else(|| panic!("no warning for the failed turn in:\n{text}"));
+    assert!(
+        line.contains("turn{") && line.contains("trace_id="),
+        "{line}"
     );
 }
 
