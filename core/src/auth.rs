@@ -303,7 +303,8 @@ impl ClientAuthArgs {
     }
 }
 
-/// Adds `authorization: Bearer <token>` to every call (nothing without a token).
+/// Adds `authorization: Bearer <token>` to every call (nothing without a
+/// token), and the caller's `traceparent` while tracing is on.
 #[derive(Clone, Default)]
 pub struct Bearer {
     value: Option<AsciiMetadataValue>,
@@ -343,6 +344,9 @@ impl Interceptor for Bearer {
         if let Some(v) = &self.value {
             req.metadata_mut().insert("authorization", v.clone());
         }
+        // Every palaver client goes through here: the one place the trace
+        // context leaves with a gRPC call.
+        crate::trace_context::inject(req.metadata_mut());
         Ok(req)
     }
 }

@@ -4,7 +4,8 @@
 //!   limits, sampling defaults per project);
 //! - [`runtime`]: the tokio runtime of every binary (one worker by default);
 //! - [`shutdown`]: one cancellation token tripped by SIGINT/SIGTERM;
-//! - [`telemetry`]: logging setup and the Prometheus `/metrics` endpoint;
+//! - [`telemetry`]: logging, OTLP trace export, the Prometheus `/metrics` endpoint;
+//! - [`trace_context`]: W3C `traceparent` across gRPC, HTTP and MQTT;
 //! - [`tls`]: rustls configurations from PEM files, for every link;
 //! - [`auth`]: gRPC bearer tokens, checked by servers and sent by clients.
 
@@ -15,6 +16,7 @@ pub mod runtime;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
+pub mod trace_context;
 
 /// gRPC metadata key naming why a call failed, beyond its status code.
 ///

@@ -71,6 +71,12 @@ use tonic::transport::Endpoint;
 
 pub use config::{Config, ConfigError, GatewayArgs};
 
+/// The gateway in traces: its spans, under its `service.name`.
+pub const TRACED: palaver_core::telemetry::Service = palaver_core::telemetry::Service {
+    target: env!("CARGO_CRATE_NAME"),
+    name: "palaver-gateway",
+};
+
 use crate::backlog::Backlog;
 use crate::control_rate::ControlRate;
 use crate::lease::{ConsumerLease, Standing};

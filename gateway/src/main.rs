@@ -22,6 +22,10 @@ struct Cli {
     /// else 503) on this address, e.g. 0.0.0.0:9100.
     #[arg(long, env = "PALAVER_GATEWAY_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+
+    /// Trace export (OTLP); off by default.
+    #[command(flatten)]
+    otlp: palaver_core::telemetry::OtlpArgs,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -31,7 +35,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    palaver_core::telemetry::init_logging();
+    let traces = palaver_core::telemetry::init(&cli.otlp, &[gateway::TRACED], "info")?;
     let config = cli.gateway.into_config().context("gateway settings")?;
     let mut registry = Registry::default();
     let gateway = gateway::Gateway::new(config, &mut registry).context("gateway settings")?;
@@ -44,5 +48,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     )
     .await?;
     gateway.run(shutdown).await?;
+    if let Some(t) = traces {
+        t.shutdown().await;
+    }
     Ok(())
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use palaver_core::auth::Channel;
+use palaver_core::trace_context;
 use palaver_proto::session::v1::chat_event::Event;
 use palaver_proto::session::v1::{
     sessions_client::SessionsClient, ChatReply, ChatRequest, ResetSessionRequest, SessionAction,
@@ -62,6 +63,18 @@ enum Outcome {
     Answered(Result<ChatReply, Status>),
 }
 
+impl Outcome {
+    /// What the turn's trace says of it: `ok`, or why there was no reply.
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Abandoned => "abandoned",
+            Self::Cancelled => "cancelled",
+            Self::Answered(Ok(_)) => "ok",
+            Self::Answered(Err(status)) => errors::classify(status).0.as_str(),
+        }
+    }
+}
+
 impl Turns {
     /// `sessions` is cloned per call (a tonic channel is a cheap handle).
     pub fn new(
@@ -113,12 +126,22 @@ impl Turns {
         // A debug span: at the default level it costs nothing, where an
         // info span's fields are formatted when it is made, on every turn.
         // The warnings below name the turn themselves.
+        // It is also the root of the turn's trace (see `palaver_core::telemetry`).
         let span = tracing::debug_span!(
             "turn",
             project = publisher.project(),
             session_id = ?turn.session_id,
             request_id = turn.request_id.as_deref().unwrap_or(""),
             client_id = turn.client_id.as_deref().unwrap_or(""),
+            message_bytes = turn.message.len(),
+            outcome = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        // An MQTT 5 request's `traceparent` user property makes the client's
+        // trace the parent of the turn.
+        trace_context::adopt(
+            &span,
+            trace_context::parent_from_traceparent(turn.traceparent.as_deref()),
         );
         async move {
             let who = TurnName(publisher.project(), &turn);
@@ -146,6 +169,9 @@ impl Turns {
             };
             drop(registration);
             self.metrics.observe_turn(started.elapsed().as_secs_f64());
+            if trace_context::enabled() {
+                tracing::Span::current().record("outcome", outcome.name());
+            }
             match outcome {
                 Outcome::Abandoned if ack.redeliverable() => {
                     // Unacknowledged, it goes to the gateway that consumes

@@ -42,6 +42,12 @@ use service::InferenceService;
 /// its connection is noticed and its generation aborted.
 const HTTP2_KEEPALIVE: Duration = Duration::from_secs(20);
 
+/// inference-svc in traces: its spans, under its `service.name`.
+pub const TRACED: palaver_core::telemetry::Service = palaver_core::telemetry::Service {
+    target: env!("CARGO_CRATE_NAME"),
+    name: "inference-svc",
+};
+
 /// The methods a `chat` token may call (all of inference-svc's);
 /// `admin` may call all.
 pub const CHAT_METHODS: &[&str] = &[
@@ -178,6 +184,7 @@ impl Server {
         builder
             .http2_keepalive_interval(Some(HTTP2_KEEPALIVE))
             .layer(security.auth)
+            .layer(palaver_core::trace_context::TraceContextLayer)
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, signal)
             .await

@@ -21,6 +21,7 @@ use futures::Stream;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tower::{Layer, Service};
+use tracing::Instrument as _;
 
 use crate::backend::{Chunk, GenerateParams, TokenStream};
 use crate::error::InferenceError;
@@ -122,7 +123,10 @@ where
         let mut inner = std::mem::replace(&mut self.inner, fresh);
         let shared = self.shared.clone();
         Box::pin(async move {
-            let slot = Shared::admit(&shared, req.client.clone()).await?;
+            // The wait for a slot, as a span of the turn's trace.
+            let slot = Shared::admit(&shared, req.client.clone())
+                .instrument(tracing::debug_span!("queue"))
+                .await?;
             // A failure before streaming drops `slot` here: the slot frees.
             let stream = inner.call(req).await?;
             Ok(Box::pin(HoldSlot {

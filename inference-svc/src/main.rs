@@ -44,6 +44,10 @@ struct Cli {
         default_value_t = 25_000
     )]
     drain_timeout_ms: u64,
+
+    /// Trace export (OTLP); off by default.
+    #[command(flatten)]
+    otlp: palaver_core::telemetry::OtlpArgs,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,7 +57,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    palaver_core::telemetry::init_logging();
+    let traces = palaver_core::telemetry::init(&cli.otlp, &[inference_svc::TRACED], "info")?;
     palaver_core::tls::install_provider();
     let config = cli.inference.into_config()?;
     let security = inference_svc::Security {
@@ -88,5 +92,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         () = drain_expired => tracing::warn!(?drain, "generations still running after the drain timeout; exiting"),
     }
     tracing::info!("inference-svc stopped");
+    if let Some(t) = traces {
+        t.shutdown().await;
+    }
     Ok(())
 }

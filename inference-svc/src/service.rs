@@ -5,12 +5,15 @@ use std::pin::Pin;
 
 use futures::{Stream, StreamExt};
 use palaver_core::projects::ProjectSettings;
+use palaver_core::trace_context;
 use palaver_proto::inference::v1::inference_server::Inference;
 use palaver_proto::inference::v1::{GenerateChunk, GenerateReply, GenerateRequest};
 use tonic::{Request, Response, Status};
 use tower::ServiceExt;
+use tracing::field::Empty;
+use tracing::Instrument as _;
 
-use crate::backend::{Backend, GenerateParams, Message, Role, TokenStream};
+use crate::backend::{Backend, Chunk, GenerateParams, Message, Role, TokenStream};
 use crate::error::InferenceError;
 use crate::limit::Admission;
 use crate::metrics::{Metrics, Outcome};
@@ -69,20 +72,27 @@ impl Inference for InferenceService {
     ) -> Result<Response<GenerateReply>, Status> {
         // If the client goes away, tonic drops this future and with it the
         // backend stream: the HTTP request to vLLM is aborted.
-        let mut record = CallRecord::new(&self.metrics, request.get_ref().affinity_key.clone());
-        let mut stream = self.start(request.into_inner(), &mut record).await?;
-        let mut reply = GenerateReply::default();
-        while let Some(item) = stream.next().await {
-            let chunk = item.map_err(|e| record.fail(e))?;
-            reply.text.push_str(&chunk.delta);
-            if let Some(finish) = chunk.finish_reason {
-                reply.finish_reason = finish;
-                reply.usage = chunk.usage;
-                record.succeed();
-                return Ok(Response::new(reply));
+        let mut trace = GenerationTrace::new(&request);
+        let span = trace.span.clone();
+        async move {
+            let mut record = CallRecord::new(&self.metrics, request.get_ref().affinity_key.clone());
+            let mut stream = self.start(request.into_inner(), &mut record).await?;
+            let mut reply = GenerateReply::default();
+            while let Some(item) = stream.next().await {
+                let chunk = item.map_err(|e| record.fail(e))?;
+                trace.chunk(&chunk);
+                reply.text.push_str(&chunk.delta);
+                if let Some(finish) = chunk.finish_reason {
+                    reply.finish_reason = finish;
+                    reply.usage = chunk.usage;
+                    record.succeed();
+                    return Ok(Response::new(reply));
+                }
             }
+            Err(record.fail(unfinished()))
         }
-        Err(record.fail(unfinished()))
+        .instrument(span)
+        .await
     }
 
     type GenerateStreamStream = ChunkStream;
@@ -91,8 +101,12 @@ impl Inference for InferenceService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
+        let mut trace = GenerationTrace::new(&request);
         let mut record = CallRecord::new(&self.metrics, request.get_ref().affinity_key.clone());
-        let mut stream = self.start(request.into_inner(), &mut record).await?;
+        let mut stream = self
+            .start(request.into_inner(), &mut record)
+            .instrument(trace.span.clone())
+            .await?;
         // The backend stream lives inside the response stream: when the
         // client goes away tonic drops it, which drops the HTTP request to
         // vLLM and frees the slot. No task is spawned that could outlive it.
@@ -100,6 +114,7 @@ impl Inference for InferenceService {
             while let Some(item) = stream.next().await {
                 match item {
                     Ok(chunk) => {
+                        trace.chunk(&chunk);
                         let last = chunk.finish_reason.is_some();
                         yield Ok(GenerateChunk {
                             delta: chunk.delta,
@@ -120,6 +135,54 @@ impl Inference for InferenceService {
             yield Err(record.fail(unfinished()));
         };
         Ok(Response::new(Box::pin(out)))
+    }
+}
+
+/// The `generation` span of a call (a child of session-svc's `generate`)
+/// and what it records: time to first token, finish reason, token counts.
+/// The model is recorded by the backend, inside the span.
+struct GenerationTrace {
+    span: tracing::Span,
+    /// When the call arrived; `None` once the first token is recorded, or
+    /// when the span is off.
+    started: Option<std::time::Instant>,
+}
+
+impl GenerationTrace {
+    fn new(request: &Request<GenerateRequest>) -> Self {
+        let span = tracing::debug_span!(
+            "generation",
+            request_id = %request.get_ref().request_id,
+            model = Empty,
+            ttft_ms = Empty,
+            finish_reason = Empty,
+            prompt_tokens = Empty,
+            completion_tokens = Empty,
+            trace_id = Empty,
+        );
+        trace_context::adopt(&span, trace_context::remote_parent(request.extensions()));
+        let started = (!span.is_disabled()).then(std::time::Instant::now);
+        Self { span, started }
+    }
+
+    fn chunk(&mut self, chunk: &Chunk) {
+        if self.span.is_disabled() {
+            return;
+        }
+        if !chunk.delta.is_empty() {
+            if let Some(started) = self.started.take() {
+                self.span
+                    .record("ttft_ms", started.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        if let Some(finish) = &chunk.finish_reason {
+            self.span.record("finish_reason", finish.as_str());
+        }
+        if let Some(usage) = &chunk.usage {
+            self.span.record("prompt_tokens", usage.prompt_tokens);
+            self.span
+                .record("completion_tokens", usage.completion_tokens);
+        }
     }
 }
 

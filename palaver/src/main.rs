@@ -19,7 +19,8 @@ struct Cli {
 enum Command {
     /// Run the whole stack in this process: MQTT broker, session-svc,
     /// inference-svc (simulator unless --vllm-url) and gateway.
-    Up(up::UpArgs),
+    // Boxed: its flags outweigh every other subcommand's.
+    Up(Box<up::UpArgs>),
     /// Chat with a project from the terminal (stdin may be a pipe).
     Chat(chat::ChatArgs),
     /// Send one message and print the reply; exit 0 reply, 1 error reply, 2 timeout or no connection.
@@ -57,8 +58,21 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> ExitCode {
     match command {
         Command::Up(args) => {
-            logging::init(logging::UP_FILTER);
-            match up::run(args).await {
+            // One tracer provider per service: each span keeps its service.
+            let services = [gateway::TRACED, session_svc::TRACED, inference_svc::TRACED];
+            let traces =
+                match palaver_core::telemetry::init(&args.otlp, &services, logging::UP_FILTER) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        eprintln!("palaver up: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+            let outcome = up::run(*args).await;
+            if let Some(t) = traces {
+                t.shutdown().await;
+            }
+            match outcome {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("palaver up: {e:#}");

@@ -193,6 +193,10 @@ pub struct UpArgs {
     /// The model: the simulator unless --vllm-url or --model-file is given.
     #[command(flatten, next_help_heading = "Model (inference-svc)")]
     pub inference: InferenceArgs,
+
+    /// Trace export (OTLP) of the three services; off by default.
+    #[command(flatten, next_help_heading = "Tracing")]
+    pub otlp: palaver_core::telemetry::OtlpArgs,
 }
 
 /// Where everything listens, as bound.

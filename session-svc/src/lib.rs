@@ -47,6 +47,12 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
+/// session-svc in traces: its spans, under its `service.name`.
+pub const TRACED: palaver_core::telemetry::Service = palaver_core::telemetry::Service {
+    target: env!("CARGO_CRATE_NAME"),
+    name: "session-svc",
+};
+
 /// The methods a `chat` token may call; `admin` may call all.
 pub const CHAT_METHODS: &[&str] = &[
     "/palaver.session.v1.Sessions/Chat",
@@ -164,6 +170,7 @@ impl<S: Store> Server<S> {
         }
         builder
             .layer(security.auth)
+            .layer(palaver_core::trace_context::TraceContextLayer)
             .add_service(health)
             .add_service(reflection)
             .add_service(SessionsServer::new(self.service))

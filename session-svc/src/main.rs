@@ -22,6 +22,9 @@ struct Cli {
     listen: ListenArgs,
     #[command(flatten)]
     session: SessionArgs,
+    /// Trace export (OTLP); off by default.
+    #[command(flatten)]
+    otlp: telemetry::OtlpArgs,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -31,7 +34,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    telemetry::init_logging();
+    let traces = telemetry::init(&cli.otlp, &[session_svc::TRACED], "info")?;
     palaver_core::tls::install_provider();
     let mut config = cli.session.config()?;
     config.inference_token = cli.session.inference_auth.bearer()?;
@@ -83,6 +86,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     tracing::info!("session-svc stopped");
+    if let Some(t) = traces {
+        t.shutdown().await;
+    }
     Ok(())
 }
 

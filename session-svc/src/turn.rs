@@ -407,6 +407,10 @@ impl<S: Store> TurnEngine<S> {
                     }
                 }
                 Step::Done { value, held } => {
+                    if lost > 0 {
+                        // On the phase's span, in a trace.
+                        tracing::Span::current().record("swap_retries", lost);
+                    }
                     self.metrics
                         .hold_wait
                         .observe(first_try.elapsed().as_secs_f64());

@@ -177,6 +177,8 @@ struct Shared {
     /// fake does not copy every request.
     last_request: Mutex<Option<Bytes>>,
     last_request_id: Mutex<Option<String>>,
+    /// W3C trace context of the last chat completion request.
+    last_traceparent: Mutex<Option<String>>,
     /// Requests per `x-session-id` header value since start or `reset_stats`.
     sessions: Mutex<std::collections::HashMap<String, usize>>,
     prefixes: Mutex<PrefixCache>,
@@ -194,6 +196,7 @@ impl Shared {
             alternate: AtomicUsize::new(0),
             last_request: Mutex::new(None),
             last_request_id: Mutex::new(None),
+            last_traceparent: Mutex::new(None),
             sessions: Mutex::default(),
             prefixes: Mutex::default(),
             shutdown,
@@ -295,6 +298,12 @@ impl FakeVllm {
     /// `X-Request-Id` header of the last chat completion request.
     pub fn last_request_id(&self) -> Option<String> {
         lock(&self.shared.last_request_id).clone()
+    }
+
+    /// `traceparent` header of the last chat completion request: how vLLM
+    /// would join the turn's trace.
+    pub fn last_traceparent(&self) -> Option<String> {
+        lock(&self.shared.last_traceparent).clone()
     }
 
     /// Injects `fault` into every following chat completion.
@@ -434,6 +443,10 @@ async fn chat_completions(
     *lock(&shared.last_request) = Some(body.clone());
     *lock(&shared.last_request_id) = headers
         .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    *lock(&shared.last_traceparent) = headers
+        .get("traceparent")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     if let Some(session) = headers.get("x-session-id").and_then(|v| v.to_str().ok()) {

@@ -162,13 +162,21 @@ impl OpenAiBackend {
         let request_id = request_id_header(&req.request_id);
         let session = session_header(&req.affinity_key);
         tracing::debug!(request_id = ?request_id, %model, "sending chat completion");
+        // The model server's own spans join the turn's trace (vLLM reads it).
+        let traceparent = palaver_core::trace_context::current_traceparent();
+        if traceparent.is_some() {
+            tracing::Span::current().record("model", model.as_str());
+        }
 
         let response = timeout_at(
             deadlines.first_token,
             inner.send_with_retry(|| {
-                let post = inner
+                let mut post = inner
                     .authorized(inner.client.post(inner.chat_url.clone()))
                     .header("X-Request-Id", request_id.clone());
+                if let Some(tp) = &traceparent {
+                    post = post.header(palaver_core::trace_context::TRACEPARENT, tp.as_str());
+                }
                 match &session {
                     Some(s) => post.header("x-session-id", s.clone()),
                     None => post,

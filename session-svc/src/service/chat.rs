@@ -13,6 +13,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use palaver_core::projects::ProjectSettings;
+use palaver_core::trace_context;
+use tracing::field::Empty;
+use tracing::Instrument as _;
 
 use super::{EventStream, SessionService};
 use crate::dialog::Role;
@@ -21,6 +24,14 @@ use crate::running;
 use crate::store::Store;
 use crate::turn::{Awaited, LogSafe, NewTurn, Prepared, TurnOwner};
 use crate::validate::{max_tokens, validate_chat};
+
+/// A span of one of the atomic phases, which says how many swaps lost to
+/// another and were tried again.
+macro_rules! phase_span {
+    ($name:literal) => {
+        tracing::debug_span!($name, swap_retries = Empty)
+    };
+}
 
 /// Deadline of a turn whose caller set none: the gateway's default.
 const DEFAULT_DEADLINE: Duration = Duration::from_secs(120);
@@ -35,7 +46,10 @@ impl<S: Store> SessionService<S> {
     ) -> Result<Response<pb::ChatReply>, Status> {
         let _in_flight = self.turns.metrics().turn_started();
         let deadline = deadline_of(request.metadata());
+        let parent = trace_context::remote_parent(request.extensions());
         let req = request.into_inner();
+        let span = turn_span(&req);
+        trace_context::adopt(&span, parent);
         let entry = self
             .running
             .register(&req.project, &req.session_id, &req.request_id);
@@ -43,14 +57,18 @@ impl<S: Store> SessionService<S> {
             .as_ref()
             .map(|e| e.token().clone())
             .unwrap_or_default();
-        tokio::select! {
-            r = self.chat_inner(req, deadline) => r.map(Response::new).map_err(|e| self.fail(e)),
-            // Dropping the turn takes it back, as a caller leaving does.
-            _ = cancel.cancelled() => {
-                self.count_turn("cancelled");
-                Err(running::cancelled())
+        async {
+            tokio::select! {
+                r = self.chat_inner(req, deadline) => r.map(Response::new).map_err(|e| self.fail(e)),
+                // Dropping the turn takes it back, as a caller leaving does.
+                _ = cancel.cancelled() => {
+                    self.count_turn("cancelled");
+                    Err(running::cancelled())
+                }
             }
         }
+        .instrument(span)
+        .await
     }
 
     /// `ChatStream`: one turn as events (`accepted`, deltas, `done`).
@@ -59,6 +77,7 @@ impl<S: Store> SessionService<S> {
         request: Request<pb::ChatRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let deadline = deadline_of(request.metadata());
+        let parent = trace_context::remote_parent(request.extensions());
         let req = request.into_inner();
         // Refuse bad input as a plain error, before any stream exists.
         let settings = self.turns.project(&req.project).map_err(|e| self.fail(e))?;
@@ -69,29 +88,34 @@ impl<S: Store> SessionService<S> {
         let entry = self
             .running
             .register(&req.project, &req.session_id, &req.request_id);
-        tokio::spawn(async move {
-            let _in_flight = in_flight;
-            let cancel = entry
-                .as_ref()
-                .map(|e| e.token().clone())
-                .unwrap_or_default();
-            tokio::select! {
-                // Dropping the turn takes it back, as a caller leaving does.
-                _ = cancel.cancelled() => {
-                    this.count_turn("cancelled");
-                    let _ = tx.send(Err(running::cancelled())).await;
-                }
-                outcome = this.stream_inner(req, deadline, &tx) => {
-                    if let Err(e) = outcome {
-                        let _ = tx.send(Err(this.fail(e))).await;
+        let span = turn_span(&req);
+        trace_context::adopt(&span, parent);
+        tokio::spawn(
+            async move {
+                let _in_flight = in_flight;
+                let cancel = entry
+                    .as_ref()
+                    .map(|e| e.token().clone())
+                    .unwrap_or_default();
+                tokio::select! {
+                    // Dropping the turn takes it back, as a caller leaving does.
+                    _ = cancel.cancelled() => {
+                        this.count_turn("cancelled");
+                        let _ = tx.send(Err(running::cancelled())).await;
                     }
+                    outcome = this.stream_inner(req, deadline, &tx) => {
+                        if let Err(e) = outcome {
+                            let _ = tx.send(Err(this.fail(e))).await;
+                        }
+                    }
+                    // The caller left (deadline, disconnect): dropping the turn
+                    // cancels the generation and its owner takes the message
+                    // back, as a dropped unary call does.
+                    _ = tx.closed() => {}
                 }
-                // The caller left (deadline, disconnect): dropping the turn
-                // cancels the generation and its owner takes the message
-                // back, as a dropped unary call does.
-                _ = tx.closed() => {}
             }
-        });
+            .instrument(span),
+        );
         // Answer with the turn's first event in hand: the response headers
         // then leave with `accepted` in one write (not alone first, waking
         // the caller for nothing), and a turn refused at the door (rate
@@ -274,7 +298,11 @@ impl<S: Store> SessionService<S> {
         req: pb::ChatRequest,
         deadline: Instant,
     ) -> Result<pb::ChatReply, SessionError> {
-        match self.begin(&req, deadline, || {}).await? {
+        match self
+            .begin(&req, deadline, || {})
+            .instrument(phase_span!("phase1"))
+            .await?
+        {
             Resumed::Replay(text) => {
                 self.count_turn("replay");
                 Ok(reply(&req, text, "stop", None))
@@ -292,23 +320,27 @@ impl<S: Store> SessionService<S> {
     ) -> Result<pb::ChatReply, SessionError> {
         let generated = Instant::now();
         let mut backoff = InferenceBackoff::new(deadline);
-        let result = loop {
-            match self.inference.clone().generate(g.request.clone()).await {
-                Err(s) if inference_unreachable(&s) && backoff.wait().await => {
-                    tracing::warn!(
-                        error = %s,
-                        turn = %LogSafe(&req.project, &req.session_id),
-                        "inference-svc unreachable; asking again"
-                    );
+        let result = async {
+            loop {
+                match self.inference.clone().generate(g.request.clone()).await {
+                    Err(s) if inference_unreachable(&s) && backoff.wait().await => {
+                        tracing::warn!(
+                            error = %s,
+                            turn = %LogSafe(&req.project, &req.session_id),
+                            "inference-svc unreachable; asking again"
+                        );
+                    }
+                    Err(s) if inference_unreachable(&s) => {
+                        break Err(Status::unavailable(format!(
+                            "inference-svc unreachable: {s}"
+                        )))
+                    }
+                    r => break r,
                 }
-                Err(s) if inference_unreachable(&s) => {
-                    break Err(Status::unavailable(format!(
-                        "inference-svc unreachable: {s}"
-                    )))
-                }
-                r => break r,
             }
-        };
+        }
+        .instrument(tracing::debug_span!("generate"))
+        .await;
         self.turns.observe_phase("generate", generated);
         let (result, meta) = match result {
             Ok(r) => {
@@ -318,7 +350,10 @@ impl<S: Store> SessionService<S> {
             }
             Err(s) => (Err(s), None),
         };
-        let text = self.finish(req, g.owner, result, deadline).await?;
+        let text = self
+            .finish(req, g.owner, result, deadline)
+            .instrument(phase_span!("phase3"))
+            .await?;
         let (finish, usage) = meta.unwrap_or_default();
         Ok(reply(req, text, &finish, usage))
     }
@@ -342,11 +377,13 @@ impl<S: Store> SessionService<S> {
                 let _ = tx.send(Ok(ev)).await;
             }
         };
-        let begun = self.begin(&req, deadline, move || {
-            if let Some(t) = accepted_tx.take() {
-                let _ = t.send(());
-            }
-        });
+        let begun = self
+            .begin(&req, deadline, move || {
+                if let Some(t) = accepted_tx.take() {
+                    let _ = t.send(());
+                }
+            })
+            .instrument(phase_span!("phase1"));
         // `accepted` goes out while a retry still waits for its turn.
         let (begun, ()) = tokio::join!(begun, accepted);
         let g = match begun? {
@@ -397,6 +434,7 @@ impl<S: Store> SessionService<S> {
             }
             Ok(())
         }
+        .instrument(tracing::debug_span!("generate"))
         .await;
         self.turns.observe_phase("generate", generated);
         if caller_left {
@@ -404,12 +442,25 @@ impl<S: Store> SessionService<S> {
         }
         let text = self
             .finish(&req, g.owner, outcome.map(|()| text), deadline)
+            .instrument(phase_span!("phase3"))
             .await?;
         let _ = tx
             .send(Ok(event_done(reply(&req, text, &finish, usage))))
             .await;
         Ok(())
     }
+}
+
+/// The span of a turn in session-svc, a child of the gateway's (see
+/// `palaver_core::telemetry`); debug, so that it costs nothing in logs.
+fn turn_span(req: &pb::ChatRequest) -> tracing::Span {
+    tracing::debug_span!(
+        "turn",
+        project = %req.project,
+        session_id = ?req.session_id,
+        request_id = ?req.request_id,
+        trace_id = Empty,
+    )
 }
 
 /// A failure of the connection to inference-svc itself (the process died,
