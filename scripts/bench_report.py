@@ -643,7 +643,7 @@ def main():
     hu = p4(out, "up-p3-session-before.metrics", "up-p3-session-after.metrics")
     # p99 ≤ the bound exactly when at least 99 % of the holds are within it.
     ok = None if not h or not h["count"] else h["share_within"] >= 0.99
-    rows.append(("P4", "lock hold time under P3", f"p99 ≤ {P4_HOLD_P99_MS:g} ms", p4_text(h), p4_text(hu),
+    rows.append(("P4", "swap hold time under P3", f"p99 ≤ {P4_HOLD_P99_MS:g} ms", p4_text(h), p4_text(hu),
                  OLD["P4"], verdict(ok)))
     # P5
     rt, worst = rss_text(load(out, "p5.json"))
@@ -713,7 +713,7 @@ def main():
     L.append("")
     L.append("## Sessions sweep (services + mosquitto)")
     L.append("")
-    L.append(f"| sessions | instant: replies/s | p50 | p99 | lock hold p99 (share ≤ {P4_HOLD_P99_MS:g} ms) | "
+    L.append(f"| sessions | instant: replies/s | p50 | p99 | swap hold p99 (share ≤ {P4_HOLD_P99_MS:g} ms) | "
              "backend 100 ms: replies/s | p50 | p99 | errors |")
     L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     inst = ["p1i"] + [f"sweep-instant-{n}" for n in SWEEP[1:-1]] + ["p3"]
