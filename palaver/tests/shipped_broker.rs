@@ -14,6 +14,19 @@ use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
 const PALAVER: &str = env!("CARGO_BIN_EXE_palaver");
+
+/// A command of ours with none of the caller's `PALAVER_*` settings: under
+/// scripts/test, `PALAVER_MODEL_FILE` would make `palaver up` start a real
+/// model, far slower than the simulator these tests need.
+fn palaver() -> Command {
+    let mut cmd = Command::new(PALAVER);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("PALAVER_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
 const WAIT: Duration = Duration::from_secs(30);
 
 fn repo() -> PathBuf {
@@ -116,7 +129,7 @@ async fn client(
 /// Starts `palaver up` against the broker with the gateway's login and
 /// waits for its ready line.
 async fn palaver_up(port: u16, password: &str, extra: &[&str]) -> Child {
-    let mut child = Command::new(PALAVER)
+    let mut child = palaver()
         .args(["up", "--session-port", "0", "--inference-port", "0"])
         .args(extra)
         .args(["--mqtt-broker", &format!("mqtt://127.0.0.1:{port}")])
@@ -237,7 +250,7 @@ async fn logins_and_acl_of_the_shipped_broker() {
     let _up = palaver_up(port, &secret("mqtt-gateway-password"), &[]).await;
 
     // An end user chats with palaver send, as the README shows.
-    let sent = Command::new(PALAVER)
+    let sent = palaver()
         .args(["send", "--mqtt-url", &format!("mqtt://127.0.0.1:{port}")])
         .args([
             "--project",
