@@ -121,23 +121,28 @@ impl Publisher {
         }
     }
 
-    /// The MQTT 5 properties of a message of `kind`: answers (replies,
-    /// errors, pieces) expire and echo the request's correlation data;
-    /// errors name their kind.
-    fn properties(
+    /// What both ways of publishing check and add first: the QoS (or why
+    /// not to publish), and the MQTT 5 properties of a message of `kind`:
+    /// answers (replies, errors, pieces) expire and echo the request's
+    /// correlation data; errors name their kind.
+    fn prepare(
         &self,
         kind: OutKind,
+        topic: &str,
+        payload: &[u8],
         correlation: &Correlation,
         error: Option<ErrorKind>,
-    ) -> Properties {
+    ) -> Result<(QoS, Properties), Refused> {
+        let qos = self.check(kind, topic, payload, correlation_len(correlation))?;
         if route(kind) != Route::Reply {
-            return Properties::default();
+            return Ok((qos, Properties::default()));
         }
-        Properties {
+        let properties = Properties {
             correlation_data: correlation.clone(),
             error_kind: error.map(ErrorKind::as_str),
             expiry_secs: self.reply_expiry_secs,
-        }
+        };
+        Ok((qos, properties))
     }
 
     /// Publishes, waiting for room in the client's queue. Never retained:
@@ -161,8 +166,7 @@ impl Publisher {
         correlation: &Correlation,
         error: Option<ErrorKind>,
     ) -> Result<(), Refused> {
-        let qos = self.check(kind, topic, &payload, correlation_len(correlation))?;
-        let properties = self.properties(kind, correlation, error);
+        let (qos, properties) = self.prepare(kind, topic, &payload, correlation, error)?;
         match self.client.publish(topic, qos, payload, properties).await {
             Ok(()) => {
                 self.metrics.message_out(&self.project, kind);
@@ -191,8 +195,7 @@ impl Publisher {
         correlation: &Correlation,
         error: Option<ErrorKind>,
     ) -> Result<(), Refused> {
-        let qos = self.check(kind, topic, &payload, correlation_len(correlation))?;
-        let properties = self.properties(kind, correlation, error);
+        let (qos, properties) = self.prepare(kind, topic, &payload, correlation, error)?;
         match self.client.try_publish(topic, qos, payload, properties) {
             Ok(()) => {
                 self.metrics.message_out(&self.project, kind);
