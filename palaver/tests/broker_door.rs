@@ -172,12 +172,13 @@ async fn repeated_wrong_passwords_are_slowed_and_a_right_one_resets_the_wait() {
         );
     }
 
-    // The gateway (its client id prefix) does not queue behind them.
+    // The gateway (its client id prefix) does not queue behind them: it is
+    // answered well before the 4 s back-off it would otherwise wait.
     let asked = Instant::now();
     let (login, client, events) = connect(addr, "gw-7f3a-general", Some(("alice", "s3cret"))).await;
     assert_eq!(login, Login::Accepted);
     assert!(
-        asked.elapsed() < Duration::from_millis(500),
+        asked.elapsed() < Duration::from_secs(2),
         "{:?}",
         asked.elapsed()
     );
@@ -191,7 +192,8 @@ async fn repeated_wrong_passwords_are_slowed_and_a_right_one_resets_the_wait() {
     assert!(waited >= Duration::from_millis(3900), "{waited:?}");
     let _ = client.disconnect().await;
     drop(events);
-    // ... which forgets the failures: the next mistake is answered at once.
+    // ... which forgets the failures: the next mistake is answered at once,
+    // not after the back-off of 4 s or more the failures had reached.
     let asked = Instant::now();
     let (login, _, _) = connect(addr, "typo", Some(("alice", "s3cre"))).await;
     assert_eq!(
@@ -199,7 +201,7 @@ async fn repeated_wrong_passwords_are_slowed_and_a_right_one_resets_the_wait() {
         Login::Refused(ConnectReturnCode::BadUserNamePassword)
     );
     assert!(
-        asked.elapsed() < Duration::from_millis(200),
+        asked.elapsed() < Duration::from_secs(2),
         "{:?}",
         asked.elapsed()
     );
