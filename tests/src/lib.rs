@@ -6,6 +6,7 @@
 
 pub mod cluster;
 pub mod stack;
+pub mod v5;
 
 pub use palaver_testkit::mqtt::{Received, TestClient};
 pub use stack::{Stack, StackOptions};

@@ -384,9 +384,8 @@ fn with_tracing_off_nothing_is_exported_and_no_exporter_runs() {
 /// own work sees palaver's spans inside it.
 #[test]
 fn an_mqtt5_requests_traceparent_is_the_parent_of_its_turn() {
+    use palaver_tests::v5::V5Client;
     use rumqttc::v5::mqttbytes::v5::PublishProperties;
-    use rumqttc::v5::mqttbytes::QoS;
-    use rumqttc::v5::{AsyncClient, MqttOptions};
 
     const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
     const CLIENT_SPAN: &str = "00f067aa0ba902b7";
@@ -411,9 +410,7 @@ fn an_mqtt5_requests_traceparent_is_the_parent_of_its_turn() {
         .await;
         let mut listener = stack.mqtt().await;
         listener.subscribe("general/assistant_response/#").await;
-        let opts = MqttOptions::new("traced-v5", "127.0.0.1", stack.broker.port());
-        let (client, mut events) = AsyncClient::new(opts, 16);
-        let poller = tokio::spawn(async move { while events.poll().await.is_ok() {} });
+        let client = V5Client::connect(stack.broker.port(), "traced-v5").await;
         let properties = PublishProperties {
             user_properties: vec![(
                 "traceparent".into(),
@@ -422,22 +419,17 @@ fn an_mqtt5_requests_traceparent_is_the_parent_of_its_turn() {
             ..Default::default()
         };
         client
-            .publish_with_properties(
-                "general/user_input",
-                QoS::AtLeastOnce,
-                false,
-                json!({"message": "hello", "sessionId": "traced-5", "requestId": "r-5"})
-                    .to_string(),
+            .request(
+                json!({"message": "hello", "sessionId": "traced-5", "requestId": "r-5"}),
                 properties,
             )
-            .await
-            .unwrap();
+            .await;
         let reply = listener
             .recv(Duration::from_secs(10))
             .await
             .expect("a reply within 10 s");
         assert!(!reply.payload.starts_with("Error"), "{}", reply.payload);
-        poller.abort();
+        client.disconnect().await;
         stack.stop().await;
     });
 
