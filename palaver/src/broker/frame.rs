@@ -48,26 +48,19 @@ impl FixedHeader {
 }
 
 /// Reads one fixed header; `None` at a clean end of stream before it.
+/// Byte by byte, so that nothing after the header is consumed.
 pub async fn read_fixed_header<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Option<FixedHeader>> {
-    let mut first = [0u8; 1];
-    if r.read(&mut first).await? == 0 {
+    let mut buf = [0u8; 5];
+    if r.read(&mut buf[..1]).await? == 0 {
         return Ok(None);
     }
-    let mut length_bytes = [0u8; 4];
-    let mut remaining = 0usize;
-    for i in 0..4 {
-        let b = r.read_u8().await?;
-        length_bytes[i] = b;
-        remaining |= usize::from(b & 0x7f) << (7 * i);
-        if b & 0x80 == 0 {
-            return Ok(Some(FixedHeader {
-                first: first[0],
-                length_bytes,
-                length_len: i + 1,
-                remaining,
-            }));
+    for len in 2..=buf.len() {
+        buf[len - 1] = r.read_u8().await?;
+        if let Some(header) = parse_fixed_header(&buf[..len])? {
+            return Ok(Some(header));
         }
     }
+    // parse_fixed_header has refused a fifth length byte by now.
     Err(malformed("remaining length over 4 bytes"))
 }
 
