@@ -19,12 +19,7 @@ const SERVICE: &str = "palaver.test.v1.Probe";
 /// Runs `palaver health ARGS` with none of the caller's `PALAVER_*`
 /// settings; returns its exit code and stdout + stderr.
 async fn health(args: &[&str]) -> (i32, String) {
-    let mut cmd = Command::new(PALAVER);
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("PALAVER_") {
-            cmd.env_remove(key);
-        }
-    }
+    let mut cmd = Command::from(palaver_testkit::process::palaver_command(PALAVER));
     let out = tokio::time::timeout(
         Duration::from_secs(20),
         cmd.arg("health").args(args).kill_on_drop(true).output(),

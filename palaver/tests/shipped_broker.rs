@@ -15,17 +15,10 @@ use tokio::sync::mpsc;
 
 const PALAVER: &str = env!("CARGO_BIN_EXE_palaver");
 
-/// A command of ours with none of the caller's `PALAVER_*` settings: under
-/// scripts/test, `PALAVER_MODEL_FILE` would make `palaver up` start a real
-/// model, far slower than the simulator these tests need.
+/// `palaver` without the caller's `PALAVER_*` settings (see
+/// [`palaver_testkit::process::palaver_command`]).
 fn palaver() -> Command {
-    let mut cmd = Command::new(PALAVER);
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("PALAVER_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd
+    Command::from(palaver_testkit::process::palaver_command(PALAVER))
 }
 const WAIT: Duration = Duration::from_secs(30);
 

@@ -24,12 +24,7 @@ const EXIT_WITHIN: Duration = Duration::from_secs(5);
 
 /// A command of ours with none of the caller's `PALAVER_*` settings.
 fn palaver(subcommand: &str) -> Command {
-    let mut cmd = Command::new(PALAVER);
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("PALAVER_") {
-            cmd.env_remove(key);
-        }
-    }
+    let mut cmd = Command::from(palaver_testkit::process::palaver_command(PALAVER));
     cmd.arg(subcommand).kill_on_drop(true);
     cmd
 }

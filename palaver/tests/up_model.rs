@@ -42,12 +42,7 @@ fn parts() -> Option<LlamaServerSpec> {
 /// A command of ours with none of the caller's `PALAVER_*` settings, so
 /// the flags given are all it goes by.
 fn palaver(subcommand: &str) -> Command {
-    let mut cmd = Command::new(PALAVER);
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("PALAVER_") {
-            cmd.env_remove(key);
-        }
-    }
+    let mut cmd = Command::from(palaver_testkit::process::palaver_command(PALAVER));
     cmd.arg(subcommand).kill_on_drop(true);
     cmd
 }

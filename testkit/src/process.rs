@@ -17,6 +17,20 @@ pub fn free_port() -> u16 {
         .expect("the loopback interface has a free port")
 }
 
+/// A command for one of palaver's own programs with none of the caller's
+/// `PALAVER_*` settings, so that the flags a test gives are all it goes by
+/// (under scripts/test, `PALAVER_MODEL_FILE` would make `palaver up` start
+/// a real model). Async tests take it as `tokio::process::Command::from`.
+pub fn palaver_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("PALAVER_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
 /// Finds a program on PATH or in the sbin directories Debian uses for daemons
 /// (mosquitto lives in /usr/sbin, which a non-login PATH may lack).
 fn find_program(name: &str) -> anyhow::Result<PathBuf> {

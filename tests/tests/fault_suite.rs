@@ -147,7 +147,7 @@ fn spawn(name: &str, tag: &str, args: &[String]) -> Child {
         .append(true)
         .open(log_path(tag, name))
         .unwrap();
-    Command::new(binary(name))
+    palaver_testkit::process::palaver_command(binary(name))
         .args(args)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
